@@ -1,0 +1,250 @@
+"""Padded torch batches from one or more feature sets, aligned by store row.
+
+Two feeds, chosen per feature set:
+
+* in RAM (``max_ram`` budget allows it): arrays are loaded whole once; a batch is a numpy gather;
+* streaming: rows are visited in *block-shuffled* order: whole blocks (whole chunks) are read in
+  a shuffled order, a window of ``window_blocks`` blocks is shuffled row-wise, and batches are cut
+  from it. Zarr is never read row by row.
+
+A background thread prepares the next batches while the caller computes (``prefetch``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from .features import FeatureSet
+    from .store import Store
+
+__all__ = ["BatchLoader", "resolve_layers", "ALL_FIELDS"]
+
+ALL_FIELDS = frozenset({"text_tokens", "text_mask", "text_pooled", "image_regions",
+                        "image_pooled"})
+
+
+def resolve_layers(cached: Sequence[int], wanted: Sequence[int] | str | None) -> list[int]:
+    """Positions in the cached layer axis for ``wanted`` (layer numbers as cached, or negative
+    positions: -1 = last cached layer; None/"all" = every cached layer)."""
+    if wanted is None or wanted == "all":
+        return list(range(len(cached)))
+    if isinstance(wanted, str):
+        wanted = [int(x) for x in wanted.split(",") if x.strip()]
+    pos = []
+    for w in wanted:
+        if w < 0 and -len(cached) <= w:
+            pos.append(len(cached) + w)
+        elif w in cached:
+            pos.append(list(cached).index(w))
+        else:
+            raise InvalidInputError(f"layer {w} is not cached (cached layers: {list(cached)}); "
+                                    "pick from those, or use negative positions like -1")
+    return pos
+
+
+class BatchLoader:
+    """Iterate padded batches over ``rows`` of a store.
+
+    Yields dicts whose keys are :class:`fusion.Batch` field names (torch tensors; ``ids`` a
+    tuple; ``image_prefix`` an int).
+    """
+
+    def __init__(self, store: Store, rows: Sequence[int] | np.ndarray, *,
+                 text: str | None = None, image: str | None = None, batch_size: int = 64,
+                 shuffle: bool = False, seed: int = 0, layers: Sequence[int] | str | None = None,
+                 fields: set[str] | frozenset[str] | None = None, max_ram: float | None = None,
+                 window_blocks: int = 4, drop_last: bool = False, prefetch: int = 2,
+                 allow_incomplete: bool = False):
+        if text is None and image is None:
+            raise InvalidInputError("the loader needs a text and/or an image feature set")
+        if batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+        self.store = store
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.fields = ALL_FIELDS if fields is None else frozenset(fields)
+        self.window_blocks = max(1, window_blocks)
+        self.drop_last = drop_last
+        self.prefetch = prefetch
+        self.text: FeatureSet | None = store.features[text] if text else None
+        self.image: FeatureSet | None = store.features[image] if image else None
+        for fs, want in ((self.text, "text"), (self.image, "image")):
+            if fs is None:
+                continue
+            if fs.modality != want:
+                raise InvalidInputError(f"feature set {fs.name!r} is {fs.modality}, not {want}; "
+                                        f"pass it as --{fs.modality}")
+            if not allow_incomplete:
+                fs.require_complete()
+        self.layer_pos = resolve_layers(self.text.layers, layers) if self.text else []
+        self.labels = store.labels
+        self.ids = store.ids
+        budget = max_ram
+        self.streaming: list[FeatureSet] = []
+        for fs in (self.text, self.image):
+            if fs is None:
+                continue
+            need_big = ("text_tokens" in self.fields if fs is self.text
+                        else "image_regions" in self.fields)
+            if not need_big:
+                fs._small_arr("done")  # pooled only: small, always in RAM
+                fs._ram.setdefault("pooled", fs.pooled_all())
+                continue
+            if fs.load(budget):
+                if budget is not None:
+                    budget -= fs.payload_nbytes
+            else:
+                self.streaming.append(fs)
+
+    def __len__(self) -> int:
+        n = len(self.rows)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    # -- order ---------------------------------------------------------------------------
+    def _windows(self) -> Iterator[np.ndarray]:
+        """Row groups in visiting order (one group = everything when all is in RAM)."""
+        rng = np.random.default_rng((self.seed, self.epoch))
+        if not self.streaming:
+            rows = rng.permutation(self.rows) if self.shuffle else self.rows
+            yield rows
+            return
+        unit = max(fs.block_rows for fs in self.streaming)
+        blocks = self.rows // unit
+        order = np.unique(blocks)
+        if self.shuffle:
+            order = rng.permutation(order)
+        for i in range(0, len(order), self.window_blocks):
+            sel = np.isin(blocks, order[i : i + self.window_blocks])
+            rows = self.rows[sel]
+            yield rng.permutation(rows) if self.shuffle else rows
+
+    # -- gather --------------------------------------------------------------------------
+    def _window_data(self, rows: np.ndarray) -> dict[str, Any]:
+        """Per-window source: RAM arrays, or the blocks of streaming sets read whole."""
+        data: dict[str, Any] = {}
+        for fs in self.streaming:
+            blocks = np.unique(rows // fs.block_rows)
+            data[fs.name] = {int(b): fs.read_block(int(b)) for b in blocks}
+        return data
+
+    def _make_batch(self, rows: np.ndarray, win: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"rows": torch.from_numpy(rows.copy()),
+                               "ids": tuple(self.ids[rows].tolist())}
+        if self.labels is not None:
+            out["labels"] = torch.from_numpy(self.labels[rows].astype(np.int64))
+        if self.text is not None:
+            fs = self.text
+            if "text_pooled" in self.fields:
+                out["text_pooled"] = torch.from_numpy(self._pooled(fs, rows, win))
+            if "text_tokens" in self.fields or "text_mask" in self.fields:
+                toks = self._tokens(fs, rows, win)
+                lens = np.array([len(t) for t in toks], dtype=np.int64)
+                t_max = max(1, int(lens.max()) if len(lens) else 1)
+                n_l, d = len(self.layer_pos), fs.dim
+                pad = np.zeros((len(rows), t_max, n_l, d), dtype=np.float32)
+                for j, t in enumerate(toks):
+                    if len(t):
+                        pad[j, : len(t)] = t[:, self.layer_pos]
+                out["text_tokens"] = torch.from_numpy(pad)  # (B, T, L, D)
+                out["text_mask"] = torch.arange(t_max)[None, :] < torch.from_numpy(lens)[:, None]
+        if self.image is not None:
+            fs = self.image
+            out["image_prefix"] = fs.prefix_tokens
+            if "image_pooled" in self.fields:
+                out["image_pooled"] = torch.from_numpy(self._pooled(fs, rows, win))
+            if "image_regions" in self.fields:
+                if fs.in_ram:
+                    reg = fs._ram["regions"][rows]
+                else:
+                    reg = np.stack([self._block_row(win[fs.name], fs, r)["regions"]
+                                    for r in rows])
+                out["image_regions"] = torch.from_numpy(reg.astype(np.float32))  # (B, R, D)
+        return out
+
+    @staticmethod
+    def _block_row(blocks: dict, fs: FeatureSet, r: int) -> dict[str, Any]:
+        b = int(r) // fs.block_rows
+        data, j = blocks[b], int(r) - b * fs.block_rows
+        row = {"pooled": data["pooled"][j]}
+        if "regions" in data:
+            row["regions"] = data["regions"][j]
+        else:
+            o, n = data["offsets"][j], data["lengths"][j]
+            row["tokens"] = data["tokens"][o : o + n]
+        return row
+
+    def _pooled(self, fs: FeatureSet, rows: np.ndarray, win: dict) -> np.ndarray:
+        if "pooled" in fs._ram:
+            return np.ascontiguousarray(fs._ram["pooled"][rows], dtype=np.float32)
+        return np.stack([self._block_row(win[fs.name], fs, r)["pooled"] for r in rows])
+
+    def _tokens(self, fs: FeatureSet, rows: np.ndarray, win: dict) -> list[np.ndarray]:
+        if fs.in_ram and "tokens" in fs._ram:
+            return fs._gather("tokens", rows)
+        return [self._block_row(win[fs.name], fs, r)["tokens"] for r in rows]
+
+    def _generate(self) -> Iterator[dict[str, Any]]:
+        carry = np.zeros(0, dtype=np.int64)
+        for rows in self._windows():
+            win = self._window_data(rows)
+            rows = np.concatenate([carry, rows]) if len(carry) else rows
+            # rows carried over from the previous window need its blocks: keep both windows
+            if len(carry):
+                win = {k: {**self._last_win.get(k, {}), **v} for k, v in win.items()}
+            n_full = len(rows) // self.batch_size * self.batch_size
+            for i in range(0, n_full, self.batch_size):
+                yield self._make_batch(rows[i : i + self.batch_size], win)
+            carry = rows[n_full:]
+            self._last_win = win
+        if len(carry) and not self.drop_last:
+            yield self._make_batch(carry, self._last_win)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._last_win: dict[str, Any] = {}
+        if self.prefetch <= 0:
+            yield from self._generate()
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        sentinel = object()
+
+        def work() -> None:
+            try:
+                for b in self._generate():
+                    if stop.is_set():
+                        return
+                    q.put(b)
+                q.put(sentinel)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+                q.put(e)
+
+        t = threading.Thread(target=work, daemon=True, name="embedstore-loader")
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is sentinel:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while not q.empty():
+                q.get_nowait()
+            t.join(timeout=5)

@@ -1,0 +1,49 @@
+"""Fusion heads: one registry, one contract (:class:`FusionHead`), one module per family.
+
+Importing this package registers the built-in heads; ``list_heads()`` shows them together with
+heads that installed packages advertise in the ``fusion.heads`` entry-point group.
+"""
+
+from fusion.heads.base import BATCH_FIELDS, FusionHead
+from fusion.heads.coattention import CoAttentionHead, MaskedBiLSTM
+from fusion.heads.gated_xattn import GatedCrossAttentionHead
+from fusion.heads.hanet import HANetHead
+from fusion.heads.late import LateHead
+from fusion.heads.layers import (
+    POOLS,
+    AttentionPool,
+    MaskedAttention,
+    Pool,
+    ScalarMix,
+    masked_mean,
+    masked_softmax,
+)
+from fusion.heads.registry import create_head, head_options, list_heads, register_head, resolve_head
+from fusion.heads.shallow import AddHead, ConcatHead
+from fusion.heads.unimodal import ImageHead, TextHead
+
+__all__ = [
+    "BATCH_FIELDS",
+    "POOLS",
+    "AddHead",
+    "AttentionPool",
+    "CoAttentionHead",
+    "ConcatHead",
+    "FusionHead",
+    "GatedCrossAttentionHead",
+    "HANetHead",
+    "ImageHead",
+    "LateHead",
+    "MaskedAttention",
+    "MaskedBiLSTM",
+    "Pool",
+    "ScalarMix",
+    "TextHead",
+    "create_head",
+    "head_options",
+    "list_heads",
+    "masked_mean",
+    "masked_softmax",
+    "register_head",
+    "resolve_head",
+]

@@ -1,0 +1,160 @@
+"""The contract every fusion head follows (timm-style features/head split)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fusion.batch import Batch
+from fusion.errors import HeadError
+
+__all__ = ["BATCH_FIELDS", "MODALITIES", "FusionHead"]
+
+BATCH_FIELDS = frozenset(
+    {"text_tokens", "text_mask", "text_pooled", "image_regions", "image_pooled"}
+)
+MODALITIES = ("text", "image")
+
+
+class FusionHead(nn.Module):
+    """Base class: a module that maps a :class:`~fusion.batch.Batch` to logits (B, K).
+
+    Subclasses set ``modalities`` and ``needs``, build ``self.fc`` (the last linear layer) and
+    optionally ``self.neck`` (what comes between the fused vector and ``fc``), and implement
+    :meth:`forward_features`. Options are keyword arguments of ``__init__`` with defaults;
+    :func:`~fusion.heads.create_head` checks them against the signature.
+
+    ``needs`` is declared on the class as every field the head may read; a head whose fields
+    depend on its options (``pool=...``) narrows it on the instance, so the loader should read
+    ``head.needs`` from the built head.
+    """
+
+    name: ClassVar[str] = ""  # set by @register_head
+    modalities: ClassVar[tuple[str, ...]] = MODALITIES
+    needs: ClassVar[frozenset[str]] = BATCH_FIELDS
+
+    def __init__(
+        self,
+        *,
+        text_dim: int,
+        image_dim: int,
+        num_classes: int,
+        text_layers: int = 1,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        label = self.name or type(self).__name__
+        if options:
+            raise HeadError(
+                f"unknown option(s) {sorted(options)} for head '{label}'; its __init__ takes no "
+                "such keyword"
+            )
+        for key, value in (
+            ("text_dim", text_dim),
+            ("image_dim", image_dim),
+            ("num_classes", num_classes),
+            ("text_layers", text_layers),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise HeadError(f"{key}={value!r} for head '{label}' must be a positive integer")
+        if num_classes < 2:
+            raise HeadError(f"num_classes={num_classes} for head '{label}'; need at least 2")
+        self.text_dim = text_dim
+        self.image_dim = image_dim
+        self.num_classes = num_classes
+        self.text_layers = text_layers
+        self.neck: nn.Module = nn.Identity()
+        # Filled on every forward by heads that attend: name -> (weights, valid_mask), detached;
+        # weights sum to 1 over valid positions along the last dim (0 where a row has none).
+        self.attention: dict[str, tuple[Tensor, Tensor]] = {}
+        # Other detached tensors of the last forward worth inspecting (gates, affinities...).
+        self.internals: dict[str, Tensor] = {}
+        # Set by create_head: {"head": spec, "dims": {...}, "options": {...}} to rebuild it.
+        self.config: dict[str, Any] = {}
+
+    @property
+    def label(self) -> str:
+        return self.name or type(self).__name__
+
+    def forward_features(self, batch: Batch) -> Tensor:
+        """The fused vector (B, F)."""
+        raise NotImplementedError(f"head '{self.label}' does not implement forward_features")
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, F) -> logits (B, K), or the input of the last linear layer if ``pre_logits``."""
+        x = self.neck(x)
+        if pre_logits:
+            return x
+        fc = getattr(self, "fc", None)
+        if fc is None:
+            raise HeadError(
+                f"head '{self.label}' has no `fc` module; set self.fc = nn.Linear(F, num_classes) "
+                "in __init__ or override forward_head"
+            )
+        return fc(x)
+
+    def forward(self, batch: Batch) -> Tensor:
+        """Logits (B, K)."""
+        self.attention = {}
+        self.internals = {}
+        return self.forward_head(self.forward_features(batch))
+
+    def loss(self, batch: Batch, logits: Tensor, class_weight: Tensor | None = None) -> Tensor:
+        """Cross-entropy of ``logits`` against ``batch.labels`` (mean over the batch)."""
+        return F.cross_entropy(logits, self._labels(batch), weight=class_weight)
+
+    def on_fit_end(self, val_batches: Callable[[], Iterable[Batch]]) -> dict[str, Any]:
+        """Hook called once after training with a fresh iterator factory over validation
+        batches; returns metrics/choices to record in the run (default: nothing)."""
+        return {}
+
+    def _labels(self, batch: Batch) -> Tensor:
+        if batch.labels is None:
+            raise HeadError(
+                f"head '{self.label}' needs batch.labels to compute a loss, but they are None; "
+                "train on a store with labels"
+            )
+        return batch.labels.long()
+
+    def _expose(self, key: str, weights: Tensor, valid: Tensor) -> None:
+        """Record attention ``weights`` and their validity mask (broadcast to one shape)."""
+        self.attention[key] = (weights.detach(), valid.expand_as(weights).detach())
+
+    def extra_repr(self) -> str:
+        return (
+            f"text_dim={self.text_dim}, image_dim={self.image_dim}, "
+            f"num_classes={self.num_classes}, text_layers={self.text_layers}"
+        )
+
+
+def check_choice(head: str, option: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise HeadError(f"{option}={value!r} for head '{head}' must be one of {choices}")
+
+
+def check_int(head: str, minimum: int = 1, **values: Any) -> None:
+    """Each keyword must be an int >= ``minimum``."""
+    for option, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise HeadError(f"{option}={value!r} for head '{head}' must be an integer >= {minimum}")
+
+
+def check_dropout(head: str, dropout: Any) -> None:
+    if not isinstance(dropout, int | float) or not 0.0 <= float(dropout) < 1.0:
+        raise HeadError(f"dropout={dropout!r} for head '{head}' must be a number in [0, 1)")
+
+
+def check_layer(head: str, layer: Any, text_layers: int) -> None:
+    if isinstance(layer, bool) or not isinstance(layer, int) or not (
+        -text_layers <= layer < text_layers
+    ):
+        raise HeadError(
+            f"layer={layer!r} for head '{head}' is outside the {text_layers} cached text "
+            f"layer(s); pass an index in [-{text_layers}, {text_layers - 1}] (-1 = last)"
+        )
+

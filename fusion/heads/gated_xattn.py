@@ -1,0 +1,80 @@
+"""``gated-xattn``: MIC (Chen et al. 2021, Rakuten) text self-attention plus a gated
+cross-attention to the image patches, the gate following JAVE (Zhu et al. 2020)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fusion.batch import Batch
+from fusion.heads.base import FusionHead, check_choice, check_dropout, check_int, check_layer
+from fusion.heads.layers import MaskedAttention, image_patches, require, text_layer
+from fusion.heads.registry import register_head
+
+__all__ = ["GatedCrossAttentionHead"]
+
+
+@register_head("gated-xattn")
+class GatedCrossAttentionHead(FusionHead):
+    """h'_i = SA(h, h, h)_i + g_i * SA(h, v, v)_i,  g_i = sigmoid(W1 h_i + W2 v_0 + b).
+
+    h (B, T, Dt): one cached text layer with its mask; v (B, P, Di): image patch tokens (the
+    prefix is excluded from the keys/values); v_0: the CLS token ``image_regions[:, 0]`` when
+    ``image_prefix > 0``, else ``image_pooled`` (JAVE's global image vector). The gate is a scalar
+    per token. Pooling is a masked sum over valid tokens (``reduce="mean"`` divides by the
+    length), then Dropout -> Linear -> K.
+    """
+
+    needs = frozenset({"text_tokens", "text_mask", "image_regions", "image_pooled"})
+
+    def __init__(
+        self,
+        *,
+        text_dim: int,
+        image_dim: int,
+        num_classes: int,
+        text_layers: int = 1,
+        layer: int = -1,
+        dim: int = 256,
+        heads: int = 1,
+        reduce: str = "sum",
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__(
+            text_dim=text_dim, image_dim=image_dim, num_classes=num_classes, text_layers=text_layers
+        )
+        check_int(self.label, dim=dim, heads=heads)
+        check_dropout(self.label, dropout)
+        check_choice(self.label, "reduce", reduce, ("sum", "mean"))
+        check_layer(self.label, layer, text_layers)
+        self.layer, self.reduce = layer, reduce
+        self.self_attn = MaskedAttention(text_dim, text_dim, dim, heads)
+        self.cross_attn = MaskedAttention(text_dim, image_dim, dim, heads)
+        self.gate_text = nn.Linear(text_dim, 1)  # W1 h_i + b
+        self.gate_image = nn.Linear(image_dim, 1, bias=False)  # W2 v_0
+        self.neck = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, num_classes)  # W3
+
+    def global_image(self, batch: Batch) -> Tensor:
+        """v_0 (B, Di): CLS when the regions have a prefix, else the pooled image vector."""
+        if batch.image_prefix > 0:
+            return require(batch, "image_regions", self.label)[:, 0]
+        return require(batch, "image_pooled", self.label)
+
+    def forward_features(self, batch: Batch) -> Tensor:
+        h, mask = text_layer(batch, self.layer, self.label)  # (B, T, Dt), (B, T)
+        v = image_patches(batch, self.label)  # (B, P, Di)
+        self_out, self_w = self.self_attn(h, h, key_mask=mask, query_mask=mask)  # (B, T, d)
+        cross_out, cross_w = self.cross_attn(h, v, key_mask=None, query_mask=mask)  # (B, T, d)
+        gate = torch.sigmoid(
+            self.gate_text(h) + self.gate_image(self.global_image(batch))[:, None]
+        )  # (B, T, 1)
+        fused = self_out + gate * cross_out  # (B, T, d)
+        m = mask.unsqueeze(-1).to(fused.dtype)
+        pooled = (fused * m).sum(dim=1)  # (B, d), pads excluded
+        if self.reduce == "mean":
+            pooled = pooled / m.sum(dim=1).clamp(min=1.0)
+        self._expose("self", self_w, mask[:, None, :, None] & mask[:, None, None, :])
+        self._expose("cross", cross_w, mask[:, None, :, None])
+        self.internals["gate"] = (gate.squeeze(-1) * m.squeeze(-1)).detach()  # (B, T)
+        return pooled

@@ -1,0 +1,102 @@
+"""``hanet``: two-stream hybrid attention network (Chen et al. 2021, Amazon)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fusion.batch import Batch
+from fusion.heads.base import FusionHead, check_choice, check_dropout, check_int, check_layer
+from fusion.heads.layers import Pool
+from fusion.heads.registry import register_head
+
+__all__ = ["HANetHead"]
+
+MODES = ("hybrid", "keyless", "keybased")
+
+
+@register_head("hanet")
+class HANetHead(FusionHead):
+    """Per-sample attention over the two streams, scored by keyless and key-based attention.
+
+        v_t = P_t t,  v_i = P_i i                          (B, d)   t, i: pooled streams
+        s_l = [w_t.v_t + b_t, w_i.v_i + b_i]               (B, 2)   keyless (intra-modal)
+        s_b = [k_t.q_i, k_i.q_t] / sqrt(d_k)               (B, 2)   key-based (inter-modal)
+        alpha = softmax(D([s_l; s_b]))                     (B, 2)   D: one hidden layer
+        f = alpha_t v_t + alpha_i v_i                      (B, d)   -> Dropout -> Linear -> K
+
+    ``mode="keyless"``/``"keybased"`` feed D only s_l / s_b (the paper's ablations).
+    """
+
+    needs = frozenset(
+        {"text_pooled", "text_tokens", "text_mask", "image_pooled", "image_regions"}
+    )
+
+    def __init__(
+        self,
+        *,
+        text_dim: int,
+        image_dim: int,
+        num_classes: int,
+        text_layers: int = 1,
+        pool: str = "attention",
+        layer: int = -1,
+        dim: int = 256,
+        key_dim: int = 64,
+        hidden: int = 32,
+        dropout: float = 0.1,
+        mode: str = "hybrid",
+    ) -> None:
+        super().__init__(
+            text_dim=text_dim, image_dim=image_dim, num_classes=num_classes, text_layers=text_layers
+        )
+        check_int(self.label, dim=dim, key_dim=key_dim, hidden=hidden)
+        check_dropout(self.label, dropout)
+        check_choice(self.label, "mode", mode, MODES)
+        if pool != "pooled":
+            check_layer(self.label, layer, text_layers)
+        self.mode = mode
+        self.text_pool = Pool("text", text_dim, pool, layer, self.label)
+        self.image_pool = Pool("image", image_dim, pool, -1, self.label)
+        self.needs = self.text_pool.needs | self.image_pool.needs
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.image_proj = nn.Linear(image_dim, dim)
+        if mode != "keybased":
+            self.text_keyless = nn.Linear(dim, 1)
+            self.image_keyless = nn.Linear(dim, 1)
+        if mode != "keyless":
+            self.text_key = nn.Linear(dim, key_dim, bias=False)
+            self.text_query = nn.Linear(dim, key_dim, bias=False)
+            self.image_key = nn.Linear(dim, key_dim, bias=False)
+            self.image_query = nn.Linear(dim, key_dim, bias=False)
+        # D sees the raw scores; the only softmax is the one over the two streams after it.
+        self.hybrid = nn.Sequential(
+            nn.Linear(4 if mode == "hybrid" else 2, hidden), nn.GELU(), nn.Linear(hidden, 2)
+        )
+        self.neck = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def scores(self, v_t: Tensor, v_i: Tensor) -> Tensor:
+        """The raw scores D sees: (B, 4) [s_l; s_b], or (B, 2) in an ablation mode."""
+        parts = []
+        if self.mode != "keybased":
+            parts.append(torch.cat([self.text_keyless(v_t), self.image_keyless(v_i)], dim=-1))
+        if self.mode != "keyless":
+            k_t, q_t = self.text_key(v_t), self.text_query(v_t)  # (B, d_k)
+            k_i, q_i = self.image_key(v_i), self.image_query(v_i)
+            s_b = torch.stack([(k_t * q_i).sum(-1), (k_i * q_t).sum(-1)], dim=-1)
+            parts.append(s_b / k_t.shape[-1] ** 0.5)
+        return torch.cat(parts, dim=-1)
+
+    def forward_features(self, batch: Batch) -> Tensor:
+        t, t_attn = self.text_pool(batch)  # (B, Dt)
+        i, i_attn = self.image_pool(batch)  # (B, Di)
+        if t_attn is not None:
+            self._expose("text", *t_attn)
+        if i_attn is not None:
+            self._expose("image", *i_attn)
+        v_t, v_i = self.text_proj(t), self.image_proj(i)  # (B, d) each
+        alpha = torch.softmax(self.hybrid(self.scores(v_t, v_i)), dim=-1)  # (B, 2)
+        self._expose("streams", alpha, torch.ones_like(alpha, dtype=torch.bool))
+        self.internals.update(v_text=v_t.detach(), v_image=v_i.detach())
+        return alpha[:, :1] * v_t + alpha[:, 1:] * v_i  # (B, d)

@@ -1,0 +1,98 @@
+"""Feature-level fusion baselines (Verma et al. 2020): ``concat`` and ``add``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fusion.batch import Batch
+from fusion.heads.base import FusionHead, check_dropout, check_int, check_layer
+from fusion.heads.layers import Pool, neck
+from fusion.heads.registry import register_head
+
+__all__ = ["AddHead", "ConcatHead"]
+
+
+class _TwoStreamHead(FusionHead):
+    """Pools each modality (``pool`` option) and projects it linearly to width ``dim``."""
+
+    needs = frozenset(
+        {"text_pooled", "text_tokens", "text_mask", "image_pooled", "image_regions"}
+    )
+
+    def _build_streams(self, pool: str, layer: int, dim: int, dropout: float) -> None:
+        check_int(self.label, dim=dim)
+        check_dropout(self.label, dropout)
+        if pool != "pooled":
+            check_layer(self.label, layer, self.text_layers)
+        self.text_pool = Pool("text", self.text_dim, pool, layer, self.label)
+        self.image_pool = Pool("image", self.image_dim, pool, -1, self.label)
+        self.needs = self.text_pool.needs | self.image_pool.needs
+        self.text_proj = nn.Linear(self.text_dim, dim)  # Verma: Conv1d(k=1) == Linear, no act
+        self.image_proj = nn.Linear(self.image_dim, dim)
+
+    def _streams(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        t, t_attn = self.text_pool(batch)  # (B, Dt)
+        i, i_attn = self.image_pool(batch)  # (B, Di)
+        if t_attn is not None:
+            self._expose("text", *t_attn)
+        if i_attn is not None:
+            self._expose("image", *i_attn)
+        return self.text_proj(t), self.image_proj(i)  # (B, d) each
+
+
+@register_head("concat")
+class ConcatHead(_TwoStreamHead):
+    """[P_t t ; P_i i] (B, 2d) -> Linear -> GELU -> Linear -> (B, K)."""
+
+    def __init__(
+        self,
+        *,
+        text_dim: int,
+        image_dim: int,
+        num_classes: int,
+        text_layers: int = 1,
+        pool: str = "pooled",
+        layer: int = -1,
+        dim: int = 128,
+        hidden: int = 256,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__(
+            text_dim=text_dim, image_dim=image_dim, num_classes=num_classes, text_layers=text_layers
+        )
+        check_int(self.label, 0, hidden=hidden)
+        self._build_streams(pool, layer, dim, dropout)
+        self.neck, width = neck(2 * dim, hidden, dropout)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward_features(self, batch: Batch) -> Tensor:
+        return torch.cat(self._streams(batch), dim=-1)  # (B, 2d)
+
+
+@register_head("add")
+class AddHead(_TwoStreamHead):
+    """P_t t + P_i i (B, d) -> Dropout -> Linear -> (B, K)."""
+
+    def __init__(
+        self,
+        *,
+        text_dim: int,
+        image_dim: int,
+        num_classes: int,
+        text_layers: int = 1,
+        pool: str = "pooled",
+        layer: int = -1,
+        dim: int = 256,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__(
+            text_dim=text_dim, image_dim=image_dim, num_classes=num_classes, text_layers=text_layers
+        )
+        self._build_streams(pool, layer, dim, dropout)
+        self.neck = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward_features(self, batch: Batch) -> Tensor:
+        t, i = self._streams(batch)
+        return t + i  # (B, d)
