@@ -128,9 +128,13 @@ class FeatureSet:
                 "done); finish it with `embedstore extract ... --resume`")
 
     # -- RAM -----------------------------------------------------------------------------
+    @property
+    def _main(self) -> str:
+        return "tokens" if self.modality == "text" else "regions"
+
     def load(self, max_ram: float | None = None) -> bool:
         """Load the arrays into RAM if they fit ``max_ram`` bytes (None = no limit)."""
-        if self._ram:
+        if self.in_ram:
             return True
         if max_ram is not None and self.payload_nbytes > max_ram:
             return False
@@ -141,7 +145,7 @@ class FeatureSet:
 
     @property
     def in_ram(self) -> bool:
-        return bool(self._ram)
+        return self._main in self._ram
 
     # -- blocks --------------------------------------------------------------------------
     @property
@@ -156,21 +160,21 @@ class FeatureSet:
         (offsets relative to the block's tokens) | "regions"}``."""
         start, stop = self.block_range(b)
         out: dict[str, np.ndarray] = {"rows": np.arange(start, stop)}
-        if self._ram:
+        if "pooled" in self._ram:
             out["pooled"] = self._ram["pooled"][start:stop]
         else:
             out["pooled"] = _read(self._arr("pooled"), slice(start, stop), f"{self.name}/pooled")
         if self.modality == "text":
             off, ln = self.offsets(), self.lengths()
             t0, t1 = int(off[start]), int(off[stop - 1] + ln[stop - 1]) if stop > start else 0
-            if self._ram:
+            if self.in_ram:
                 out["tokens"] = self._ram["tokens"][t0:t1]
             else:
                 out["tokens"] = _read(self._arr("tokens"), slice(t0, t1), f"{self.name}/tokens")
             out["offsets"] = off[start:stop] - t0
             out["lengths"] = ln[start:stop]
         else:
-            if self._ram:
+            if self.in_ram:
                 out["regions"] = self._ram["regions"][start:stop]
             else:
                 out["regions"] = _read(self._arr("regions"), slice(start, stop),
@@ -183,7 +187,7 @@ class FeatureSet:
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_items):
             raise InvalidInputError(f"row index out of range [0, {self.n_items}) for feature set "
                                     f"{self.name!r}")
-        if self._ram:
+        if self.in_ram or (key == "pooled" and "pooled" in self._ram):
             if key == "tokens":
                 off, ln, t = self.offsets(), self.lengths(), self._ram["tokens"]
                 return [t[off[r] : off[r] + ln[r]] for r in rows]
@@ -241,7 +245,7 @@ class FeatureSet:
         return self.pooled_rows(np.arange(start, stop))
 
     def pooled_all(self) -> np.ndarray:
-        if self._ram:
+        if "pooled" in self._ram:
             return self._ram["pooled"]
         return _read(self._arr("pooled"), slice(None), f"{self.name}/pooled")
 
@@ -326,7 +330,8 @@ class FeatureWriter:
             path = f"features/.{name}.new"  # replaced atomically at finalize (overwrite)
         _remove_group(store, path)
         grp = zarr.open_group(store=store._zstore, path=path, mode="w")
-        kw = {"compressors": codecs()}
+        # every chunk is written even when all zeros, so a missing chunk file means lost data
+        kw = {"compressors": codecs(), "config": {"write_empty_chunks": True}}
         rows_chunk = (min(block_rows, n),)
         if modality == "text":
             tok_shape = (max(total, 1), n_layers, dim)

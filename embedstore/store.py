@@ -167,6 +167,10 @@ def create_store(url: str | os.PathLike, ids: Sequence[Any], labels: Sequence[An
     so a store whose creation was interrupted is not mistaken for a valid one.
     """
     url = os.fspath(url)
+    if _exists(url, storage_options):
+        if not overwrite:
+            raise StoreExistsError(f"a store already exists at {url!r}; open it to add feature "
+                                   "sets, or pass overwrite=True (--overwrite) to replace it")
     ids_arr = np.asarray([str(i) for i in ids], dtype=object)
     n = len(ids_arr)
     if n == 0:
@@ -184,10 +188,6 @@ def create_store(url: str | os.PathLike, ids: Sequence[Any], labels: Sequence[An
     if labels is not None:
         codes, classes = _encode_labels(labels, n, classes)
     fold_arr, stratified = make_folds(codes, n, k=folds, seed=seed, holdout=holdout)
-    if _exists(url, storage_options):
-        if not overwrite:
-            raise StoreExistsError(f"a store already exists at {url!r}; open it to add feature "
-                                   "sets, or pass overwrite=True (--overwrite) to replace it")
     zstore = _zarr_store(url, read_only=False, storage_options=storage_options)
     root = zarr.open_group(store=zstore, mode="w")
     kw = {"compressors": codecs()}

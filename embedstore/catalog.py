@@ -1,0 +1,137 @@
+"""Reading product catalogs (CSV, Parquet, JSONL) for extraction."""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CatalogError
+
+__all__ = ["Catalog", "read_catalog", "strip_html"]
+
+_TAG = re.compile(r"<[^>]*>")
+_WS = re.compile(r"\s+")
+
+
+def strip_html(text: Any) -> str:
+    """Tags removed, entities decoded, whitespace collapsed; missing values -> ''."""
+    if text is None or (isinstance(text, float) and math.isnan(text)):
+        return ""
+    s = str(text)
+    if "<" in s:
+        s = _TAG.sub(" ", s)
+    if "&" in s:
+        s = html.unescape(s)
+    return _WS.sub(" ", s).strip()
+
+
+@dataclass
+class Catalog:
+    path: str
+    ids: list[str]
+    texts: list[str] | None  # joined, HTML-stripped
+    images: list[str | None] | None  # absolute paths or URLs; None = missing value
+    labels: list[Any] | None
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _read_frame(path: str, id_col: str):
+    import pandas as pd
+
+    low = path.lower()
+    try:
+        if low.endswith((".parquet", ".pq")):
+            return pd.read_parquet(path)
+        if low.endswith((".jsonl", ".ndjson", ".json")):
+            return pd.read_json(path, lines=True, dtype=False, encoding_errors="replace")
+        if low.endswith((".csv", ".tsv", ".csv.gz")):
+            return pd.read_csv(path, sep="\t" if low.endswith(".tsv") else ",",
+                               dtype={id_col: str}, keep_default_na=True,
+                               encoding_errors="replace")
+    except FileNotFoundError:
+        raise CatalogError(f"catalog {path!r} does not exist; check the path") from None
+    except Exception as e:  # noqa: BLE001 - pandas raises many parser errors
+        raise CatalogError(f"catalog {path!r} cannot be parsed: {type(e).__name__}: {e}") from None
+    raise CatalogError(f"catalog {path!r}: unknown format; use .csv, .tsv, .parquet or .jsonl")
+
+
+def read_catalog(path: str | os.PathLike, *, id_col: str = "id",
+                 text_cols: Sequence[str] | None = ("title", "description"),
+                 image_col: str | None = "image", label_col: str | None = "label",
+                 need_text: bool = True, need_image: bool = True) -> Catalog:
+    """Load and validate a catalog. Every problem is a :class:`CatalogError` raised before any
+    encoding starts."""
+    import hashlib
+
+    path = os.fspath(path)
+    if "://" not in path and not os.path.exists(path):
+        raise CatalogError(f"catalog {path!r} does not exist; check the path")
+    df = _read_frame(path, id_col)
+    if len(df) == 0:
+        raise CatalogError(f"catalog {path!r} has no rows")
+    cols = list(df.columns)
+    wanted = [id_col] + (list(text_cols or []) if need_text else [])
+    wanted += [image_col] if need_image and image_col else []
+    wanted += [label_col] if label_col else []
+    missing = [c for c in wanted if c not in cols]
+    if missing:
+        raise CatalogError(f"catalog {path!r} lacks column(s) {missing}; it has {cols}. Name them "
+                           "with --id-col/--text-cols/--image-col/--label-col")
+    raw_ids = df[id_col].tolist()
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in raw_ids):
+        raise CatalogError(f"catalog {path!r}: column {id_col!r} has missing ids; every row "
+                           "needs one")
+    kinds = {type(v).__name__ for v in raw_ids}
+    if len(kinds) > 1:
+        raise CatalogError(f"catalog {path!r}: id column {id_col!r} mixes types "
+                           f"({', '.join(sorted(kinds))}); make every id a string")
+    ids = [str(v) for v in raw_ids]
+    uniq, counts = np.unique(np.array(ids, dtype=object).astype(str), return_counts=True)
+    if len(uniq) != len(ids):
+        raise CatalogError(f"catalog {path!r}: duplicate ids {uniq[counts > 1][:5].tolist()}; "
+                           "de-duplicate the catalog")
+    texts = None
+    if need_text and text_cols:
+        parts = [[strip_html(v) for v in df[c].tolist()] for c in text_cols]
+        texts = [" ".join(p for p in row if p) for row in zip(*parts, strict=True)]
+    images = None
+    if need_image and image_col:
+        base = Path(path).parent if "://" not in path else None
+        images = []
+        for v in df[image_col].tolist():
+            if v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == "":
+                images.append(None)
+            elif "://" in str(v) or base is None or os.path.isabs(str(v)):
+                images.append(str(v) if base is not None or "://" in str(v)
+                              else path.rsplit("/", 1)[0] + "/" + str(v))
+            else:
+                images.append(str((base / str(v)).resolve()))
+    labels = None
+    if label_col:
+        labels = df[label_col].tolist()
+        bad = [ids[i] for i, v in enumerate(labels)
+               if v is None or (isinstance(v, float) and math.isnan(v))]
+        if bad:
+            raise CatalogError(f"catalog {path!r}: {len(bad)} rows have no label (first: "
+                               f"{bad[:3]}); fill them, drop them, or omit --label-col")
+        labels = [v.item() if isinstance(v, np.generic) else v for v in labels]
+        if len(set(labels)) < 2:
+            raise CatalogError(f"catalog {path!r}: label column {label_col!r} has a single class "
+                               f"{labels[0]!r}; a classifier needs >= 2 (omit --label-col to "
+                               "store no labels)")
+    h = hashlib.sha256()
+    for i in ids:
+        h.update(i.encode() + b"\0")
+    return Catalog(path=path, ids=ids, texts=texts, images=images, labels=labels,
+                   fingerprint=h.hexdigest()[:16])
