@@ -96,7 +96,7 @@ class BatchLoader:
         for fs in (self.text, self.image):
             if fs is None:
                 continue
-            need_big = ("text_tokens" in self.fields if fs is self.text
+            need_big = (bool({"text_tokens", "text_mask"} & self.fields) if fs is self.text
                         else "image_regions" in self.fields)
             if not need_big:
                 fs._small_arr("done")  # pooled only: small, always in RAM

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -47,22 +46,15 @@ class FusionHead(nn.Module):
         **options: Any,
     ) -> None:
         super().__init__()
-        label = self.name or type(self).__name__
         if options:
+            from fusion.heads.registry import head_options  # registry imports this module
+
             raise HeadError(
-                f"unknown option(s) {sorted(options)} for head '{label}'; its __init__ takes no "
-                "such keyword"
+                f"unknown option {sorted(options)[0]!r} for head '{self.label}'; accepted "
+                f"options: {', '.join(head_options(type(self))) or '(none)'}"
             )
-        for key, value in (
-            ("text_dim", text_dim),
-            ("image_dim", image_dim),
-            ("num_classes", num_classes),
-            ("text_layers", text_layers),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise HeadError(f"{key}={value!r} for head '{label}' must be a positive integer")
-        if num_classes < 2:
-            raise HeadError(f"num_classes={num_classes} for head '{label}'; need at least 2")
+        check_int(self.label, text_dim=text_dim, image_dim=image_dim, text_layers=text_layers)
+        check_int(self.label, 2, num_classes=num_classes)
         self.text_dim = text_dim
         self.image_dim = image_dim
         self.num_classes = num_classes
@@ -120,7 +112,7 @@ class FusionHead(nn.Module):
             )
         return batch.labels.long()
 
-    def _expose(self, key: str, weights: Tensor, valid: Tensor) -> None:
+    def expose(self, key: str, weights: Tensor, valid: Tensor) -> None:
         """Record attention ``weights`` and their validity mask (broadcast to one shape)."""
         self.attention[key] = (weights.detach(), valid.expand_as(weights).detach())
 
@@ -150,11 +142,12 @@ def check_dropout(head: str, dropout: Any) -> None:
 
 
 def check_layer(head: str, layer: Any, text_layers: int) -> None:
-    if isinstance(layer, bool) or not isinstance(layer, int) or not (
-        -text_layers <= layer < text_layers
+    if (
+        isinstance(layer, bool)
+        or not isinstance(layer, int)
+        or not (-text_layers <= layer < text_layers)
     ):
         raise HeadError(
             f"layer={layer!r} for head '{head}' is outside the {text_layers} cached text "
             f"layer(s); pass an index in [-{text_layers}, {text_layers - 1}] (-1 = last)"
         )
-

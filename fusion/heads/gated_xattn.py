@@ -74,7 +74,7 @@ class GatedCrossAttentionHead(FusionHead):
         pooled = (fused * m).sum(dim=1)  # (B, d), pads excluded
         if self.reduce == "mean":
             pooled = pooled / m.sum(dim=1).clamp(min=1.0)
-        self._expose("self", self_w, mask[:, None, :, None] & mask[:, None, None, :])
-        self._expose("cross", cross_w, mask[:, None, :, None])
+        self.expose("self", self_w, mask[:, None, :, None] & mask[:, None, None, :])
+        self.expose("cross", cross_w, mask[:, None, :, None])
         self.internals["gate"] = (gate.squeeze(-1) * m.squeeze(-1)).detach()  # (B, T)
         return pooled

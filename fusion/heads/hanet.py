@@ -28,9 +28,7 @@ class HANetHead(FusionHead):
     ``mode="keyless"``/``"keybased"`` feed D only s_l / s_b (the paper's ablations).
     """
 
-    needs = frozenset(
-        {"text_pooled", "text_tokens", "text_mask", "image_pooled", "image_regions"}
-    )
+    needs = frozenset({"text_pooled", "text_tokens", "text_mask", "image_pooled", "image_regions"})
 
     def __init__(
         self,
@@ -92,11 +90,11 @@ class HANetHead(FusionHead):
         t, t_attn = self.text_pool(batch)  # (B, Dt)
         i, i_attn = self.image_pool(batch)  # (B, Di)
         if t_attn is not None:
-            self._expose("text", *t_attn)
+            self.expose("text", *t_attn)
         if i_attn is not None:
-            self._expose("image", *i_attn)
+            self.expose("image", *i_attn)
         v_t, v_i = self.text_proj(t), self.image_proj(i)  # (B, d) each
         alpha = torch.softmax(self.hybrid(self.scores(v_t, v_i)), dim=-1)  # (B, 2)
-        self._expose("streams", alpha, torch.ones_like(alpha, dtype=torch.bool))
+        self.expose("streams", alpha, torch.ones_like(alpha, dtype=torch.bool))
         self.internals.update(v_text=v_t.detach(), v_image=v_i.detach())
         return alpha[:, :1] * v_t + alpha[:, 1:] * v_i  # (B, d)

@@ -78,13 +78,16 @@ class LateHead(FusionHead):
         self.attention, self.internals = {}, {}
         parts = self.forward_features(batch)
         logits = self.forward_head(parts)
-        self._last = (logits, parts)
+        # Kept for loss() so the halves are not computed twice; only while a graph is built,
+        # and dropped by loss(), so a trained head holds no graph (deepcopy keeps working).
+        self._last = (logits, parts) if torch.is_grad_enabled() else None
         return logits
 
     def loss(self, batch: Batch, logits: Tensor, class_weight: Tensor | None = None) -> Tensor:
         """CE(text half) + CE(image half); ``logits`` must come from this head's last forward
         (otherwise both halves are recomputed)."""
         parts = self._last[1] if self._last is not None and self._last[0] is logits else None
+        self._last = None
         if parts is None:
             parts = self.forward_features(batch)
         labels = self._labels(batch)
@@ -99,12 +102,12 @@ class LateHead(FusionHead):
         self.eval()
         text_lp, image_lp, labels = [], [], []
         for batch in val_batches():
+            batch = batch.to(self.alpha.device)  # the caller's loader may yield CPU batches
             parts = self.forward_features(batch)
             text, image = parts.split(self.num_classes, dim=-1)
             text_lp.append(F.log_softmax(text.double(), -1).cpu())
             image_lp.append(F.log_softmax(image.double(), -1).cpu())
             labels.append(self._labels(batch).cpu())
-        self._last = None
         self.train(was_training)
         if not labels:
             raise HeadError("late: on_fit_end got no validation batches; alpha needs a val split")

@@ -23,7 +23,7 @@ from typing import Any
 from fusion.errors import HeadError
 from fusion.heads.base import FusionHead
 
-__all__ = ["create_head", "head_options", "list_heads", "register_head", "resolve_head"]
+__all__ = ["create_head", "head_options", "list_heads", "register_head", "resolve_head", "spec_of"]
 
 ENTRY_POINT_GROUP = "fusion.heads"
 _CORE_ARGS = ("text_dim", "image_dim", "num_classes", "text_layers")
@@ -49,7 +49,9 @@ def register_head(name: str) -> Callable[[type[FusionHead]], type[FusionHead]]:
 
     def decorator(cls: type[FusionHead]) -> type[FusionHead]:
         if not (isinstance(cls, type) and issubclass(cls, FusionHead)):
-            raise HeadError(f"@register_head({name!r}) decorates {cls!r}, not a FusionHead subclass")
+            raise HeadError(
+                f"@register_head({name!r}) decorates {cls!r}, not a FusionHead subclass"
+            )
         old = _REGISTRY.get(key)
         if old is not None and (old.__module__, old.__qualname__) != (
             cls.__module__,
@@ -96,7 +98,9 @@ def _load_file(path_text: str) -> Any:
         spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(module_name, None)
-        raise HeadError(f"importing head file {path_text!r} failed: {type(exc).__name__}: {exc}") from exc
+        raise HeadError(
+            f"importing head file {path_text!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     _FILE_CACHE[key] = module
     return module
 
@@ -104,7 +108,9 @@ def _load_file(path_text: str) -> Any:
 def _load_object(spec: str) -> Any:
     where, _, attr = spec.rpartition(":")
     if not where or not attr:
-        raise HeadError(f"head spec {spec!r} must be 'file.py:ClassName' or 'package.module:ClassName'")
+        raise HeadError(
+            f"head spec {spec!r} must be 'file.py:ClassName' or 'package.module:ClassName'"
+        )
     if where.endswith(".py") or "/" in where or "\\" in where:
         module = _load_file(where)
     else:
@@ -119,7 +125,9 @@ def _load_object(spec: str) -> Any:
     for part in attr.split("."):
         if not hasattr(obj, part):
             found = sorted(
-                n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, FusionHead)
+                n
+                for n, v in vars(module).items()
+                if isinstance(v, type) and issubclass(v, FusionHead)
             )
             raise HeadError(
                 f"{where!r} has no attribute {attr!r}; FusionHead classes found there: {found}"
@@ -132,8 +140,8 @@ def resolve_head(spec: str | type[FusionHead] | Callable[..., FusionHead]) -> An
     """The class (or factory) a spec names: a registry name, ``file.py:Class``,
     ``package.module:Class``, or an entry point of the ``fusion.heads`` group."""
     if not isinstance(spec, str):
-        return spec
-    if ":" in spec:
+        obj = spec
+    elif ":" in spec:
         obj = _load_object(spec)
     else:
         key = _normalise(spec)
@@ -152,11 +160,19 @@ def resolve_head(spec: str | type[FusionHead] | Callable[..., FusionHead]) -> An
                 f"loading head {spec!r} from entry point {eps[key].value!r} failed: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+    if isinstance(obj, FusionHead):
+        raise HeadError(f"got a built head ({type(obj).__name__}); pass its class or a name")
     if isinstance(obj, type) and not issubclass(obj, FusionHead):
         raise HeadError(f"{spec!r} names {obj.__qualname__}, which is not a FusionHead subclass")
     if not callable(obj):
-        raise HeadError(f"{spec!r} names {obj!r}, which is neither a FusionHead class nor a factory")
-    _SPECS.setdefault(obj, spec)
+        raise HeadError(
+            f"{spec!r} names {obj!r}, which is neither a FusionHead class nor a factory"
+        )
+    if isinstance(spec, str):
+        try:
+            _SPECS.setdefault(obj, spec)
+        except TypeError:  # unhashable factory
+            pass
     return obj
 
 
@@ -183,7 +199,13 @@ def spec_of(obj: Any) -> str:
     name = getattr(obj, "name", "")
     if isinstance(obj, type) and name and _REGISTRY.get(name) is obj:
         return name
-    return _SPECS.get(obj) or f"{obj.__module__}:{obj.__qualname__}"
+    try:
+        if obj in _SPECS:
+            return _SPECS[obj]
+    except TypeError:  # unhashable factory
+        pass
+    qualname = getattr(obj, "__qualname__", None)
+    return f"{obj.__module__}:{qualname}" if qualname else repr(obj)
 
 
 def create_head(

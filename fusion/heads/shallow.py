@@ -16,9 +16,7 @@ __all__ = ["AddHead", "ConcatHead"]
 class _TwoStreamHead(FusionHead):
     """Pools each modality (``pool`` option) and projects it linearly to width ``dim``."""
 
-    needs = frozenset(
-        {"text_pooled", "text_tokens", "text_mask", "image_pooled", "image_regions"}
-    )
+    needs = frozenset({"text_pooled", "text_tokens", "text_mask", "image_pooled", "image_regions"})
 
     def _build_streams(self, pool: str, layer: int, dim: int, dropout: float) -> None:
         check_int(self.label, dim=dim)
@@ -35,9 +33,9 @@ class _TwoStreamHead(FusionHead):
         t, t_attn = self.text_pool(batch)  # (B, Dt)
         i, i_attn = self.image_pool(batch)  # (B, Di)
         if t_attn is not None:
-            self._expose("text", *t_attn)
+            self.expose("text", *t_attn)
         if i_attn is not None:
-            self._expose("image", *i_attn)
+            self.expose("image", *i_attn)
         return self.text_proj(t), self.image_proj(i)  # (B, d) each
 
 

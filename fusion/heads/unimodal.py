@@ -29,7 +29,7 @@ class _UnimodalHead(FusionHead):
     def forward_features(self, batch: Batch) -> Tensor:
         x, attn = self.pool(batch)  # (B, D)
         if attn is not None:
-            self._expose(self.modality, *attn)
+            self.expose(self.modality, *attn)
         return x
 
 

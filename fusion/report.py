@@ -1,0 +1,160 @@
+"""`fusion compare` and `fusion report`: leaderboards, complementarity, plots."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import RunDirError
+from .rundir import Run, load_run
+
+__all__ = ["compare", "complementarity", "report", "leaderboard_markdown"]
+
+
+def _as_run(r: Run | str | os.PathLike) -> Run:
+    return r if isinstance(r, Run) else load_run(r)
+
+
+def compare(runs: list[Run | str | os.PathLike], *, sort: str = "holdout") -> list[dict[str, Any]]:
+    """One row per run, best first (holdout macro-F1, then out-of-fold macro-F1)."""
+    loaded = [_as_run(r) for r in runs]
+    if not loaded:
+        raise RunDirError("no runs given; pass one or more run directories")
+    fps = {r.store_fingerprint for r in loaded}
+    if len(fps) > 1:
+        by = {r.name: r.store_fingerprint for r in loaded}
+        raise RunDirError(f"runs come from different stores ({by}); compare runs of one store")
+    rows = []
+    for r in loaded:
+        m, h = r.metrics, r.metrics.get("holdout") or {}
+        rows.append({
+            "name": r.name, "head": r.head, "kind": m.get("kind", r.config.get("kind")),
+            "macro_f1": m.get("macro_f1"), "accuracy": m.get("accuracy"),
+            "holdout_macro_f1": h.get("macro_f1"), "holdout_accuracy": h.get("accuracy"),
+            "train_seconds": m.get("train_seconds"), "epoch_seconds": m.get("epoch_seconds"),
+            "path": str(r.path),
+        })
+    key = "holdout_macro_f1" if sort == "holdout" else "macro_f1"
+    rows.sort(key=lambda x: (x[key] if x[key] is not None else -1, x["macro_f1"] or -1),
+              reverse=True)
+    return rows
+
+
+def leaderboard_markdown(rows: list[dict[str, Any]]) -> str:
+    head = ("| rank | run | head | holdout macro-F1 | holdout acc | OOF macro-F1 | OOF acc | "
+            "train s |\n|---:|---|---|---:|---:|---:|---:|---:|\n")
+
+    def f(v: Any, d: int = 4) -> str:
+        return "-" if v is None else f"{v:.{d}f}"
+
+    body = "".join(
+        f"| {i} | {r['name']} | {r['head']} | {f(r['holdout_macro_f1'])} | "
+        f"{f(r['holdout_accuracy'])} | {f(r['macro_f1'])} | {f(r['accuracy'])} | "
+        f"{f(r['train_seconds'], 1)} |\n" for i, r in enumerate(rows, 1))
+    return head + body
+
+
+def _labels_for(run: Run, rows: np.ndarray) -> np.ndarray:
+    labels = run.config.get("labels")
+    if labels is None:
+        raise RunDirError(f"run {run.name!r} has no labels in config.json; re-run it")
+    return np.asarray(labels)[rows]
+
+
+def complementarity(text_run: Run | str, image_run: Run | str, *, split: str = "holdout"
+                    ) -> dict[str, Any]:
+    """Both right / only text right / only image right / both wrong, on rows both runs scored.
+
+    ``1 - both_wrong`` is the oracle upper bound any fusion of the two can reach.
+    """
+    t, i = _as_run(text_run), _as_run(image_run)
+    if t.store_fingerprint != i.store_fingerprint:
+        raise RunDirError(f"runs {t.name!r} and {i.name!r} come from different stores")
+    tp, tr = (t.holdout, t.holdout_rows) if split == "holdout" else (t.oof, t.oof_rows)
+    ip, ir = (i.holdout, i.holdout_rows) if split == "holdout" else (i.oof, i.oof_rows)
+    common, ti, ii = np.intersect1d(tr, ir, return_indices=True)
+    if not len(common):
+        raise RunDirError(f"runs {t.name!r} and {i.name!r} share no {split} rows")
+    y = _labels_for(t, common)
+    tc = tp[ti].argmax(1) == y
+    ic = ip[ii].argmax(1) == y
+    n = len(common)
+    out = {"split": split, "n": n,
+           "both_right": int((tc & ic).sum()), "only_text_right": int((tc & ~ic).sum()),
+           "only_image_right": int((~tc & ic).sum()), "both_wrong": int((~tc & ~ic).sum())}
+    out["oracle_accuracy"] = 1 - out["both_wrong"] / n
+    out["text_accuracy"] = float(tc.mean())
+    out["image_accuracy"] = float(ic.mean())
+    return out
+
+
+def _confusion_png(run: Run, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    y = _labels_for(run, run.oof_rows)
+    k = run.oof.shape[1]
+    cm = confusion_matrix(y, run.oof.argmax(1), labels=np.arange(k), normalize="true")
+    size = max(5, min(16, 0.35 * k + 3))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+    names = [str(c) for c in run.classes] or [str(j) for j in range(k)]
+    ax.set_xticks(range(k), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(k), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{run.name}: out-of-fold confusion (row-normalised)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _per_class_png(run: Run, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = run.metrics.get("per_class_f1") or {}
+    names, vals = list(per), [per[n] for n in per]
+    order = np.argsort(vals)
+    fig, ax = plt.subplots(figsize=(7, max(3, 0.25 * len(names) + 1)))
+    ax.barh([names[j] for j in order], [vals[j] for j in order], color="#4c72b0")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1 (out-of-fold)")
+    ax.set_title(f"{run.name}: per-class F1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(run: Run | str, *, out_dir: str | os.PathLike | None = None,
+           text_run: Run | str | None = None, image_run: Run | str | None = None
+           ) -> dict[str, Any]:
+    """Metrics, confusion matrix + per-class F1 PNGs, complementarity (given a text and an
+    image run) and, for stacks, the per-source contribution summary and chart."""
+    r = _as_run(run)
+    out = Path(out_dir) if out_dir is not None else r.path
+    out.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {"name": r.name, "head": r.head, "metrics": {
+        k: r.metrics.get(k) for k in ("accuracy", "macro_f1", "holdout", "train_seconds",
+                                      "epoch_seconds")}}
+    res["plots"] = [str(_confusion_png(r, out / "confusion.png")),
+                    str(_per_class_png(r, out / "per_class_f1.png"))]
+    if text_run is not None and image_run is not None:
+        res["complementarity"] = {s: complementarity(text_run, image_run, split=s)
+                                  for s in ("oof", "holdout")}
+    if (r.path / "contributions.csv").exists():
+        from .stack import plot_contributions, summarize_contributions
+
+        res["contributions"] = summarize_contributions(r.path)
+        res["plots"].append(str(plot_contributions(r.path, out / "contributions.png")))
+    return res

@@ -1,0 +1,225 @@
+"""`fusion train` on cached tensors: fusion beats unimodal, run directory, reproducibility,
+compare/report, user heads, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import embedstore as es
+import fusion
+from cli.fusion_app import app
+
+from .conftest import fill_text, make_complementary_store
+
+runner = CliRunner()
+SMALL = {  # small widths keep the suite fast; the maths is the same
+    "text": {}, "image": {}, "concat": {"dim": 64, "hidden": 64}, "add": {"dim": 64},
+    "late": {"hidden": 64}, "hanet": {"dim": 64, "key_dim": 32},
+    "coattention": {"lstm_dim": 64, "attn_dim": 32, "hidden": 64},
+    "gated-xattn": {"dim": 32},
+}
+FIT = {"epochs": 12, "folds": 2, "batch_size": 32, "lr": 3e-3, "patience": 4}
+
+
+@pytest.fixture(scope="module")
+def comp_store(tmp_path_factory):
+    return make_complementary_store(tmp_path_factory.mktemp("comp") / "c.zarr", n=400)
+
+
+@pytest.fixture(scope="module")
+def runs(comp_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return {h: fusion.train(comp_store, h, out=root / h, **FIT, **opts)
+            for h, opts in SMALL.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", [h for h in SMALL if h not in ("text", "image")])
+def test_every_fusion_head_beats_both_unimodal_heads(runs, head):
+    best_uni_oof = max(runs["text"].metrics["macro_f1"], runs["image"].metrics["macro_f1"])
+    best_uni_hold = max(runs["text"].metrics["holdout"]["macro_f1"],
+                        runs["image"].metrics["holdout"]["macro_f1"])
+    m = runs[head].metrics
+    assert m["macro_f1"] > best_uni_oof + 0.1, (head, m["macro_f1"], best_uni_oof)
+    assert m["holdout"]["macro_f1"] > best_uni_hold + 0.1
+
+
+def test_unimodal_heads_stay_near_their_ceiling(runs):
+    # text can only see 3 of 6 factors, image 2 of 6: both well below fusion by construction
+    assert runs["text"].metrics["accuracy"] < 0.7
+    assert runs["image"].metrics["accuracy"] < 0.6
+
+
+def test_run_directory_contents(runs, comp_store):
+    run = runs["concat"]
+    p = run.path
+    for f in ("config.json", "metrics.json", "oof.npy", "oof_rows.npy", "holdout.npy",
+              "holdout_rows.npy", "predictions.csv", "DONE", "weights/fold0.safetensors",
+              "weights/fold1.safetensors"):
+        assert (p / f).exists(), f
+    folds = comp_store.folds
+    want_oof = np.flatnonzero((folds == 0) | (folds == 1))
+    np.testing.assert_array_equal(run.oof_rows, want_oof)
+    np.testing.assert_array_equal(run.holdout_rows, np.flatnonzero(folds == -1))
+    np.testing.assert_allclose(run.oof.sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(run.holdout.sum(1), 1, atol=1e-5)
+    m = json.loads((p / "metrics.json").read_text())
+    for key in ("head", "accuracy", "macro_f1", "holdout", "folds", "train_seconds",
+                "epoch_seconds", "per_class_f1"):
+        assert key in m
+    assert m["head"] == "concat" and len(m["folds"]) == 2
+    cfg = json.loads((p / "config.json").read_text())
+    assert cfg["store"]["fingerprint"] == comp_store.fingerprint
+    assert cfg["features"]["text"]["name"] == "txt" and cfg["head_config"]["options"]["dim"] == 64
+    with open(p / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(run.oof_rows) + len(run.holdout_rows)
+    assert set(rows[0]) == {"id", "split", "fold", "true", "predicted", "probability"}
+    state = load_file(p / "weights/fold0.safetensors")
+    head = fusion.create_head(cfg["head"], **cfg["head_config"]["dims"],
+                              **cfg["head_config"]["options"])
+    head.load_state_dict(state)
+
+
+def test_training_is_reproducible_with_a_seed(comp_store, runs, tmp_path):
+    again = fusion.train(comp_store, "concat", out=tmp_path / "again", **FIT, **SMALL["concat"])
+    assert (again.path / "oof.npy").read_bytes() == (runs["concat"].path / "oof.npy").read_bytes()
+    other = fusion.train(comp_store, "concat", **{**FIT, "seed": 1}, **SMALL["concat"])
+    assert not np.array_equal(other.oof, runs["concat"].oof)
+
+
+def test_late_head_records_alpha(runs):
+    alphas = [f["on_fit_end"]["alpha"] for f in runs["late"].metrics["folds"]]
+    assert all(0.0 <= a <= 1.0 for a in alphas)
+
+
+def test_compare_ranks_runs_best_first(runs):
+    res = runner.invoke(app, ["compare", *[str(r.path) for r in runs.values()], "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    scores = [r["holdout_macro_f1"] for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert rows[-1]["head"] in ("text", "image")
+
+
+def test_report_complementarity_and_plots(runs, tmp_path):
+    res = runner.invoke(app, ["report", str(runs["hanet"].path), "--text-run",
+                              str(runs["text"].path), "--image-run", str(runs["image"].path),
+                              "--out", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    c = data["complementarity"]["holdout"]
+    assert c["both_right"] + c["only_text_right"] + c["only_image_right"] + c["both_wrong"] == c["n"]
+    assert c["oracle_accuracy"] >= max(c["text_accuracy"], c["image_accuracy"])
+    assert (tmp_path / "confusion.png").stat().st_size > 1000
+    assert (tmp_path / "per_class_f1.png").exists()
+
+
+# -- user heads --------------------------------------------------------------------------------
+
+USER_HEAD = textwrap.dedent("""
+    import torch
+    from torch import nn
+    from fusion import FusionHead
+
+    class GatedSum(FusionHead):
+        modalities = ("text", "image")
+        needs = frozenset({"text_pooled", "image_pooled"})
+
+        def __init__(self, *, text_dim, image_dim, num_classes, text_layers=1, dim=32):
+            super().__init__(text_dim=text_dim, image_dim=image_dim, num_classes=num_classes,
+                             text_layers=text_layers)
+            self.t, self.i = nn.Linear(text_dim, dim), nn.Linear(image_dim, dim)
+            self.g = nn.Linear(2 * dim, 1)
+            self.fc = nn.Linear(dim, num_classes)
+
+        def forward_features(self, batch):
+            t, i = torch.tanh(self.t(batch.text_pooled)), torch.tanh(self.i(batch.image_pooled))
+            g = torch.sigmoid(self.g(torch.cat([t, i], -1)))
+            return g * t + (1 - g) * i
+""")
+
+
+def test_user_head_from_file_trains_via_cli(comp_store, tmp_path):
+    f = tmp_path / "my_head.py"
+    f.write_text(USER_HEAD)
+    out = tmp_path / "user"
+    res = runner.invoke(app, ["train", "--store", comp_store.url, "--head", f"{f}:GatedSum",
+                              "--folds", "1", "--epochs", "2", "--set", "dim=16", "--out",
+                              str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    run = fusion.load_run(out)
+    assert run.head.endswith("GatedSum") and run.config["head_config"]["options"]["dim"] == 16
+    assert "OOF macro-F1" in res.output
+
+
+def test_user_head_class_trains_via_python(comp_store):
+    ns: dict = {}
+    exec(USER_HEAD, ns)  # a head defined "in a notebook cell"
+    run = fusion.train(comp_store, ns["GatedSum"], folds=1, epochs=1, dim=8)
+    assert run.oof.shape[1] == 6
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+def _no_run(path: Path) -> None:
+    assert not path.exists()
+    assert not list(path.parent.glob(f".{path.name}.tmp*"))
+
+
+def test_unknown_head_lists_available(comp_store, tmp_path):
+    res = runner.invoke(app, ["train", "--store", comp_store.url, "--head", "transformer",
+                              "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2
+    assert "transformer" in res.output and "hanet" in res.output
+    _no_run(tmp_path / "r")
+
+
+def test_unknown_head_option_refused(comp_store, tmp_path):
+    res = runner.invoke(app, ["train", "--store", comp_store.url, "--head", "hanet", "--set",
+                              "depth=3", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "unknown option 'depth'" in res.output
+    _no_run(tmp_path / "r")
+
+
+def test_store_without_labels_refused(tmp_path):
+    s = es.create_store(tmp_path / "nolab.zarr", [str(i) for i in range(20)])
+    fill_text(s, "t", np.ones(20, int), dim=4)
+    with pytest.raises(fusion.TrainError, match="has no labels"):
+        fusion.train(s, "text", out=tmp_path / "r")
+    _no_run(tmp_path / "r")
+
+
+def test_incomplete_feature_set_refused(tmp_path):
+    s = es.create_store(tmp_path / "inc.zarr", [str(i) for i in range(40)],
+                        [i % 2 for i in range(40)])
+    w = s.create_feature("t", modality="text", dim=4, lengths=np.ones(40, int), layers=[1],
+                         block_rows=16, attrs={"encoder": {}})
+    w.write_block(0, tokens=np.ones((16, 1, 4)), pooled=np.ones((16, 4)))
+    with pytest.raises(es.FeatureIncompleteError, match="16/40 rows done.*--resume"):
+        fusion.train(s, "text", out=tmp_path / "r")
+    _no_run(tmp_path / "r")
+
+
+def test_class_with_fewer_items_than_folds_refused(tmp_path):
+    labels = ["a"] * 30 + ["b"] * 30 + ["rare"] * 3
+    s = es.create_store(tmp_path / "rare.zarr", [str(i) for i in range(63)], labels, holdout=0)
+    fill_text(s, "t", np.ones(63, int), dim=4)
+    with pytest.raises(fusion.TrainError, match="class 'rare' has 3 trainable items, fewer than"):
+        fusion.train(s, "text", out=tmp_path / "r")
+    _no_run(tmp_path / "r")
+
+
+def test_missing_modality_refused(tmp_path):
+    s = es.create_store(tmp_path / "t.zarr", [str(i) for i in range(20)], [i % 2 for i in range(20)])
+    fill_text(s, "t", np.ones(20, int), dim=4)
+    with pytest.raises(fusion.TrainError, match="needs a image feature set but store"):
+        fusion.train(s, "concat")
