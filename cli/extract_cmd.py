@@ -9,10 +9,12 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from ._common import (
     Quiet,
@@ -25,11 +27,16 @@ from ._common import (
 from .embedstore_app import app
 
 
+class _SpeedColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text("-- items/s" if task.speed is None else f"{task.speed:.1f} items/s")
+
+
 class _RichProgress:
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TextColumn("{task.speed} items/s"),
+                            MofNCompleteColumn(), _SpeedColumn(),
                             TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
                             disable=quiet)
         self.tasks: dict[str, int] = {}

@@ -308,7 +308,7 @@ def _provenance(enc, config: ExtractConfig, cat: Catalog, device: str) -> dict[s
                        "fingerprint": cat.fingerprint, "id_col": config.id_col,
                        "text_cols": list(config.text_cols), "image_col": config.image_col}
     prov["device"] = device
-    prov["precision"] = config.precision
+    prov.setdefault("precision", config.precision)
     prov["versions"] = {**_versions(), **prov.get("versions", {})}
     return prov
 
@@ -354,7 +354,7 @@ def _extract_text(store, cat, name, enc, config, rank, world, progress) -> Featu
     for i in range(0, len(nonempty), 4096):  # the cheap pre-pass that fixes the ragged layout
         rows = nonempty[i : i + 4096]
         lengths[rows] = enc.count_tokens([texts[r] for r in rows])
-    create_kwargs = dict(modality="text", dim=enc.dim, lengths=lengths, layers=enc.layers,
+    create_kwargs = dict(modality="text", dim=enc.dim, pooled_dim=enc.pooled_dim, lengths=lengths, layers=enc.layers,
                          block_rows=config.block_rows,
                          attrs={**_provenance(enc, config, cat, str(enc.device)),
                                 "pooling": enc.pooling})
@@ -384,9 +384,10 @@ def _extract_text(store, cat, name, enc, config, rank, world, progress) -> Featu
         s, e = writer.block_range(b)
         buf = block_buf.pop(b)
         n_l, d = len(writer.meta["layers"]), writer.meta["dim"]
+        pd = writer.meta.get("pooled_dim", d)
 
         def write() -> None:
-            toks, pooled, errs = [], np.zeros((e - s, d), np.float32), []
+            toks, pooled, errs = [], np.zeros((e - s, pd), np.float32), []
             for r in range(s, e):
                 if r in buf:
                     t, p = buf[r]
@@ -425,7 +426,7 @@ def _extract_text(store, cat, name, enc, config, rank, world, progress) -> Featu
 
 def _extract_image(store, cat, name, enc, config, rank, world, progress) -> FeatureResult:
     t_start = time.perf_counter()
-    create_kwargs = dict(modality="image", dim=enc.dim, n_regions=enc.n_regions, grid=enc.grid,
+    create_kwargs = dict(modality="image", dim=enc.dim, pooled_dim=enc.pooled_dim, n_regions=enc.n_regions, grid=enc.grid,
                          prefix_tokens=enc.prefix_tokens, block_rows=config.block_rows,
                          attrs=_provenance(enc, config, cat, str(enc.device)))
     writer = _open_writer(store, name, enc, config, rank, world, create_kwargs)
@@ -442,6 +443,7 @@ def _extract_image(store, cat, name, enc, config, rank, world, progress) -> Feat
     out_w = _AsyncWriter()
     encode_s = 0.0
     r_, d = writer.meta["n_regions"], writer.meta["dim"]
+    pd = writer.meta.get("pooled_dim", d)
     bufs: dict[int, dict[str, Any]] = {}
     remaining = {b: writer.block_range(b)[1] - writer.block_range(b)[0] for b in blocks}
 
@@ -460,7 +462,7 @@ def _extract_image(store, cat, name, enc, config, rank, world, progress) -> Feat
             s, e = writer.block_range(b)
             if b not in bufs:
                 bufs[b] = {"regions": np.zeros((e - s, r_, d), np.float16),
-                           "pooled": np.zeros((e - s, d), np.float32),
+                           "pooled": np.zeros((e - s, pd), np.float32),
                            "errors": [""] * (e - s)}
             buf = bufs[b]
             if len(ok):

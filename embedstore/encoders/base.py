@@ -6,6 +6,11 @@ A spec is ``BACKEND:MODEL[@WEIGHTS]`` and is recorded verbatim in a feature set'
 importing :mod:`embedstore.encoders` fills the registry, and the heavy libraries (transformers,
 timm, open_clip) are imported only when a backend builds an encoder.
 
+Models are frozen (``eval()``, ``requires_grad_(False)``); ``encode`` runs under
+``torch.inference_mode`` and returns tensors on the encoder's device (the caller copies them
+to the host, e.g. on a writer thread). ``encode`` is meant for one thread at a time (open_clip
+reads its token states through forward hooks).
+
 Everything a DataLoader worker needs (``TextEncoder.tokenize``, ``ImageEncoder.preprocess``,
 ``ImageEncoder.load_image``) is a small picklable object held as an attribute, so a worker never
 receives a copy of the model.
@@ -43,6 +48,7 @@ __all__ = [
     "list_backends",
     "sha256_file",
     "feature_name",
+    "effective_precision",
 ]
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -61,6 +67,17 @@ class EncoderSpec:
     backend: str
     model: str
     weights: str | None = None
+
+    @property
+    def rest(self) -> str:
+        """Everything after ``BACKEND:``."""
+        return f"{self.model}@{self.weights}" if self.weights is not None else self.model
+
+    def split_first(self) -> tuple[str, str | None]:
+        """(model, weights) split at the *first* ``@``: for backends whose model names never
+        hold ``@`` but whose weights may be a path that does."""
+        model, sep, weights = self.rest.partition("@")
+        return model, (weights if sep else None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -220,9 +237,15 @@ def check_device_precision(device: str, precision: str, where: str) -> torch.dev
             f"{where}: device {device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'"
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EncoderSpecError(f"{where}: device {device!r} asked for but CUDA is not available; "
-                               "use --device cpu")
+        raise EncoderSpecError(
+            f"{where}: device {device!r} asked for but CUDA is not available; use --device cpu"
+        )
     return dev
+
+
+def effective_precision(device: torch.device, precision: str) -> str:
+    """AMP runs on CUDA only; elsewhere the encoder computes (and records) fp32."""
+    return precision if device.type == "cuda" else "fp32"
 
 
 def load_state_dict_file(path: Path, where: str) -> dict[str, torch.Tensor]:
@@ -328,16 +351,19 @@ class _EncoderBase:
     dim: int  # D of tokens / regions
     pooled_dim: int  # D of pooled (differs from dim for projected CLIP embeddings)
     device: torch.device
-    precision: str
+    precision: str  # what runs: fp16/bf16 AMP on CUDA, else fp32
+    precision_requested: str
 
-    def _provenance(self, encoder: dict[str, Any], preprocess: dict[str, Any],
-                    versions: dict[str, str]) -> dict[str, Any]:
+    def _provenance(
+        self, encoder: dict[str, Any], preprocess: dict[str, Any], versions: dict[str, str]
+    ) -> dict[str, Any]:
         return {
             "encoder": {"spec": self.spec, "library": self.library, "name": self.name, **encoder},
             "preprocess": preprocess,
             "versions": versions,
             "device": str(self.device),
             "precision": self.precision,
+            "precision_requested": self.precision_requested,
             "dim": self.dim,
             "pooled_dim": self.pooled_dim,
         }
@@ -382,6 +408,7 @@ class ImageEncoder(_EncoderBase):
     prefix_tokens: int
     n_regions: int
     image_size: int
+    input_shape: tuple[int, int, int]  # (3, H, W) that preprocess() returns
     preprocess: Callable[[Any], torch.Tensor]
     load_image: ImageLoader
 
@@ -460,7 +487,14 @@ def create_encoder(
         layers = str(layers)
     elif not isinstance(layers, str):
         layers = tuple(int(x) for x in layers)
-    opts = EncoderOptions(modality=modality, layers=layers, max_length=max_length,
-                          image_size=image_size, device=device, precision=precision, seed=seed)
+    opts = EncoderOptions(
+        modality=modality,
+        layers=layers,
+        max_length=max_length,
+        image_size=image_size,
+        device=device,
+        precision=precision,
+        seed=seed,
+    )
     check_device_precision(device, precision, spec)
     return _BACKENDS[parsed.backend](parsed, opts)
