@@ -353,6 +353,18 @@ class _EncoderBase:
     device: torch.device
     precision: str  # what runs: fp16/bf16 AMP on CUDA, else fp32
     precision_requested: str
+    # False: encode() runs under torch.inference_mode (extraction). `fusion train --finetune`
+    # sets it True (and unfreezes the model) so the same encode() builds an autograd graph.
+    trainable: bool = False
+
+    @property
+    def torch_module(self) -> torch.nn.Module:
+        """The underlying torch model (fine-tuning puts its parameters in an optimiser)."""
+        return self.model  # type: ignore[attr-defined]
+
+    def grad_mode(self):
+        """inference_mode for extraction; a no-op context when fine-tuning."""
+        return torch.inference_mode(not self.trainable)
 
     def _provenance(
         self, encoder: dict[str, Any], preprocess: dict[str, Any], versions: dict[str, str]

@@ -206,7 +206,7 @@ class HFTextEncoder(TextEncoder):
             for k, v in batch.items()
             if k in self.tokenize.tokenizer.model_input_names
         }
-        with torch.inference_mode(), autocast(self.device, self.precision):
+        with self.grad_mode(), autocast(self.device, self.precision):
             out = self.model(**inputs, output_hidden_states=True, return_dict=True)
         return out.hidden_states
 

@@ -291,7 +291,7 @@ class OpenClipTextEncoder(_OpenClipBase, TextEncoder):
             hooks.append(blk.register_forward_hook(lambda _m, _a, out, i=i: keep(i, out)))
         hooks.append(self._ln_final.register_forward_hook(lambda _m, _a, out: keep(n, out)))
         try:
-            with torch.inference_mode(), autocast(self.device, self.precision):
+            with self.grad_mode(), autocast(self.device, self.precision):
                 pooled = self.model.encode_text(full)
         finally:
             for h in hooks:
@@ -367,7 +367,7 @@ class OpenClipImageEncoder(_OpenClipBase, ImageEncoder):
         seen: list[torch.Tensor] = []
         hook = self._tap.register_forward_hook(lambda _m, _a, out: seen.append(out))
         try:
-            with torch.inference_mode(), autocast(self.device, self.precision):
+            with self.grad_mode(), autocast(self.device, self.precision):
                 pooled = self.model.encode_image(x)
         finally:
             hook.remove()

@@ -263,7 +263,7 @@ class TimmImageEncoder(ImageEncoder):
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"regions": (B, R, D), "pooled": (B, D') float32}, on the encoder's device."""
         x = self._to_device(images)
-        with torch.inference_mode(), autocast(self.device, self.precision):
+        with self.grad_mode(), autocast(self.device, self.precision):
             feats = self.model.forward_features(x)
             pooled = self.model.forward_head(feats, pre_logits=True)
         return {"regions": self._regions(feats), "pooled": pooled.float()}
