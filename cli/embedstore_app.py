@@ -147,4 +147,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run through the package module so commands registered on its `app` are present
+    from cli.embedstore_app import main as _main
+
+    _main()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -92,9 +94,14 @@ def extract(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a complete feature "
                                             "set (swapped in when the new one is complete).")]
     = False,
-    max_error_rate: Annotated[float, typer.Option(help="Exit non-zero above this share of "
-                                                  "failed rows.")] = 0.01,
+    max_error_rate: Annotated[float, typer.Option(help="Above this share of failed rows "
+                                                  "(bad images, empty texts) the run still "
+                                                  "finishes and keeps its data, then exits "
+                                                  "1.")] = 0.01,
     block_rows: Annotated[int, typer.Option(help="Rows per write block (power of two).")] = 1024,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for the encoder "
+                                                "(torch.set_num_threads); default: torch's "
+                                                "choice (OMP_NUM_THREADS).")] = None,
     quiet: Quiet = False,
     storage_option: StorageOption = None,
 ) -> None:
@@ -107,9 +114,23 @@ def extract(
       embedstore extract catalog.csv --store cat.zarr --image timm:vit_small_patch16_224@random
 
       embedstore extract catalog.csv --store s3://bucket/cat.zarr -S endpoint_url=http://127.0.0.1:9000 --text hf:/models/minilm --resume
+
+      torchrun --standalone --nproc-per-node 4 $(which embedstore) extract catalog.csv --store cat.zarr --text hf:/models/minilm
+
+    Exit codes: 0 done; 1 done, but more failed rows than --max-error-rate (data kept); 2 bad
+    input, nothing written (one `error:` line). See docs/extract.md.
     """
+    import torch
+
+    from embedstore.errors import ExtractionError, InvalidInputError
     from embedstore.extract import ExtractConfig
     from embedstore.extract import extract as run_extract
+
+    if threads is not None:
+        if threads < 1:
+            raise InvalidInputError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
 
     cfg = ExtractConfig(
         text=text, image=image, id_col=id_col,
@@ -119,16 +140,38 @@ def extract(
         precision=precision, text_name=text_name, image_name=image_name, folds=folds, seed=seed,
         holdout=holdout, resume=resume, overwrite=overwrite, max_error_rate=max_error_rate,
         block_rows=block_rows, storage_options=parse_storage_options(storage_option))
-    prog = _RichProgress(quiet)
+    prog = _RichProgress(quiet or not main_rank)
+    failed = None
     try:
         results = run_extract(catalog, store, cfg, progress=prog)
+    except ExtractionError as e:
+        if not hasattr(e, "results"):
+            raise
+        failed, results = e, e.results
     finally:
         prog.stop()
-    for r in results:
-        console.print(f"{r.name} ({r.modality}, {r.spec}): {r.n_encoded} items, {r.n_errors} "
-                      f"errors, {r.items_per_second:.1f} items/s, "
-                      f"{r.bytes_written / 1e6:.1f} MB on disk")
-        for row, msg in list(r.errors.items())[:5]:
-            console.print(f"  row {row}: {msg}")
-        if len(r.errors) > 5:
-            console.print(f"  ... {len(r.errors) - 5} more (embedstore info --json)")
+    if main_rank:
+        for r in results:
+            _summary(r)
+    if failed is not None:
+        if main_rank:
+            err_console.print(f"[bold red]error:[/] {escape(str(failed))}")
+        raise typer.Exit(1)
+
+
+def _summary(r) -> None:
+    """One line per feature set (items, errors, items/s, bytes), then up to 5 failed rows."""
+    def line(text: str) -> None:
+        console.print(text, markup=False, soft_wrap=True)
+
+    if r.skipped:
+        line(f"{r.name} ({r.modality}, {r.spec}): already complete, nothing to do; "
+             f"{r.n_errors} errors, {r.bytes_written} bytes on disk")
+    else:
+        line(f"{r.name} ({r.modality}, {r.spec}): {r.n_encoded} items, {r.n_errors} errors, "
+             f"{r.items_per_second:.1f} items/s, {r.bytes_written} bytes on disk "
+             f"({r.bytes_written / 1e6:.1f} MB)")
+    for row, msg in list(r.errors.items())[:5]:
+        line(f"  row {row}: {msg}")
+    if len(r.errors) > 5:
+        line(f"  ... {len(r.errors) - 5} more (embedstore info --json)")

@@ -324,4 +324,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run through the package module so commands registered on its `app` are present
+    from cli.fusion_app import main as _main
+
+    _main()
