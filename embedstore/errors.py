@@ -9,9 +9,11 @@ __all__ = [
     "StoreExistsError",
     "StoreFormatError",
     "StoreCorruptError",
+    "StoreIOError",
     "FeatureNotFoundError",
     "FeatureExistsError",
     "FeatureIncompleteError",
+    "FeatureChangedError",
     "InvalidInputError",
     "EncoderSpecError",
     "CatalogError",
@@ -40,6 +42,11 @@ class StoreCorruptError(EmbedStoreError):
     """Array data that cannot be read back (checksum mismatch, truncated chunk, missing data)."""
 
 
+class StoreIOError(EmbedStoreError, OSError):
+    """Storage that cannot be written or reached (disk full, permission denied, server down).
+    Rows finished before the failure stay finished; ``--resume`` goes on once it is fixed."""
+
+
 class FeatureNotFoundError(EmbedStoreError, KeyError):
     """A feature set name that the store does not hold."""
 
@@ -53,6 +60,11 @@ class FeatureExistsError(EmbedStoreError, FileExistsError):
 
 class FeatureIncompleteError(EmbedStoreError):
     """A feature set whose status is still `writing`."""
+
+
+class FeatureChangedError(EmbedStoreError):
+    """A feature set was replaced (``--overwrite``) or removed while it was being read or
+    written; re-open the store to see the current version."""
 
 
 class InvalidInputError(EmbedStoreError, ValueError):

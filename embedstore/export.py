@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import InvalidInputError
 from .format import ATTRS_KEY
+from .store import read_error
 
 __all__ = ["export_hdf5"]
 
@@ -24,7 +25,10 @@ def _copy(src, dst_group, name: str, progress: Callable[[int], None] | None) -> 
     ds = dst_group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks)
     step = max(1, src.chunks[0])
     for start in range(0, shape[0], step):
-        data = np.asarray(src[start : start + step])
+        try:
+            data = np.asarray(src[start : start + step])
+        except Exception as e:  # noqa: BLE001 - a damaged chunk: one line naming it
+            raise read_error(src, src.path, slice(start, start + step), e) from None
         if is_str:
             data = data.astype(object)
         ds[start : start + len(data)] = data

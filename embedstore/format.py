@@ -26,6 +26,7 @@ __all__ = [
     "region_chunk_rows",
     "fingerprint_ids",
     "fingerprint_folds",
+    "expected_chunks",
     "DEFAULT_BLOCK_ROWS",
 ]
 
@@ -107,6 +108,8 @@ def parse_feature_attrs(attrs: dict, name: str) -> dict:
         _field(meta, "n_regions", int, where)
         _field(meta, "prefix_tokens", int, where)
     _field(meta, "encoder", dict, where)
+    if meta.get("generation") is not None:
+        _field(meta, "generation", str, where)
     return meta
 
 
@@ -147,6 +150,30 @@ def token_layout(lengths: np.ndarray, block_rows: int, token_chunk: int) -> tupl
         pos = int(offsets[stop])
     offsets[n] = pos
     return offsets, pos
+
+
+def expected_chunks(n_chunks: int, chunk_rows: int, offsets: np.ndarray | None = None,
+                    lengths: np.ndarray | None = None) -> np.ndarray:
+    """Indices (along axis 0) of the chunks a *complete* array must hold.
+
+    Row-chunked arrays: all of them. The ragged ``tokens`` array (pass ``offsets`` and
+    ``lengths``): the chunks holding at least one valid token; with no tokens at all, chunk 0
+    (written as zeros at creation). Gaps between blocks never fill a whole chunk, so in practice
+    this is every chunk too, but the rule is stated on the rows.
+    """
+    if offsets is None:
+        return np.arange(n_chunks)
+    offsets = np.asarray(offsets, dtype=np.int64)[: len(lengths)]
+    lengths = np.asarray(lengths, dtype=np.int64)
+    used = lengths > 0
+    if not used.any():
+        return np.array([0])
+    first = offsets[used] // chunk_rows
+    last = (offsets[used] + lengths[used] - 1) // chunk_rows
+    cover = np.zeros(n_chunks + 1, dtype=np.int64)
+    np.add.at(cover, first, 1)
+    np.add.at(cover, last + 1, -1)
+    return np.flatnonzero(np.cumsum(cover)[:n_chunks] > 0)
 
 
 def fingerprint_ids(ids: np.ndarray, labels: np.ndarray | None) -> str:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import os
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -13,14 +15,16 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from . import __version__
+from . import __version__, _storage
 from .errors import (
+    EmbedStoreError,
     FeatureExistsError,
     FeatureNotFoundError,
     InvalidInputError,
     StoreCorruptError,
     StoreExistsError,
     StoreFormatError,
+    StoreIOError,
     StoreNotFoundError,
 )
 from .format import (
@@ -31,7 +35,8 @@ from .format import (
     parse_root_attrs,
 )
 
-__all__ = ["Store", "create_store", "open_store", "make_folds", "codecs"]
+__all__ = ["Store", "create_store", "open_store", "make_folds", "codecs", "array_kwargs",
+           "read_array"]
 
 warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
 warnings.filterwarnings("ignore", message=".*vlen-utf8.*")
@@ -44,44 +49,55 @@ def codecs() -> list:
     return [zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec()]
 
 
+def array_kwargs() -> dict[str, Any]:
+    """Options of every array: checksummed codecs, and every chunk written even when it holds
+    only fill values, so that a chunk missing from a complete array means lost data."""
+    return {"compressors": codecs(), "config": {"write_empty_chunks": True}}
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _local_path(url: str) -> str:
-    return url[len("file://") :] if url.startswith("file://") else url
+# kept for callers that imported these helpers from here
+_is_local = _storage.is_local
+_local_path = _storage.local_path
+_ROOT_ARRAYS = ("ids", "labels", "folds")
+_ROOT_NAMES = ("ids", "labels", "folds", "features", "zarr.json")
 
 
 def _zarr_store(url: str, *, read_only: bool, storage_options: dict | None):
-    url = os.fspath(url)
-    if _is_local(url):
-        return zarr.storage.LocalStore(_local_path(url), read_only=read_only)
-    try:
-        return zarr.storage.FsspecStore.from_url(
-            url, storage_options=storage_options or None, read_only=read_only
-        )
-    except (ImportError, ValueError) as e:
-        proto = url.split("://", 1)[0]
-        raise InvalidInputError(
-            f"cannot open {url!r}: {e}; install the fsspec backend for {proto!r} "
-            f"(e.g. pip install 'embedstore-fusion[remote]')"
-        ) from None
+    return _storage.zarr_store(os.fspath(url), read_only=read_only,
+                               storage_options=storage_options)
 
 
 def _exists(url: str, storage_options: dict | None) -> bool:
-    if _is_local(url):
-        return os.path.exists(os.path.join(_local_path(url), "zarr.json"))
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    """Is there a root ``zarr.json`` at ``url``? Unreachable storage is one clear error."""
     try:
-        return fs.exists(path.rstrip("/") + "/zarr.json")
+        return _storage.exists(url, storage_options, "zarr.json")
+    except InvalidInputError:
+        raise
     except Exception as e:  # noqa: BLE001 - report any backend failure as one line
-        raise StoreNotFoundError(f"cannot reach {url!r}: {type(e).__name__}: {e}") from None
+        raise StoreNotFoundError(f"cannot reach {url!r}: {_storage.describe(e)}; check the URL, "
+                                 "the network and the credentials (--storage-option / AWS_* "
+                                 "environment variables)") from None
+
+
+def _read_root_attrs(url: str, storage_options: dict | None) -> dict | None:
+    """The root group's attributes read straight from ``zarr.json`` (None if unparsable)."""
+    fs, root = _storage.filesystem(url, storage_options)
+    try:
+        if fs is None:
+            with open(os.path.join(root, "zarr.json"), "rb") as f:
+                raw = f.read()
+        else:
+            raw = fs.cat_file(f"{root}/zarr.json")
+        doc = json.loads(raw)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {}
+    return doc.get("attributes", {}) if isinstance(doc, dict) else {}
 
 
 def make_folds(labels: np.ndarray | None, n: int, *, k: int = 5, seed: int = 0,
@@ -96,7 +112,8 @@ def make_folds(labels: np.ndarray | None, n: int, *, k: int = 5, seed: int = 0,
     if k < 2:
         raise InvalidInputError(f"folds must be >= 2, got {k}; pass --folds 5 (or any k >= 2)")
     if not 0 <= holdout < 1:
-        raise InvalidInputError(f"holdout must be in [0, 1), got {holdout}; pass e.g. --holdout 0.2")
+        raise InvalidInputError(f"holdout must be in [0, 1), got {holdout}; pass e.g. "
+                                "--holdout 0.2")
     idx = np.arange(n)
     folds = np.full(n, -1, dtype=np.int8)
     stratified = False
@@ -153,7 +170,8 @@ def _encode_labels(labels: Sequence[Any], n: int, classes: Sequence[Any] | None)
     try:
         codes = np.array([index[v] for v in labels], dtype=np.int32)
     except KeyError as e:
-        raise InvalidInputError(f"label {e.args[0]!r} is not in classes; add it to classes") from None
+        raise InvalidInputError(f"label {e.args[0]!r} is not in classes; add it to "
+                                "classes") from None
     return codes, classes
 
 
@@ -163,12 +181,18 @@ def create_store(url: str | os.PathLike, ids: Sequence[Any], labels: Sequence[An
                  storage_options: dict | None = None, overwrite: bool = False) -> Store:
     """Create a store for a dataset: ids (unique), optional labels, canonical stratified folds.
 
-    Nothing is written unless every input is valid; ``zarr.json`` of the root is written last,
-    so a store whose creation was interrupted is not mistaken for a valid one.
+    Nothing is written unless every input is valid. The root ``zarr.json`` first holds a
+    ``creating`` marker (claimed exclusively) and gets its full attributes only after every
+    array is written, so an interrupted creation is never mistaken for a store; creating the
+    same dataset again (same ids, labels and fold options) finishes it.
     """
     url = os.fspath(url)
-    if _exists(url, storage_options):
-        if not overwrite:
+    if protocol_read_only(url):
+        raise InvalidInputError(f"cannot create a store at {url!r}: {_storage.protocol(url)}:// "
+                                "stores are read-only; create it locally or on s3://, gs://...")
+    if not overwrite and _exists(url, storage_options):
+        theirs = (_read_root_attrs(url, storage_options) or {}).get(ATTRS_KEY)
+        if not (isinstance(theirs, dict) and theirs.get("creating")):
             raise StoreExistsError(f"a store already exists at {url!r}; open it to add feature "
                                    "sets, or pass overwrite=True (--overwrite) to replace it")
     ids_arr = np.asarray([str(i) for i in ids], dtype=object)
@@ -188,47 +212,143 @@ def create_store(url: str | os.PathLike, ids: Sequence[Any], labels: Sequence[An
     if labels is not None:
         codes, classes = _encode_labels(labels, n, classes)
     fold_arr, stratified = make_folds(codes, n, k=folds, seed=seed, holdout=holdout)
+    fingerprint = fingerprint_ids(ids_arr, codes)
+    fold_opts = {"k": folds, "seed": seed, "holdout": holdout}
+    marker = {"format": FORMAT_VERSION, "creating": True, "created": _now(),
+              "dataset": {"fingerprint": fingerprint}, "folds": fold_opts}
+    _claim_root(url, storage_options, marker, overwrite)
     zstore = _zarr_store(url, read_only=False, storage_options=storage_options)
-    root = zarr.open_group(store=zstore, mode="w")
-    kw = {"compressors": codecs()}
-    a = root.create_array("ids", shape=(n,), dtype=str, chunks=(min(n, 65536),), **kw)
-    a[:] = ids_arr.astype(str)
-    if codes is not None:
-        root.create_array("labels", shape=(n,), dtype="int32", chunks=(min(n, 262144),),
-                          **kw)[:] = codes
-    root.create_array("folds", shape=(n,), dtype="int8", chunks=(min(n, 262144),),
-                      **kw)[:] = fold_arr
-    root.create_group("features")
-    meta = {
-        "format": FORMAT_VERSION,
-        "n_items": n,
-        "created": _now(),
-        "versions": {"embedstore": __version__, "zarr": zarr.__version__},
-        "dataset": {"source": source, "fingerprint": fingerprint_ids(ids_arr, codes)},
-        "classes": list(classes) if codes is not None else None,
-        "folds": {"k": folds, "seed": seed, "holdout": holdout, "stratified": stratified,
-                  "fingerprint": fingerprint_folds(fold_arr)},
-    }
-    root.attrs[ATTRS_KEY] = meta
-    zarr.consolidate_metadata(zstore)
-    return open_store(url, mode="r+", storage_options=storage_options)
+    kw = array_kwargs()
+    try:
+        a = zarr.create_array(zstore, name="ids", shape=(n,), dtype=str,
+                              chunks=(min(n, 65536),), overwrite=True, **kw)
+        a[:] = ids_arr.astype(str)
+        if codes is not None:
+            zarr.create_array(zstore, name="labels", shape=(n,), dtype="int32",
+                              chunks=(min(n, 262144),), overwrite=True, **kw)[:] = codes
+        zarr.create_array(zstore, name="folds", shape=(n,), dtype="int8",
+                          chunks=(min(n, 262144),), overwrite=True, **kw)[:] = fold_arr
+        root = zarr.open_group(store=zstore, mode="r+", use_consolidated=False, zarr_format=3)
+        if "features" not in root.group_keys():
+            root.create_group("features")
+        _storage.test_pause("store_arrays")
+        meta = {
+            "format": FORMAT_VERSION,
+            "n_items": n,
+            "all_chunks": True,
+            "created": _now(),
+            "versions": {"embedstore": __version__, "zarr": zarr.__version__},
+            "dataset": {"source": source, "fingerprint": fingerprint},
+            "classes": list(classes) if codes is not None else None,
+            "folds": {**fold_opts, "stratified": stratified,
+                      "fingerprint": fingerprint_folds(fold_arr)},
+        }
+        root.attrs[ATTRS_KEY] = meta  # the store exists from here on
+    except EmbedStoreError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if not _storage.is_io_error(e):
+            raise
+        raise StoreIOError(f"cannot create the store at {url!r}: {_storage.describe(e)}; fix "
+                           "the storage and run the same command again (an interrupted creation "
+                           "is finished by creating the same dataset)") from None
+    store = Store(url, root, zstore, mode="r+", storage_options=storage_options)
+    store._consolidate()
+    return store
+
+
+def protocol_read_only(url: str) -> bool:
+    return _storage.protocol(url) in _storage.READ_ONLY_PROTOCOLS
+
+
+def _claim_root(url: str, storage_options: dict | None, marker: dict, overwrite: bool) -> None:
+    """Write the ``creating`` marker as the root ``zarr.json``, exclusively unless an existing
+    marker is for the same dataset (a finished or concurrent creation of identical content)."""
+    doc = json.dumps({"zarr_format": 3, "node_type": "group",
+                      "attributes": {ATTRS_KEY: marker}}).encode()
+    for _ in range(3):
+        try:
+            if not _exists(url, storage_options):
+                _storage.put_exclusive(url, storage_options, "zarr.json", doc)
+                return
+        except FileExistsError:
+            continue  # someone else claimed it meanwhile: look at what they wrote
+        except Exception as e:  # noqa: BLE001
+            if not _storage.is_io_error(e):
+                raise
+            raise StoreIOError(f"cannot create the store at {url!r}: {_storage.describe(e)}; "
+                               "check the path, permissions and free space") from None
+        attrs = _read_root_attrs(url, storage_options) or {}
+        theirs = attrs.get(ATTRS_KEY) if isinstance(attrs.get(ATTRS_KEY), dict) else None
+        if theirs is not None and theirs.get("creating"):
+            same = (theirs.get("dataset") == marker["dataset"]
+                    and theirs.get("folds") == marker["folds"])
+            if same:  # finish it (or write identical arrays beside a concurrent creator)
+                return
+            if not overwrite:
+                raise StoreExistsError(
+                    f"another store is being created at {url!r} (dataset fingerprint "
+                    f"{theirs.get('dataset', {}).get('fingerprint')}, not "
+                    f"{marker['dataset']['fingerprint']}), or its creation was interrupted; use "
+                    "another URL, or pass overwrite=True (--overwrite) to replace it")
+        elif not overwrite:
+            what = ("a store already exists" if theirs is not None else
+                    "a Zarr group that is not an embedstore store exists")
+            raise StoreExistsError(f"{what} at {url!r}; open it to add feature sets, or pass "
+                                   "overwrite=True (--overwrite) to replace it")
+        for name in _ROOT_NAMES:  # only our own names: never wipe a directory we did not make
+            if name != "zarr.json":
+                _storage.remove_prefix(url, storage_options, name)
+        _storage.put(url, storage_options, "zarr.json", doc)
+        return
+    raise StoreExistsError(f"could not claim {url!r}: other processes keep creating a store "
+                           "there; retry")
 
 
 def open_store(url: str | os.PathLike, mode: str = "r", *,
                storage_options: dict | None = None) -> Store:
-    """Open an existing store (local path or fsspec URL). ``mode`` is ``"r"`` or ``"r+"``."""
+    """Open an existing store (local path or fsspec URL). ``mode`` is ``"r"`` or ``"r+"``.
+
+    Read-only stores are opened from the consolidated metadata in the root ``zarr.json``: one
+    request, whatever the number of arrays. ``r+`` (writers) reads the live metadata instead.
+    """
     url = os.fspath(url)
     if mode not in ("r", "r+"):
         raise InvalidInputError(f"mode must be 'r' or 'r+', got {mode!r}")
+    if mode == "r+" and protocol_read_only(url):
+        raise InvalidInputError(f"{url!r} is read-only ({_storage.protocol(url)}:// cannot be "
+                                "written); open it with mode='r', or copy the store to a "
+                                "writable location")
     if not _exists(url, storage_options):
         raise StoreNotFoundError(f"no store at {url!r}; check the path/URL, or create one with "
                                  "`embedstore extract CATALOG --store URL`")
     zstore = _zarr_store(url, read_only=(mode == "r"), storage_options=storage_options)
+    root = _open_root(zstore, url, mode)
+    store = Store(url, root, zstore, mode=mode, storage_options=storage_options)
+    if mode == "r+":  # repair what a writer that died mid-way left behind
+        from .features import finish_interrupted_swaps
+
+        if not finish_interrupted_swaps(store):
+            try:
+                current = _consolidated_is_current(zstore)
+            except Exception:  # noqa: BLE001 - _consolidate retries and reports storage errors
+                current = False
+            if not current:
+                store._consolidate()
+    return store
+
+
+def _open_root(zstore, url: str, mode: str) -> zarr.Group:
     try:
-        root = zarr.open_group(store=zstore, mode="r" if mode == "r" else "r+")
+        return zarr.open_group(store=zstore, mode=mode, zarr_format=3,
+                               use_consolidated=None if mode == "r" else False)
+    except EmbedStoreError:
+        raise
     except Exception as e:  # noqa: BLE001
-        raise StoreFormatError(f"{url!r} is not a readable Zarr v3 group ({e})") from None
-    return Store(url, root, zstore, mode=mode, storage_options=storage_options)
+        if _storage.is_io_error(e):
+            raise StoreIOError(f"cannot read {url!r}: {_storage.describe(e)}") from None
+        raise StoreFormatError(f"{url!r} is not a readable Zarr v3 group "
+                               f"({_storage.describe(e)})") from None
 
 
 class Store:
@@ -241,9 +361,18 @@ class Store:
         self.storage_options = storage_options
         self._root = root
         self._zstore = zstore
-        self.meta = parse_root_attrs(dict(root.attrs), url)
+        attrs = dict(root.attrs)
+        if isinstance(attrs.get(ATTRS_KEY), dict) and attrs[ATTRS_KEY].get("creating"):
+            raise StoreNotFoundError(
+                f"the store at {url!r} is not finished: its creation is running in another "
+                "process or was interrupted; run the same `embedstore extract` again to finish "
+                "it")
+        self.meta = parse_root_attrs(attrs, url)
         self.n_items: int = self.meta["n_items"]
         self._cache: dict[str, np.ndarray] = {}
+        if self.meta.get("all_chunks"):  # written whole at creation: missing chunk = lost data
+            for name in _ROOT_ARRAYS:
+                zstore.strict.add(f"{name}/")
         self.features = _Features(self)
 
     def __repr__(self) -> str:
@@ -258,7 +387,7 @@ class Store:
             except KeyError:
                 raise StoreCorruptError(f"store {self.url!r} lacks the {name!r} array; it is "
                                         "damaged: re-create it with `embedstore extract`") from None
-            self._cache[name] = read_array(arr, f"{name}")
+            self._cache[name] = read_array(arr, name)
         return self._cache[name]
 
     @property
@@ -310,9 +439,15 @@ class Store:
     def _feature_names(self) -> list[str]:
         try:
             grp = self._root["features"]
+            keys = list(grp.group_keys())
         except KeyError:
             return []
-        return sorted(k for k in grp.group_keys() if not k.startswith("."))
+        except Exception as e:  # noqa: BLE001
+            if _storage.is_io_error(e):
+                raise StoreIOError(f"cannot list the feature sets of {self.url!r}: "
+                                   f"{_storage.describe(e)}") from None
+            raise
+        return sorted(k for k in keys if not k.startswith("."))
 
     def create_feature(self, name: str, **kwargs) -> FeatureWriter:
         """Create a feature set and return its writer (see :class:`FeatureWriter`)."""
@@ -344,13 +479,35 @@ class Store:
                                     "mode='r+' to write")
 
     def _consolidate(self) -> None:
-        zarr.consolidate_metadata(self._zstore)
-        self._root = zarr.open_group(store=self._zstore, mode="r+")
+        """Rewrite the consolidated metadata, then check it against the live metadata and
+        redo it if another writer changed something meanwhile (last writer wins otherwise:
+        its snapshot could lack the other's change). Called after every metadata change."""
+        last: Exception | None = None
+        for attempt in range(6):
+            try:
+                _storage.invalidate(self._zstore)
+                zarr.consolidate_metadata(self._zstore, zarr_format=3)
+                if _consolidated_is_current(self._zstore):
+                    last = None
+                    break
+            except Exception as e:  # noqa: BLE001 - a group renamed under our walk: retry
+                if not (_storage.is_io_error(e) or isinstance(e, KeyError)):
+                    raise
+                last = e
+            time.sleep(0.02 * (attempt + 1))
+        if last is not None:
+            raise StoreIOError(f"cannot write the consolidated metadata of {self.url!r}: "
+                               f"{_storage.describe(last)}; fix the storage and re-run with "
+                               "--resume (the data written so far is kept)")
+        self._root = _open_root(self._zstore, self.url, self.mode)
 
     def refresh(self) -> Store:
-        """Re-read metadata (another process may have added or finished feature sets)."""
-        self._root = zarr.open_group(store=self._zstore, mode="r" if self.mode == "r" else "r+")
+        """Re-read metadata (another process may have added, finished or replaced sets)."""
+        self._root = _open_root(self._zstore, self.url, self.mode)
         self.meta = parse_root_attrs(dict(self._root.attrs), self.url)
+        self._zstore.strict.keep_only({f"{n}/" for n in _ROOT_ARRAYS
+                                       if self.meta.get("all_chunks")})
+        self._cache.clear()
         self.features = _Features(self)
         return self
 
@@ -361,6 +518,20 @@ class Store:
         return BatchLoader(self, rows, **kwargs)
 
 
+def _consolidated_is_current(zstore) -> bool:
+    _storage.invalidate(zstore)
+    cons = zarr.open_group(store=zstore, mode="r", use_consolidated=True, zarr_format=3)
+    snap = cons.metadata.consolidated_metadata
+    if snap is None:
+        return False
+    live = zarr.open_group(store=zstore, mode="r", use_consolidated=False, zarr_format=3)
+    want = {path: node.metadata.to_dict() for path, node in live.members(max_depth=None)}
+    got = {path: m.to_dict() for path, m in snap.flattened_metadata.items()}
+    for d in (*want.values(), *got.values()):
+        d.pop("consolidated_metadata", None)
+    return want == got
+
+
 def _check_name(name: str) -> None:
     if not name or "/" in name or name.startswith(".") or name != name.strip():
         raise InvalidInputError(f"feature set name {name!r} is not valid; use letters, digits, "
@@ -368,12 +539,37 @@ def _check_name(name: str) -> None:
 
 
 def read_array(arr, what: str) -> np.ndarray:
-    """Read a whole Zarr array, turning codec failures into one-line corruption errors."""
+    """Read a whole Zarr array; a failure names the array and the first bad chunk."""
     try:
         return np.asarray(arr[...])
+    except EmbedStoreError:
+        raise
     except Exception as e:  # noqa: BLE001 - zarr raises various errors for bad chunks
-        raise StoreCorruptError(f"array {what!r} cannot be read: {type(e).__name__}: {e}; "
-                                "the store is damaged (run `embedstore verify`)") from None
+        raise read_error(arr, what, slice(None), e) from None
+
+
+def read_error(arr, what: str, sel: slice, e: BaseException) -> EmbedStoreError:
+    """Turn a failed read of ``arr[sel]`` into one line naming the array and the chunk."""
+    if _storage.is_io_error(e):
+        return StoreIOError(f"cannot read array {what!r}: {_storage.describe(e)}; check the "
+                            "storage/network and retry")
+    step = max(1, int(arr.chunks[0]))
+    n = int(arr.shape[0])
+    start, stop, _ = sel.indices(n)
+    for c in range(start // step, -(-stop // step)):
+        lo, hi = c * step, min(n, (c + 1) * step)
+        try:
+            arr[lo:hi]
+        except EmbedStoreError as inner:
+            return inner
+        except Exception as inner:  # noqa: BLE001
+            key = f"{arr.path}/c/{c}" + "/0" * (arr.ndim - 1)
+            return StoreCorruptError(
+                f"array {what!r}, chunk {c} (key {key!r}, rows {lo}..{hi - 1}) cannot be decoded: "
+                f"{_storage.describe(inner)}; the store is damaged (run `embedstore verify`; "
+                "re-extract the feature set with --overwrite)")
+    return StoreCorruptError(f"array {what!r} cannot be read: {_storage.describe(e)}; the store "
+                             "is damaged (run `embedstore verify`)")
 
 
 class _Features(Mapping):

@@ -1,4 +1,9 @@
-"""Integrity checks over a whole store (`embedstore verify`)."""
+"""Integrity checks over a whole store (`embedstore verify`).
+
+Full mode reads every chunk of every array (the crc32c codec fails on any flipped byte) and
+checks values; ``fast`` checks metadata, counts and that every chunk a complete array must
+hold is present (a listing, no chunk data is read).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from . import _storage
 from .errors import EmbedStoreError
-from .format import parse_feature_attrs
+from .format import expected_chunks, parse_feature_attrs
 
 __all__ = ["VerifyReport", "verify_store"]
 
@@ -27,17 +33,25 @@ class VerifyReport:
         return {"url": self.url, "ok": self.ok, "problems": self.problems, "checked": self.checked}
 
 
-def _chunks(arr, what: str, report: VerifyReport, check_finite: bool = False):
-    """Read ``arr`` chunk row by chunk row; record unreadable chunks and non-finite values.
+def _has_crc(arr) -> bool:
+    return any(type(c).__name__ == "Crc32cCodec" for c in arr.metadata.codecs) or any(
+        type(c).__name__ == "Crc32cCodec" for c in getattr(arr, "compressors", ()))
+
+
+def _chunks(arr, what: str, report: VerifyReport, check_finite: bool = False,
+            skip: set[int] | frozenset[int] = frozenset()):
+    """Read ``arr`` chunk by chunk; record unreadable chunks and non-finite values.
     Yields (start, data) for readable pieces."""
     n = arr.shape[0]
     step = max(1, arr.chunks[0])
     for i, start in enumerate(range(0, n, step)):
+        if i in skip:
+            continue
         try:
             data = np.asarray(arr[start : start + step])
         except Exception as e:  # noqa: BLE001
             report.problems.append(f"{what}: chunk {i} (rows {start}..{min(n, start + step) - 1}) "
-                                   f"unreadable: {type(e).__name__}: {e}")
+                                   f"unreadable: {_storage.describe(e)}")
             continue
         if check_finite and data.dtype.kind == "f" and not np.isfinite(data).all():
             bad = int((~np.isfinite(data)).sum())
@@ -45,43 +59,91 @@ def _chunks(arr, what: str, report: VerifyReport, check_finite: bool = False):
         yield start, data
 
 
+def _read_all(arr, what: str, rep: VerifyReport, skip=frozenset()) -> np.ndarray | None:
+    parts = []
+    before = len(rep.problems)
+    for _, d in _chunks(arr, what, rep, skip=skip):
+        parts.append(d)
+    if len(rep.problems) != before or skip:
+        return None
+    return np.concatenate(parts) if parts else np.zeros(0, arr.dtype)
+
+
+def _missing(store, path: str, arr, want: np.ndarray, rep: VerifyReport) -> set[int]:
+    """Chunks of ``want`` not stored for the array at ``path``; each is one problem."""
+    try:
+        have = _storage.list_chunk_indices(store.url, store.storage_options, path)
+    except Exception as e:  # noqa: BLE001
+        rep.problems.append(f"{path}: cannot list chunks: {_storage.describe(e)}")
+        return set()
+    lost = sorted(set(int(c) for c in want) - have)
+    step = int(arr.chunks[0])
+    for c in lost[:20]:
+        last = min(arr.shape[0], (c + 1) * step) - 1
+        rep.problems.append(f"{path}: chunk {c} (rows {c * step}..{last}) missing: its data was "
+                            "lost")
+    if len(lost) > 20:
+        rep.problems.append(f"{path}: {len(lost) - 20} more chunks missing")
+    return set(lost)
+
+
 def verify_store(store, *, fast: bool = False, features: list[str] | None = None) -> VerifyReport:
-    """Check schema, completeness, ragged offsets, finiteness and chunk checksums.
+    """Check schema, completeness, chunk presence, ragged offsets, finiteness and checksums.
 
     ``fast`` checks metadata and counts only (no tensor data is read).
     """
     rep = VerifyReport(store.url)
     n = store.n_items
-    try:
-        ids = store.ids
-        if len(ids) != n:
-            rep.problems.append(f"ids: {len(ids)} values, attrs say n_items={n}")
-        if len(np.unique(ids)) != len(ids):
-            rep.problems.append("ids: not unique")
-    except EmbedStoreError as e:
-        rep.problems.append(str(e))
-    try:
-        folds = store.folds
-        k = store.fold_info["k"]
-        if len(folds) != n:
-            rep.problems.append(f"folds: {len(folds)} values for {n} items")
-        elif ((folds < -1) | (folds >= k)).any():
-            rep.problems.append(f"folds: values outside [-1, {k})")
-    except EmbedStoreError as e:
-        rep.problems.append(str(e))
-    if store.classes is not None:
+    _check_consolidated(store, rep)
+    root = store._root
+    wanted = [("ids", True), ("folds", True), ("labels", store.classes is not None)]
+    values: dict[str, np.ndarray | None] = {}
+    for name, required in wanted:
         try:
-            labels = store.labels
-            if len(labels) != n:
-                rep.problems.append(f"labels: {len(labels)} values for {n} items")
-            elif labels.size and (labels.min() < 0 or labels.max() >= len(store.classes)):
-                rep.problems.append(f"labels: codes outside [0, {len(store.classes)})")
-        except EmbedStoreError as e:
-            rep.problems.append(str(e))
+            arr = root[name]
+        except KeyError:
+            if required:
+                rep.problems.append(f"{name}: array missing")
+            continue
+        except Exception as e:  # noqa: BLE001
+            rep.problems.append(f"{name}: unreadable metadata: {_storage.describe(e)}")
+            continue
+        if not _has_crc(arr):
+            rep.problems.append(f"{name}: no crc32c checksum codec")
+        if arr.shape[0] != n:
+            rep.problems.append(f"{name}: {arr.shape[0]} values, attrs say n_items={n}")
+        lost = set()
+        if store.meta.get("all_chunks"):
+            lost = _missing(store, name, arr, expected_chunks(-(-arr.shape[0] // arr.chunks[0]),
+                                                              arr.chunks[0]), rep)
+        values[name] = _read_all(arr, name, rep, skip=lost)
+    ids, folds, labels = values.get("ids"), values.get("folds"), values.get("labels")
+    if ids is not None and len(np.unique(ids)) != len(ids):
+        rep.problems.append("ids: not unique")
+    if folds is not None:
+        k = store.fold_info["k"]
+        if ((folds < -1) | (folds >= k)).any():
+            rep.problems.append(f"folds: values outside [-1, {k})")
+    if labels is not None and labels.size and (labels.min() < 0
+                                               or labels.max() >= len(store.classes)):
+        rep.problems.append(f"labels: codes outside [0, {len(store.classes)})")
     names = features if features is not None else list(store.features)
     for name in names:
         rep.checked[name] = _verify_feature(store, name, rep, fast)
     return rep
+
+
+def _check_consolidated(store, rep: VerifyReport) -> None:
+    from .store import _consolidated_is_current
+
+    try:
+        if not _consolidated_is_current(store._zstore):
+            rep.problems.append("consolidated metadata (root zarr.json) is out of date: a writer "
+                                "stopped between a change and its consolidation; readers see an "
+                                "old view. Any `embedstore extract ... --resume` on this store "
+                                "rewrites it")
+    except Exception as e:  # noqa: BLE001
+        rep.problems.append(f"metadata cannot be walked: {_storage.describe(e)}")
 
 
 def _verify_feature(store, name: str, rep: VerifyReport, fast: bool) -> dict[str, Any]:
@@ -94,15 +156,18 @@ def _verify_feature(store, name: str, rep: VerifyReport, fast: bool) -> dict[str
         return {"ok": False}
     n = store.n_items
     before = len(rep.problems)
-    main = "tokens" if meta["modality"] == "text" else "regions"
-    required = [main, "pooled", "done", "errors"] + (["offsets", "lengths"]
-                                                     if meta["modality"] == "text" else [])
+    text = meta["modality"] == "text"
+    main = "tokens" if text else "regions"
+    required = [main, "pooled", "done", "errors"] + (["offsets", "lengths"] if text else [])
     arrays = {}
     for a in required:
         try:
             arrays[a] = grp[a]
         except KeyError:
             rep.problems.append(f"{where}/{a}: array missing")
+    for a, arr in arrays.items():
+        if not _has_crc(arr):
+            rep.problems.append(f"{where}/{a}: no crc32c checksum codec")
     if meta["n_items"] != n:
         rep.problems.append(f"{where}: n_items={meta['n_items']} but the store has {n}")
     for a in ("pooled", "done", "errors", "lengths"):
@@ -111,17 +176,30 @@ def _verify_feature(store, name: str, rep: VerifyReport, fast: bool) -> dict[str
     pdim = meta.get("pooled_dim", meta["dim"])
     if "pooled" in arrays and arrays["pooled"].shape[1:] != (pdim,):
         rep.problems.append(f"{where}/pooled: shape {arrays['pooled'].shape}, pooled_dim={pdim}")
+    complete = meta["status"] == "complete"
+    # every chunk must exist: complete, by a writer that stores all (sets with a generation)
+    strict = complete and meta.get("generation") is not None
+    if strict:  # a chunk vanishing between the listing and the read is an error, not zeros
+        store._zstore.strict.add(f"{where}/")
+    small: dict[str, np.ndarray | None] = {}
+    lost: dict[str, set[int]] = {}
+    for a in ("offsets", "lengths", "done"):
+        if a in arrays:
+            arr = arrays[a]
+            if strict:
+                want = expected_chunks(-(-arr.shape[0] // arr.chunks[0]), arr.chunks[0])
+                lost[a] = _missing(store, f"{where}/{a}", arr, want, rep)
+            small[a] = _read_all(arr, f"{where}/{a}", rep, skip=lost.get(a, frozenset()))
     n_done = None
-    if "done" in arrays:
-        done = np.concatenate([d for _, d in _chunks(arrays["done"], f"{where}/done", rep)] or
-                              [np.zeros(0, bool)])
-        n_done = int(done.sum())
-        if meta["status"] == "complete" and (len(done) != n or not done.all()):
+    done = small.get("done")
+    if done is not None:
+        n_done = int(done.astype(bool).sum())
+        if complete and (len(done) != n or not done.all()):
             rep.problems.append(f"{where}: status is 'complete' but {n - n_done} rows are not "
                                 "done")
-    if meta["modality"] == "text" and "offsets" in arrays and "lengths" in arrays:
-        off = np.asarray(arrays["offsets"][:], dtype=np.int64)
-        ln = np.asarray(arrays["lengths"][:], dtype=np.int64)
+    off, ln = small.get("offsets"), small.get("lengths")
+    if text and off is not None and ln is not None:
+        off, ln = off.astype(np.int64), ln.astype(np.int64)
         total = arrays[main].shape[0] if main in arrays else None
         if len(off) != n + 1:
             rep.problems.append(f"{where}/offsets: {len(off)} values, expected {n + 1}")
@@ -136,17 +214,27 @@ def _verify_feature(store, name: str, rep: VerifyReport, fast: bool) -> dict[str
         if int(ln.sum()) != int(meta.get("n_tokens", ln.sum())):
             rep.problems.append(f"{where}/lengths: sum {int(ln.sum())} != n_tokens "
                                 f"{meta.get('n_tokens')}")
-    if meta["modality"] == "image" and main in arrays:
+    if not text and main in arrays:
         want = (n, meta["n_regions"], meta["dim"])
         if arrays[main].shape != want:
             rep.problems.append(f"{where}/regions: shape {arrays[main].shape}, expected {want}")
-    if not fast:
-        for a in (main, "pooled"):
-            if a in arrays:
-                for _ in _chunks(arrays[a], f"{where}/{a}", rep, check_finite=True):
-                    pass
-        if "errors" in arrays:
-            for _ in _chunks(arrays["errors"], f"{where}/errors", rep):
+    for a in (main, "pooled", "errors"):
+        if a not in arrays:
+            continue
+        arr = arrays[a]
+        if strict:
+            n_chunks = -(-arr.shape[0] // arr.chunks[0])
+            if a == "tokens":
+                if off is None or ln is None:
+                    want = np.arange(0)  # the layout is unreadable: reported above
+                else:
+                    want = expected_chunks(n_chunks, arr.chunks[0], off, ln)
+            else:
+                want = expected_chunks(n_chunks, arr.chunks[0])
+            lost[a] = _missing(store, f"{where}/{a}", arr, want, rep)
+        if not fast:
+            for _ in _chunks(arr, f"{where}/{a}", rep, check_finite=a != "errors",
+                             skip=lost.get(a, frozenset())):
                 pass
     return {"ok": len(rep.problems) == before, "status": meta["status"], "n_done": n_done,
             "fast": fast}

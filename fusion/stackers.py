@@ -13,9 +13,15 @@ re-indexed to the classes present and the outputs are expanded back to K columns
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
 import math
-from collections.abc import Callable
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,11 +34,14 @@ __all__ = [
     "register_stacker",
     "create_stacker",
     "list_stackers",
+    "stacker_class",
     "LightGBMStacker",
     "XGBoostStacker",
     "LogRegStacker",
     "MLPStacker",
 ]
+
+log = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, type[Stacker]] = {}
 
@@ -53,15 +62,28 @@ def list_stackers() -> list[str]:
     return list(_REGISTRY)
 
 
-def create_stacker(name: str, *, n_classes: int, params: dict[str, Any] | None = None,
-                   seed: int = 0, client: Any = None) -> Stacker:
-    """Build a stacker by name; ``client`` is a ``distributed.Client`` for the GBDT backends."""
+def stacker_class(name: str) -> type[Stacker]:
+    """The registered class for ``name`` (an unknown name lists what exists)."""
     if name not in _REGISTRY:
         raise StackError(f"unknown stacker {name!r}; available: {', '.join(list_stackers())}")
-    cls = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def create_stacker(
+    name: str,
+    *,
+    n_classes: int,
+    params: dict[str, Any] | None = None,
+    seed: int = 0,
+    client: Any = None,
+) -> Stacker:
+    """Build a stacker by name; ``client`` is a ``distributed.Client`` for the GBDT backends."""
+    cls = stacker_class(name)
     if client is not None and not cls.supports_dask:
-        raise StackError(f"stacker {name!r} cannot train on Dask; use one of "
-                         f"{[n for n, c in _REGISTRY.items() if c.supports_dask]} or drop --dask")
+        raise StackError(
+            f"stacker {name!r} cannot train on Dask; use one of "
+            f"{[n for n, c in _REGISTRY.items() if c.supports_dask]} or drop --dask"
+        )
     return cls(n_classes=n_classes, params=params, seed=seed, client=client)
 
 
@@ -71,7 +93,8 @@ class Stacker:
 
     Options that belong to the procedure rather than the model (popped from ``params``):
     ``early_stopping_rounds``, ``valid_fraction`` (inner early-stopping split of the training
-    rows) and ``log_probs`` (feed log-probabilities instead of probabilities).
+    rows), ``log_probs`` (feed log-probabilities instead of probabilities) and ``explain``
+    (GBDTs: write TreeSHAP contributions, default true).
     """
 
     name: ClassVar[str] = "?"
@@ -80,8 +103,14 @@ class Stacker:
     log_probs_default: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, *, n_classes: int, params: dict[str, Any] | None = None, seed: int = 0,
-                 client: Any = None):
+    def __init__(
+        self,
+        *,
+        n_classes: int,
+        params: dict[str, Any] | None = None,
+        seed: int = 0,
+        client: Any = None,
+    ):
         params = dict(params or {})
         self.n_classes = n_classes
         self.seed = seed
@@ -89,9 +118,14 @@ class Stacker:
         self.early_stopping_rounds = int(params.pop("early_stopping_rounds", 30))
         self.valid_fraction = float(params.pop("valid_fraction", 0.1))
         self.log_probs = bool(params.pop("log_probs", self.log_probs_default))
+        # TreeSHAP costs about as much as the fit at 27 classes (all classes are explained);
+        # explain=false skips contributions.csv
+        self.explain = bool(params.pop("explain", True)) and self.attribution
         if not 0.0 < self.valid_fraction < 0.5:
-            raise StackError(f"valid_fraction={self.valid_fraction} must lie in (0, 0.5); "
-                             "0.1-0.15 is the usual inner early-stopping split")
+            raise StackError(
+                f"valid_fraction={self.valid_fraction} must lie in (0, 0.5); "
+                "0.1-0.15 is the usual inner early-stopping split"
+            )
         self.user_params = params
         self.params = {**self.defaults, **params}
         self.best_iteration: int | None = None  # rounds / epochs used by the fitted model
@@ -103,17 +137,30 @@ class Stacker:
         return True
 
     def procedure_params(self) -> dict[str, Any]:
-        return {"early_stopping_rounds": self.early_stopping_rounds,
-                "valid_fraction": self.valid_fraction, "log_probs": self.log_probs}
+        return {
+            "explain": self.explain,
+            "early_stopping_rounds": self.early_stopping_rounds,
+            "valid_fraction": self.valid_fraction,
+            "log_probs": self.log_probs,
+        }
 
-    def fit(self, X: np.ndarray, y: np.ndarray, X_valid: np.ndarray | None = None,
-            y_valid: np.ndarray | None = None, *, rounds: int | None = None) -> Stacker:
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        X_valid: np.ndarray | None = None,
+        y_valid: np.ndarray | None = None,
+        *,
+        rounds: int | None = None,
+    ) -> Stacker:
         """Fit on ``(X, y)``; early-stop on ``(X_valid, y_valid)`` when given, else train exactly
         ``rounds`` rounds/epochs (the refit on all rows)."""
         present = np.unique(y)
         if len(present) < 2:
-            raise StackError(f"the stacker's training rows hold only class {present.tolist()}; "
-                             "a stacker needs at least 2 classes (more labelled rows or fewer folds)")
+            raise StackError(
+                f"the stacker's training rows hold only class {present.tolist()}; "
+                "a stacker needs at least 2 classes (more labelled rows or fewer folds)"
+            )
         self._present = present
         remap = np.full(self.n_classes, -1, dtype=np.int64)
         remap[present] = np.arange(len(present))
@@ -144,8 +191,7 @@ class Stacker:
         local = np.searchsorted(self._present, classes)
         if np.any(self._present[np.minimum(local, len(self._present) - 1)] != classes):
             raise StackError("contributions asked for a class the stacker never saw in training")
-        contrib = self._contrib(X)  # (N, K_local, F + 1)
-        return contrib[np.arange(len(X)), local]
+        return self._contrib(X, local)
 
     def save(self, path_stem: Path) -> Path | None:
         """Write the fitted model next to the run (``path_stem`` + backend suffix)."""
@@ -161,7 +207,8 @@ class Stacker:
     def _margin(self, X: np.ndarray) -> np.ndarray:
         raise StackError(f"stacker {self.name!r} has no raw margin")
 
-    def _contrib(self, X: np.ndarray) -> np.ndarray:
+    def _contrib(self, X: np.ndarray, local: np.ndarray) -> np.ndarray:
+        """(N, F + 1) contributions to the margin of local class ``local[i]`` for row i."""
         raise StackError(f"stacker {self.name!r} has no TreeSHAP contributions")
 
     def _save(self, path_stem: Path) -> Path | None:
@@ -181,8 +228,10 @@ def _construct(cls: Any, params: dict[str, Any], stacker: str) -> Any:
     try:
         return cls(**params)
     except TypeError as e:
-        raise StackError(f"bad --param for stacker {stacker!r}: {e}; check the names against "
-                         f"{cls.__module__}.{cls.__name__}") from None
+        raise StackError(
+            f"bad --param for stacker {stacker!r}: {e}; check the names against "
+            f"{cls.__module__}.{cls.__name__}"
+        ) from None
 
 
 @register_stacker("lightgbm")
@@ -211,8 +260,12 @@ class LightGBMStacker(Stacker):
     }
 
     def _model_params(self, n_classes: int, rounds: int | None) -> dict[str, Any]:
-        p = {**self.params, "objective": "multiclass", "num_class": n_classes,
-             "random_state": self.seed}
+        p = {
+            **self.params,
+            "objective": "multiclass",
+            "num_class": n_classes,
+            "random_state": self.seed,
+        }
         if rounds is not None:
             p["n_estimators"] = int(rounds)
         if self.client is not None and "n_jobs" not in self.user_params:
@@ -223,19 +276,29 @@ class LightGBMStacker(Stacker):
         import lightgbm as lgb
 
         params = self._model_params(n_classes, rounds)
+        self._per_class: list[Any] | None = None  # per-class boosters for TreeSHAP, built lazily
         if self.client is not None:
             from lightgbm.dask import DaskLGBMClassifier
 
-            model = _construct(DaskLGBMClassifier, {**params, "client": self.client},
-                               self.name)
-            model.fit(_dask_array(X.astype(np.float64), self.client),
-                      _dask_array(y, self.client))
+            model = _construct(DaskLGBMClassifier, {**params, "client": self.client}, self.name)
+            # lightgbm.dask warns that n_jobs is ignored (workers use their own thread count)
+            # and prints its port search to stdout; route both to logging.
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) as out:
+                warnings.filterwarnings("ignore", message="Parameter n_jobs will be ignored")
+                model.fit(
+                    _dask_array(X.astype(np.float64), self.client), _dask_array(y, self.client)
+                )
+            if out.getvalue().strip():
+                log.debug("lightgbm.dask: %s", out.getvalue().strip())
             # LightGBM's Dask interface cannot early-stop (each worker would see its own slice
             # of the validation rows), so train all rounds and truncate at the round with the
             # lowest validation log-loss, computed here from per-round margins.
             self.model = model.to_local()
-            self.best_iteration = (self._best_round(X_valid, y_valid)
-                                   if X_valid is not None else params["n_estimators"])
+            self.best_iteration = (
+                self._best_round(X_valid, y_valid)
+                if X_valid is not None
+                else params["n_estimators"]
+            )
             return
         model = _construct(lgb.LGBMClassifier, params, self.name)
         fit_kw: dict[str, Any] = {}
@@ -268,9 +331,43 @@ class LightGBMStacker(Stacker):
     def _margin(self, X):
         return self.model.predict(X, raw_score=True, num_iteration=self.best_iteration)
 
-    def _contrib(self, X):
-        c = self.model.predict(X, pred_contrib=True, num_iteration=self.best_iteration)
-        return np.asarray(c).reshape(len(X), len(self._present), X.shape[1] + 1)
+    def _contrib(self, X, local):
+        # LightGBM's pred_contrib explains every class (K times the work, ~half the stack's
+        # time at 27 classes). A multiclass model is K interleaved one-class ensembles, so each
+        # row is explained with the trees of its own class only: exactly the same numbers.
+        out = np.empty((len(X), X.shape[1] + 1))
+        boosters = self._class_boosters()
+        for c in np.unique(local):
+            rows = local == c
+            out[rows] = boosters[c].predict(X[rows], pred_contrib=True)
+        return out
+
+    def _class_boosters(self) -> list[Any]:
+        """One single-output booster per class, cut from the model's text dump."""
+        if self._per_class is not None:
+            return self._per_class
+        import lightgbm as lgb
+
+        k = len(self._present)
+        text = self.model.booster_.model_to_string(num_iteration=self.best_iteration)
+        start = text.index("\nTree=0\n") + 1
+        end = text.index("\nend of trees")
+        head = text[:start]
+        trees = [t for t in re.split(r"(?m)^(?=Tree=\d+$)", text[start:end]) if t.strip()]
+        if len(trees) % k:
+            raise StackError(f"unexpected LightGBM model dump: {len(trees)} trees for {k} classes")
+        for key, value in (
+            ("num_class", "1"),
+            ("num_tree_per_iteration", "1"),
+            ("objective", "regression"),
+        ):
+            head = re.sub(rf"(?m)^{key}=.*$", f"{key}={value}", head)
+        head = re.sub(r"(?m)^tree_sizes=.*\n", "", head)  # sizes of the full model's trees
+        self._per_class = []
+        for c in range(k):
+            own = [re.sub(r"^Tree=\d+", f"Tree={j}", t) for j, t in enumerate(trees[c::k])]
+            self._per_class.append(lgb.Booster(model_str=head + "".join(own) + "end of trees\n"))
+        return self._per_class
 
     def _save(self, path_stem):
         path = path_stem.with_suffix(".lgb.txt")
@@ -298,8 +395,13 @@ class XGBoostStacker(Stacker):
     }
 
     def _fit(self, X, y, X_valid, y_valid, n_classes, rounds) -> None:
-        params = {**self.params, "objective": "multi:softprob", "num_class": n_classes,
-                  "random_state": self.seed, "eval_metric": "mlogloss"}
+        params = {
+            **self.params,
+            "objective": "multi:softprob",
+            "num_class": n_classes,
+            "random_state": self.seed,
+            "eval_metric": "mlogloss",
+        }
         if rounds is not None:
             params["n_estimators"] = int(rounds)
         if X_valid is not None:
@@ -311,10 +413,14 @@ class XGBoostStacker(Stacker):
                 params.pop("n_jobs")
             model = _construct(DaskXGBClassifier, params, self.name)
             model.client = self.client
-            ev = ([(_dask_array(X_valid, self.client), _dask_array(y_valid, self.client))]
-                  if X_valid is not None else None)
-            model.fit(_dask_array(X, self.client), _dask_array(y, self.client), eval_set=ev,
-                      verbose=False)
+            ev = (
+                [(_dask_array(X_valid, self.client), _dask_array(y_valid, self.client))]
+                if X_valid is not None
+                else None
+            )
+            model.fit(
+                _dask_array(X, self.client), _dask_array(y, self.client), eval_set=ev, verbose=False
+            )
         else:
             import xgboost as xgb
 
@@ -330,8 +436,7 @@ class XGBoostStacker(Stacker):
     def _predict(self, X, **kw):
         import xgboost as xgb
 
-        return self.booster.predict(xgb.DMatrix(X), iteration_range=(0, self.best_iteration),
-                                    **kw)
+        return self.booster.predict(xgb.DMatrix(X), iteration_range=(0, self.best_iteration), **kw)
 
     def _proba(self, X):
         return self._predict(X)
@@ -339,8 +444,9 @@ class XGBoostStacker(Stacker):
     def _margin(self, X):
         return self._predict(X, output_margin=True)
 
-    def _contrib(self, X):
-        return self._predict(X, pred_contribs=True)  # (N, K_local, F + 1)
+    def _contrib(self, X, local):
+        contrib = self._predict(X, pred_contribs=True)  # (N, K_local, F + 1)
+        return contrib[np.arange(len(X)), local]
 
     def _save(self, path_stem):
         path = path_stem.with_suffix(".xgb.json")
@@ -371,8 +477,9 @@ class LogRegStacker(Stacker):
         from sklearn.linear_model import LogisticRegression
 
         self.mean, self.std = _standardize_fit(X)
-        self.model = _construct(LogisticRegression, {**self.params, "random_state": self.seed},
-                                self.name)
+        self.model = _construct(
+            LogisticRegression, {**self.params, "random_state": self.seed}, self.name
+        )
         self.model.fit((X - self.mean) / self.std, y)
         self.best_iteration = int(np.max(self.model.n_iter_))
 
@@ -384,9 +491,27 @@ class LogRegStacker(Stacker):
 
     def _save(self, path_stem):
         path = path_stem.with_suffix(".npz")
-        np.savez(path, coef=self.model.coef_, intercept=self.model.intercept_, mean=self.mean,
-                 std=self.std, classes=self._present)
+        np.savez(
+            path,
+            coef=self.model.coef_,
+            intercept=self.model.intercept_,
+            mean=self.mean,
+            std=self.std,
+            classes=self._present,
+        )
         return path
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @register_stacker("mlp")
@@ -403,6 +528,7 @@ class MLPStacker(Stacker):
         "weight_decay": 1e-4,
         "batch_size": 128,
         "max_epochs": 100,
+        "threads": 1,  # a net this small runs fastest on one thread; more only add contention
     }
 
     def __init__(self, **kw: Any):
@@ -411,8 +537,10 @@ class MLPStacker(Stacker):
         super().__init__(**{**kw, "params": params})
         unknown = set(self.params) - set(self.defaults)
         if unknown:
-            raise StackError(f"unknown --param for stacker 'mlp': {sorted(unknown)}; "
-                             f"known: {sorted(self.defaults)}")
+            raise StackError(
+                f"unknown --param for stacker 'mlp': {sorted(unknown)}; "
+                f"known: {sorted(self.defaults)}"
+            )
 
     def _fit(self, X, y, X_valid, y_valid, n_classes, rounds) -> None:
         import torch
@@ -427,13 +555,17 @@ class MLPStacker(Stacker):
             Xv = torch.as_tensor((X_valid - self.mean) / self.std, dtype=torch.float32)
             yv = torch.as_tensor(y_valid, dtype=torch.long)
         epochs = int(rounds) if rounds is not None else int(p["max_epochs"])
-        with torch.random.fork_rng(devices=[]):
+        with _torch_threads(int(p["threads"])), torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            net = nn.Sequential(nn.Linear(X.shape[1], int(p["hidden"])), nn.ReLU(),
-                                nn.Dropout(float(p["dropout"])),
-                                nn.Linear(int(p["hidden"]), n_classes))
-            opt = torch.optim.AdamW(net.parameters(), lr=float(p["lr"]),
-                                    weight_decay=float(p["weight_decay"]))
+            net = nn.Sequential(
+                nn.Linear(X.shape[1], int(p["hidden"])),
+                nn.ReLU(),
+                nn.Dropout(float(p["dropout"])),
+                nn.Linear(int(p["hidden"]), n_classes),
+            )
+            opt = torch.optim.AdamW(
+                net.parameters(), lr=float(p["lr"]), weight_decay=float(p["weight_decay"])
+            )
             gen = torch.Generator().manual_seed(self.seed)
             loss_fn = nn.CrossEntropyLoss()
             best_loss, best_epoch, best_state, stale = math.inf, epochs, None, 0
@@ -465,7 +597,7 @@ class MLPStacker(Stacker):
     def _logits(self, X):
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), _torch_threads(int(self.params["threads"])):
             x = torch.as_tensor((X - self.mean) / self.std, dtype=torch.float32)
             return self.net(x).double().numpy()
 

@@ -94,6 +94,17 @@ def pick_features(store, text: str | None, image: str | None,
     return chosen["text"], chosen["image"]
 
 
+def fast_macro_f1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
+    """Macro-F1 over labels 0..k-1 from a confusion matrix (equal to scikit-learn's
+    ``f1_score(average="macro", labels=range(k), zero_division=0)``; a test checks it). The
+    epoch loop calls this every epoch, where sklearn's input validation costs ~40 ms."""
+    cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1)
+    f1 = np.divide(2 * tp, denom, out=np.zeros(k), where=denom > 0)
+    return float(f1.mean())
+
+
 def metrics_of(y: np.ndarray, probs: np.ndarray, classes: list[Any] | None = None
                ) -> dict[str, Any]:
     pred = probs.argmax(1)
@@ -207,7 +218,7 @@ def make_optimizer(groups: list[dict[str, Any]], weight_decay: float) -> torch.o
         out.append({**rest, "params": [p for p in params if p.ndim >= 2],
                     "weight_decay": weight_decay})
         out.append({**rest, "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0})
-    return torch.optim.AdamW([g for g in out if g["params"]])
+    return torch.optim.AdamW([g for g in out if g["params"]], foreach=True)
 
 
 def make_schedule(opt, total: int, warmup: float):
@@ -270,7 +281,9 @@ def fit_fold(model, opt, sched, *, train_batches: Callable[[int], Iterable[Any]]
             _step(opt, sched, params, cfg.grad_clip, scaler)
         epoch_times.append(time.perf_counter() - t0)
         vp, vr = predict(model, val_batches(), device)
-        vm = metrics_of(labels[vr], vp)
+        pred = vp.argmax(1)
+        vm = {"macro_f1": fast_macro_f1(labels[vr], pred, vp.shape[1]),
+              "accuracy": float((pred == labels[vr]).mean()) if len(vr) else 0.0}
         history.append({"epoch": epoch, "loss": loss_sum / max(1, n_seen),
                         "val_macro_f1": vm["macro_f1"], "val_accuracy": vm["accuracy"],
                         "seconds": epoch_times[-1]})

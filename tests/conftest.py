@@ -241,3 +241,52 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def make_catalog(tmp_path):
+    """Write a tiny product catalog (CSV ``id,title,description,image,label`` + 32x32 PNGs)
+    under ``tmp_path/<name>/`` and return its path. Two classes whose colour and words differ.
+
+    ``texts``/``images``/``labels``/``ids``: per-row overrides. An image override is the raw
+    file content (bytes), ``None`` (empty cell) or ``"missing"`` (a path that does not exist);
+    a text override may hold lone surrogates, written as the raw invalid bytes they escape.
+    """
+
+    def make(n: int = 40, *, name: str = "cat", texts: dict | None = None,
+             images: dict | None = None, labels: dict | None = None, ids: dict | None = None,
+             seed: int = 0):
+        import csv
+        import io
+
+        from PIL import Image
+
+        rng = np.random.default_rng(seed)
+        d = tmp_path / name
+        (d / "img").mkdir(parents=True, exist_ok=True)
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["id", "title", "description", "image", "label"])
+        for i in range(n):
+            y = i % 2
+            rel = f"img/{i}.png"
+            override = (images or {}).get(i, ...)
+            if override is ...:
+                px = np.full((32, 32, 3), (200, 40, 40) if y else (40, 40, 200), np.uint8)
+                px = np.clip(px + rng.integers(-30, 30, px.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(px).save(d / rel)
+            elif override is None:
+                rel = ""
+            elif override == "missing":
+                rel = "img/does-not-exist.png"
+            else:
+                (d / rel).write_bytes(override)
+            title = (texts or {}).get(i, f"{['blue', 'red'][y]} {['mug', 'kettle'][y]} {i}")
+            desc = "" if i in (texts or {}) else "<p>A <b>fine</b> product.</p>" * (1 + i % 3)
+            w.writerow([(ids or {}).get(i, f"p{i:03d}"), title, desc, rel,
+                        (labels or {}).get(i, ["mug", "kettle"][y])])
+        path = d / "catalog.csv"
+        path.write_bytes(buf.getvalue().encode("utf-8", errors="surrogateescape"))
+        return path
+
+    return make

@@ -357,8 +357,17 @@ def test_coattention_with_zero_bilinear_map_decouples_the_modalities():
 # --------------------------------------------------------------------------- hanet
 
 
-def test_hanet_fused_vector_lies_between_the_two_streams():
+def test_hanet_concat_fuse_keeps_both_weighted_streams():
     head = build("hanet")
+    with torch.no_grad():
+        fused = head.forward_features(random_batch(**DIMS))
+    alpha = head.attention["streams"][0]
+    v_t, v_i = head.internals["v_text"], head.internals["v_image"]
+    torch.testing.assert_close(fused, torch.cat([alpha[:, :1] * v_t, alpha[:, 1:] * v_i], -1))
+
+
+def test_hanet_fused_vector_lies_between_the_two_streams():
+    head = build("hanet", fuse="sum")
     batch = random_batch(**DIMS)
     with torch.no_grad():
         fused = head.forward_features(batch)
@@ -371,7 +380,7 @@ def test_hanet_fused_vector_lies_between_the_two_streams():
 
 
 def test_hanet_with_a_dominant_text_score_returns_the_text_stream():
-    head = build("hanet")
+    head = build("hanet", fuse="sum")
     with torch.no_grad():
         head.hybrid[-1].weight.zero_()
         head.hybrid[-1].bias.copy_(torch.tensor([60.0, -60.0]))
@@ -600,13 +609,15 @@ def test_head_names_accept_underscores_and_case():
 
 def test_head_options_are_the_signature_defaults():
     assert head_options("hanet") == {
-        "pool": "attention",
+        "pool": "pooled",
         "layer": -1,
         "dim": 256,
         "key_dim": 64,
         "hidden": 32,
         "dropout": 0.1,
         "mode": "hybrid",
+        "fuse": "concat",
+        "fc_hidden": 256,
     }
 
 

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from fusion.batch import Batch
 from fusion.heads.base import FusionHead, check_choice, check_dropout, check_int, check_layer
-from fusion.heads.layers import Pool
+from fusion.heads.layers import Pool, neck
 from fusion.heads.registry import register_head
 
 __all__ = ["HANetHead"]
@@ -23,8 +23,16 @@ class HANetHead(FusionHead):
         s_l = [w_t.v_t + b_t, w_i.v_i + b_i]               (B, 2)   keyless (intra-modal)
         s_b = [k_t.q_i, k_i.q_t] / sqrt(d_k)               (B, 2)   key-based (inter-modal)
         alpha = softmax(D([s_l; s_b]))                     (B, 2)   D: one hidden layer
-        f = alpha_t v_t + alpha_i v_i                      (B, d)   -> Dropout -> Linear -> K
+        f = [alpha_t v_t ; alpha_i v_i]                    (B, 2d)  fuse="concat" (default)
+        f = alpha_t v_t + alpha_i v_i                      (B, d)   fuse="sum"
+        f -> Dropout -> [Linear -> GELU -> Dropout] -> Linear -> K  (fc_hidden=0: linear)
 
+    The paper gives the weighted stream features wf_t = s_t v_t, wf_i = s_i v_i (eqs. 1, 4, 6)
+    and compares HANet with a network that "naively concatenates text and image features";
+    keeping the weighted streams side by side (``fuse="concat"``) makes HANet that baseline
+    plus per-sample stream attention, with the same classification layers. ``fuse="sum"``
+    (a convex combination) is the variant public write-ups describe; on complementary
+    modalities it throws away the down-weighted stream (see docs/heads.md).
     ``mode="keyless"``/``"keybased"`` feed D only s_l / s_b (the paper's ablations).
     """
 
@@ -37,13 +45,15 @@ class HANetHead(FusionHead):
         image_dim: int,
         num_classes: int,
         text_layers: int = 1,
-        pool: str = "attention",
+        pool: str = "pooled",
         layer: int = -1,
         dim: int = 256,
         key_dim: int = 64,
         hidden: int = 32,
         dropout: float = 0.1,
         mode: str = "hybrid",
+        fuse: str = "concat",
+        fc_hidden: int = 256,
     ) -> None:
         super().__init__(
             text_dim=text_dim, image_dim=image_dim, num_classes=num_classes, text_layers=text_layers
@@ -51,6 +61,9 @@ class HANetHead(FusionHead):
         check_int(self.label, dim=dim, key_dim=key_dim, hidden=hidden)
         check_dropout(self.label, dropout)
         check_choice(self.label, "mode", mode, MODES)
+        check_choice(self.label, "fuse", fuse, ("concat", "sum"))
+        check_int(self.label, 0, fc_hidden=fc_hidden)
+        self.fuse = fuse
         if pool != "pooled":
             check_layer(self.label, layer, text_layers)
         self.mode = mode
@@ -71,8 +84,8 @@ class HANetHead(FusionHead):
         self.hybrid = nn.Sequential(
             nn.Linear(4 if mode == "hybrid" else 2, hidden), nn.GELU(), nn.Linear(hidden, 2)
         )
-        self.neck = nn.Dropout(dropout)
-        self.fc = nn.Linear(dim, num_classes)
+        self.neck, width = neck(2 * dim if fuse == "concat" else dim, fc_hidden, dropout)
+        self.fc = nn.Linear(width, num_classes)
 
     def scores(self, v_t: Tensor, v_i: Tensor) -> Tensor:
         """The raw scores D sees: (B, 4) [s_l; s_b], or (B, 2) in an ablation mode."""
@@ -97,4 +110,6 @@ class HANetHead(FusionHead):
         alpha = torch.softmax(self.hybrid(self.scores(v_t, v_i)), dim=-1)  # (B, 2)
         self.expose("streams", alpha, torch.ones_like(alpha, dtype=torch.bool))
         self.internals.update(v_text=v_t.detach(), v_image=v_i.detach())
+        if self.fuse == "concat":
+            return torch.cat([alpha[:, :1] * v_t, alpha[:, 1:] * v_i], dim=-1)  # (B, 2d)
         return alpha[:, :1] * v_t + alpha[:, 1:] * v_i  # (B, d)

@@ -1,0 +1,338 @@
+"""Storage plumbing under :mod:`embedstore.store` and :mod:`embedstore.features`.
+
+* URLs -> Zarr stores: local paths and ``file://`` use zarr's ``LocalStore`` (atomic
+  temp-file + rename writes); anything else goes through fsspec (``s3://``, ``gs://``,
+  ``memory://``, ``http(s)://`` read-only) with the caller's ``storage_options``.
+* :class:`StrictStore`: a missing chunk of a *complete* array is an error, not fill values.
+* Exclusive creation of one key (the claim that makes "two writers create the same feature set"
+  safe), removal and swap of a group, a test pause hook.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import uuid
+from typing import Any
+
+import zarr
+from zarr.storage import WrapperStore
+
+from .errors import InvalidInputError, StoreCorruptError
+
+__all__ = [
+    "PrefixSet",
+    "StrictStore",
+    "is_local",
+    "local_path",
+    "protocol",
+    "zarr_store",
+    "filesystem",
+    "put_exclusive",
+    "remove_prefix",
+    "list_chunk_indices",
+    "swap_group",
+    "is_io_error",
+    "test_pause",
+]
+
+READ_ONLY_PROTOCOLS = ("http", "https")
+# Defaults under the user's storage options. Listings are never cached: other processes add
+# and finish feature sets, and a cached listing would make this one consolidate a stale view.
+# s3fs issues a HEAD before every GET when max_concurrency > 1 (to split big objects); chunks
+# here are <= ~4 MiB, so that would only double the request count.
+_NO_CACHE = {"use_listings_cache": False}
+_DEFAULT_OPTIONS = {"s3": {**_NO_CACHE, "max_concurrency": 1},
+                    "s3a": {**_NO_CACHE, "max_concurrency": 1},
+                    "gs": _NO_CACHE, "gcs": _NO_CACHE, "abfs": _NO_CACHE, "az": _NO_CACHE}
+
+
+def protocol(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
+
+
+def is_local(url: str) -> bool:
+    return protocol(url) == "file"
+
+
+def local_path(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def _options(url: str, storage_options: dict | None) -> dict:
+    return {**_DEFAULT_OPTIONS.get(protocol(url), {}), **(storage_options or {})}
+
+
+def filesystem(url: str, storage_options: dict | None):
+    """``(fsspec filesystem, root path)``; ``(None, local path)`` for local stores."""
+    if is_local(url):
+        return None, local_path(url)
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **_options(url, storage_options))
+    except (ImportError, ValueError, TypeError) as e:
+        raise InvalidInputError(
+            f"cannot open {url!r}: {type(e).__name__}: {e}; install the fsspec backend for "
+            f"{protocol(url)!r} (e.g. pip install 'embedstore-fusion[remote]') and check the "
+            "--storage-option values") from None
+    return fs, root.rstrip("/")
+
+
+class PrefixSet:
+    """Key prefixes, safe to read from Zarr's I/O thread while another thread adds one: every
+    change swaps in a new frozenset (copy on write) instead of mutating a shared set."""
+
+    def __init__(self) -> None:
+        self.items: frozenset[str] = frozenset()
+
+    def add(self, prefix: str) -> None:
+        self.items = self.items | {prefix}
+
+    def keep_only(self, prefixes: set[str]) -> None:
+        self.items = self.items & frozenset(prefixes)
+
+    def matches(self, key: str) -> bool:
+        return any(key.startswith(p) for p in self.items)
+
+
+class StrictStore(WrapperStore):
+    """Zarr store wrapper: reading a chunk key under one of ``strict`` prefixes that does not
+    exist raises :class:`StoreCorruptError` instead of returning nothing (which Zarr would
+    silently turn into fill values). Every chunk of a complete array exists (arrays are written
+    with ``write_empty_chunks=True``), so a missing one is lost data."""
+
+    def __init__(self, store, strict: PrefixSet | None = None, url: str = ""):
+        super().__init__(store)
+        self.strict = strict if strict is not None else PrefixSet()
+        self.url = url
+
+    def _with_store(self, store):
+        return type(self)(store, self.strict, self.url)
+
+    async def get(self, key: str, prototype, byte_range=None):
+        buf = await self._store.get(key, prototype, byte_range)
+        if buf is None and "/c/" in key and self.strict.matches(key):
+            array = key.split("/c/", 1)[0]
+            raise StoreCorruptError(
+                f"chunk {key!r} of array {array!r} is missing in {self.url!r}, but the array is "
+                "complete: its data was lost (run `embedstore verify`; re-extract the feature "
+                "set with --overwrite)")
+        return buf
+
+
+def invalidate(zstore) -> None:
+    """Drop any listing cache of the filesystem under a Zarr store (before walking it)."""
+    fs = getattr(getattr(zstore, "_store", zstore), "fs", None)
+    if fs is not None:
+        fs.invalidate_cache()
+
+
+def zarr_store(url: str, *, read_only: bool, storage_options: dict | None) -> StrictStore:
+    url = os.fspath(url)
+    if is_local(url):
+        return StrictStore(zarr.storage.LocalStore(local_path(url), read_only=read_only),
+                           url=url)
+    if protocol(url) in READ_ONLY_PROTOCOLS:
+        read_only = True
+    try:
+        inner = zarr.storage.FsspecStore.from_url(
+            url, storage_options=_options(url, storage_options) or None, read_only=read_only)
+    except (ImportError, ValueError, TypeError) as e:
+        raise InvalidInputError(
+            f"cannot open {url!r}: {type(e).__name__}: {e}; install the fsspec backend for "
+            f"{protocol(url)!r} (e.g. pip install 'embedstore-fusion[remote]') and check the "
+            "--storage-option values") from None
+    return StrictStore(inner, url=url)
+
+
+def exists(url: str, storage_options: dict | None, key: str) -> bool:
+    fs, root = filesystem(url, storage_options)
+    if fs is None:
+        return os.path.exists(os.path.join(root, key))
+    fs.invalidate_cache()
+    return bool(fs.exists(f"{root}/{key}"))
+
+
+def put_exclusive(url: str, storage_options: dict | None, key: str, data: bytes) -> None:
+    """Write ``key`` only if it does not exist; raise ``FileExistsError`` if it does.
+
+    Local: hard link of a complete temp file (atomic, also on NFS). S3: a conditional PUT
+    (``If-None-Match: *``), atomic on AWS S3, MinIO and moto. Other fsspec backends: an
+    existence check then a write, which is *not* atomic (documented in docs/reliability.md).
+    """
+    fs, root = filesystem(url, storage_options)
+    if fs is None:
+        path = os.path.join(root, key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.partial"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+        return
+    path = f"{root}/{key}"
+    if protocol(url) in ("s3", "s3a"):
+        fs.pipe_file(path, data, mode="create")  # FileExistsError on HTTP 412
+    else:
+        fs.invalidate_cache()
+        if fs.exists(path):
+            raise FileExistsError(path)
+        fs.pipe_file(path, data)
+    fs.invalidate_cache()
+
+
+def put(url: str, storage_options: dict | None, key: str, data: bytes) -> None:
+    fs, root = filesystem(url, storage_options)
+    if fs is None:
+        path = os.path.join(root, key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.partial"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    fs.pipe_file(f"{root}/{key}", data)
+    fs.invalidate_cache()
+
+
+def remove_prefix(url: str, storage_options: dict | None, prefix: str,
+                  keep: tuple[str, ...] = ()) -> None:
+    """Delete ``prefix`` (a group path) and everything under it, or only its children not in
+    ``keep``."""
+    fs, root = filesystem(url, storage_options)
+    if fs is None:
+        base = os.path.join(root, prefix)
+        if not os.path.isdir(base):
+            return
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)
+            return
+        for name in os.listdir(base):
+            if name in keep:
+                continue
+            p = os.path.join(base, name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+        return
+    base = f"{root}/{prefix}"
+    fs.invalidate_cache()
+    paths = [p for p in fs.find(base) if p[len(base) + 1 :].split("/", 1)[0] not in keep]
+    if paths:
+        fs.rm(paths)
+    fs.invalidate_cache()
+
+
+def list_chunk_indices(url: str, storage_options: dict | None, array_path: str) -> set[int]:
+    """First chunk index of every chunk key stored for ``array_path`` (arrays here are chunked
+    along axis 0 only, so this names each chunk)."""
+    fs, root = filesystem(url, storage_options)
+    out: set[int] = set()
+    if fs is None:
+        base = os.path.join(root, array_path, "c")
+        for dirpath, _, files in os.walk(base):
+            rel = os.path.relpath(dirpath, base).split(os.sep)
+            for f in files:
+                first = rel[0] if rel[0] != "." else f
+                if first.isdigit() and f.replace(".", "").isdigit():  # not a .partial temp
+                    out.add(int(first))
+        return out
+    base = f"{root}/{array_path}/c/"
+    fs.invalidate_cache()
+    for p in fs.find(base):
+        first = p[len(base) :].split("/", 1)[0]
+        if first.isdigit():
+            out.add(int(first))
+    return out
+
+
+def swap_group(url: str, storage_options: dict | None, src: str, dst: str,
+               placeholder: bytes | None = None) -> None:
+    """Replace group ``dst`` by group ``src`` (an overwrite).
+
+    Local: two directory renames (``dst`` -> ``.<name>.old``, ``src`` -> ``dst``); a reader
+    sees the old or the new directory, or for an instant none. Object stores have no rename:
+    ``dst/zarr.json`` is first replaced by ``placeholder`` (the new metadata marked
+    incomplete), so readers of the old set fail their generation check from then on instead of
+    reading a half-deleted set; then the rest of ``dst`` is deleted, ``src`` is copied object by
+    object with its ``zarr.json`` last (the commit), and ``src`` is deleted. A process that dies
+    in between leaves ``src`` complete: the swap is redone from the start.
+    """
+    fs, root = filesystem(url, storage_options)
+    if fs is None:
+        s, d = os.path.join(root, src), os.path.join(root, dst)
+        old = os.path.join(os.path.dirname(d), f".{os.path.basename(d)}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(d):
+            os.rename(d, old)
+        test_pause("swap")
+        os.rename(s, d)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    s, d = f"{root}/{src}", f"{root}/{dst}"
+    fs.invalidate_cache()
+    if placeholder is not None:
+        fs.pipe_file(f"{d}/zarr.json", placeholder)
+    elif fs.exists(f"{d}/zarr.json"):
+        fs.rm_file(f"{d}/zarr.json")
+    fs.invalidate_cache()
+    rest = [p for p in fs.find(d) if p != f"{d}/zarr.json"]
+    if rest:
+        fs.rm(rest)
+    test_pause("swap")
+    fs.invalidate_cache()
+    files = [p for p in fs.find(s) if p != f"{s}/zarr.json"]
+    if files:
+        fs.copy(files, [d + p[len(s) :] for p in files])
+    fs.copy(f"{s}/zarr.json", f"{d}/zarr.json")
+    fs.invalidate_cache()
+    fs.rm(fs.find(s))
+    fs.invalidate_cache()
+
+
+_IO_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "google", "gcsfs",
+               "s3fs", "fsspec", "adlfs", "azure")
+
+
+def is_io_error(e: BaseException) -> bool:
+    """Storage/network failures (disk full, permission, connection) as opposed to bad data."""
+    if isinstance(e, (OSError, TimeoutError, ConnectionError)):
+        return True
+    return any(c.__module__.split(".")[0] in _IO_MODULES for c in type(e).__mro__[:-2])
+
+
+def describe(e: BaseException) -> str:
+    msg = str(e).replace("\n", " ").strip()
+    return f"{type(e).__name__}: {msg[:300]}"
+
+
+def test_pause(point: str, arg: Any = None) -> None:
+    """Test hook: ``EMBEDSTORE_TEST_PAUSE=point[:arg][,...]`` stops the process at that point
+    (e.g. ``after_data:3``, ``finalize``, ``swap``) so a test can kill it or act meanwhile.
+
+    On reaching a point it writes ``EMBEDSTORE_TEST_PAUSE <point>[:<arg>]`` to stderr, then
+    waits until the file named by ``EMBEDSTORE_TEST_RELEASE`` exists (or 600 s). Not for users.
+    """
+    spec = os.environ.get("EMBEDSTORE_TEST_PAUSE")
+    if not spec:
+        return
+    here = point if arg is None else f"{point}:{arg}"
+    if here not in [s.strip() for s in spec.split(",")]:
+        return
+    sys.stderr.write(f"EMBEDSTORE_TEST_PAUSE {here}\n")
+    sys.stderr.flush()
+    release = os.environ.get("EMBEDSTORE_TEST_RELEASE")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if release and os.path.exists(release):
+            return
+        time.sleep(0.05)

@@ -1,0 +1,501 @@
+"""The feature-set writer: creation (exclusive), block writes, finalisation and the swap of an
+``--overwrite``. See :mod:`embedstore.features` for the model and docs/format.md for the rules.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+
+from . import _storage
+from .errors import (
+    EmbedStoreError,
+    FeatureChangedError,
+    FeatureExistsError,
+    FeatureIncompleteError,
+    InvalidInputError,
+    StoreIOError,
+)
+from .format import (
+    ATTRS_KEY,
+    DEFAULT_BLOCK_ROWS,
+    parse_feature_attrs,
+    region_chunk_rows,
+    token_chunk_size,
+    token_layout,
+)
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["FeatureWriter", "finish_swap", "finish_interrupted_swaps"]
+
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+class FeatureWriter:
+    """Fills a feature set block by block. Use :meth:`Store.create_feature` or
+    :meth:`Store.feature_writer` (resume) to get one.
+
+    ``with writer: ...`` finalises on a clean exit when every block is done.
+    """
+
+    def __init__(self, store: Store, name: str, path: str):
+        self.store = store
+        self.name = name
+        self.path = path  # group path inside the store ("features/<name>" or a temp name)
+        self._open_group()
+        self.n_items = int(self.meta["n_items"])
+        self.block_rows = int(self.meta["block_rows"])
+        self.modality = self.meta["modality"]
+        self._offsets = self._lengths = None
+        missing = [a for a in _arrays_of(self.meta) if a not in self._members]
+        if missing:
+            raise FeatureIncompleteError(
+                f"feature set {name!r} in {store.url!r} was interrupted while being created "
+                f"(arrays {missing} missing); pass --overwrite to start it again")
+        if self.modality == "text":
+            self._offsets = self._io(lambda: np.asarray(self.group["offsets"][:], np.int64),
+                                     "read the layout of")
+            self._lengths = self._io(lambda: np.asarray(self.group["lengths"][:], np.int64),
+                                     "read the layout of")
+
+    def _open_group(self) -> None:
+        def op():
+            return zarr.open_group(store=self.store._zstore, path=self.path, mode="r+",
+                                   use_consolidated=False, zarr_format=3)
+
+        self.group = self._io(op, "open")
+        self.meta = parse_feature_attrs(dict(self.group.attrs), self.name)
+        self._members = set(self.group.array_keys())
+        self._arrays: dict[str, Any] = {}
+
+    def _warr(self, key: str):
+        """Array ``key`` for writing. ``write_empty_chunks`` is a runtime setting, not stored in
+        the metadata, so it is set again on every array opened here: a chunk of zeros must
+        still be written (a missing chunk of a complete set means lost data)."""
+        if key not in self._arrays:
+            self._arrays[key] = self.group[key].with_config({"write_empty_chunks": True})
+        return self._arrays[key]
+
+    def _io(self, fn, verb: str, extra: str = ""):
+        return _io(fn, f"{verb} feature set {self.name!r}{extra} in {self.store.url!r}")
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def create(cls, store: Store, name: str, *, modality: str, dim: int,
+               lengths: Sequence[int] | np.ndarray | None = None,
+               layers: Sequence[int] | None = None, n_regions: int | None = None,
+               grid: Sequence[int] | None = None, prefix_tokens: int = 0,
+               pooled_dim: int | None = None, block_rows: int = DEFAULT_BLOCK_ROWS,
+               dtype: str = "float16", attrs: dict | None = None,
+               overwrite: bool = False) -> FeatureWriter:
+        """Create the feature set's group and arrays (all rows not done).
+
+        The group's ``zarr.json``, with the full attributes, is written first and exclusively:
+        of two writers creating the same set, one wins and the other gets
+        :class:`FeatureExistsError`. Replacing an existing set (``overwrite``) builds it under
+        ``features/.<name>.new`` and swaps it in at :meth:`finalize`.
+        """
+        from .store import array_kwargs
+
+        n = store.n_items
+        if modality not in ("text", "image"):
+            raise InvalidInputError(f"modality must be 'text' or 'image', got {modality!r}")
+        if block_rows < 1 or block_rows & (block_rows - 1):
+            raise InvalidInputError(f"block_rows must be a power of two, got {block_rows}")
+        if dtype not in ("float16", "float32"):
+            raise InvalidInputError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+        if dim < 1:
+            raise InvalidInputError(f"dim must be >= 1, got {dim}")
+        pdim = int(pooled_dim or dim)  # CLIP-style encoders project the pooled vector
+        itemsize = np.dtype(dtype).itemsize
+        meta: dict[str, Any] = {
+            "name": name,
+            "modality": modality,
+            "kind": "tokens" if modality == "text" else "regions",
+            "dim": int(dim),
+            "pooled_dim": pdim,
+            "n_items": n,
+            "block_rows": int(block_rows),
+            "dtype": dtype,
+            "status": "writing",
+            "generation": uuid.uuid4().hex,
+            "created": _now(),
+            "encoder": {},
+        }
+        if modality == "text":
+            if lengths is None or layers is None:
+                raise InvalidInputError("a text feature set needs lengths (tokens per item) and "
+                                        "layers")
+            lengths = np.asarray(lengths, dtype=np.int64)
+            if lengths.shape != (n,) or (lengths < 0).any():
+                raise InvalidInputError(f"lengths must be {n} non-negative ints, got shape "
+                                        f"{lengths.shape}")
+            n_layers = len(layers)
+            token_chunk = token_chunk_size(n_layers, dim, itemsize)
+            offsets, total = token_layout(lengths, block_rows, token_chunk)
+            meta.update(layers=[int(x) for x in layers], token_chunk=token_chunk,
+                        n_tokens=int(lengths.sum()))
+        else:
+            if n_regions is None or n_regions < 1:
+                raise InvalidInputError(f"an image feature set needs n_regions >= 1, got "
+                                        f"{n_regions}")
+            meta.update(n_regions=int(n_regions), prefix_tokens=int(prefix_tokens),
+                        grid=list(grid) if grid is not None else None)
+        for k, v in (attrs or {}).items():
+            if k not in meta or k == "encoder":
+                meta[k] = v
+        meta["encoder"] = dict((attrs or {}).get("encoder", {}))
+        path = f"features/{name}"
+        pending = f"features/.{name}.new"
+        if name in store._feature_names():
+            path = pending  # built aside, swapped in at finalize (overwrite)
+        elif _storage.exists(store.url, store.storage_options, f"{pending}/zarr.json"):
+            if not overwrite:
+                raise FeatureExistsError(
+                    f"an interrupted --overwrite of feature set {name!r} is pending in "
+                    f"{store.url!r}; pass --resume to finish it or --overwrite to start again")
+            path = pending
+        _claim_group(store, name, path, meta, replace=path == pending)
+        kw = array_kwargs()
+        rows_chunk = (min(block_rows, n),)
+
+        def make_arrays() -> None:
+            grp = zarr.open_group(store=store._zstore, path=path, mode="r+",
+                                  use_consolidated=False, zarr_format=3)
+            if modality == "text":
+                tok_shape = (max(total, 1), n_layers, dim)
+                tok = grp.create_array("tokens", shape=tok_shape, dtype=dtype,
+                                       chunks=(token_chunk, n_layers, dim), fill_value=0, **kw)
+                if total == 0:  # no valid token at all: write the one chunk so it exists
+                    tok[:] = 0
+                grp.create_array("offsets", shape=(n + 1,), dtype="int64",
+                                 chunks=(min(n + 1, 262144),), **kw)[:] = offsets
+                grp.create_array("lengths", shape=(n,), dtype="int32",
+                                 chunks=(min(n, 262144),), **kw)[:] = lengths
+            else:
+                rc = region_chunk_rows(n_regions, dim, block_rows, itemsize)
+                grp.create_array("regions", shape=(n, n_regions, dim), dtype=dtype,
+                                 chunks=(rc, n_regions, dim), fill_value=0, **kw)
+            grp.create_array("pooled", shape=(n, pdim), dtype="float32",
+                             chunks=(min(block_rows, n), pdim), fill_value=0, **kw)
+            grp.create_array("done", shape=(n,), dtype="bool", chunks=rows_chunk,
+                             fill_value=False, **kw)
+            grp.create_array("errors", shape=(n,), dtype=str, chunks=rows_chunk, fill_value="",
+                             **kw)
+
+        what = f"feature set {name!r} in {store.url!r}"
+        _io(make_arrays, f"create {what}")
+        _storage.test_pause("created")
+        _io(store._consolidate, f"register {what}")
+        return cls(store, name, path)
+
+    @classmethod
+    def open(cls, store: Store, name: str) -> FeatureWriter:
+        """The pending replacement ``features/.<name>.new`` if there is one, else the set."""
+        pending = f"features/.{name}.new"
+        try:
+            if _storage.exists(store.url, store.storage_options, f"{pending}/zarr.json"):
+                return cls(store, name, pending)
+        except EmbedStoreError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if not _storage.is_io_error(e):
+                raise
+            raise StoreIOError(f"cannot open feature set {name!r} in {store.url!r}: "
+                               f"{_storage.describe(e)}") from None
+        store._feature_group(name)  # raises FeatureNotFoundError with the available names
+        return cls(store, name, f"features/{name}")
+
+    # -- blocks --------------------------------------------------------------------------
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.n_items // self.block_rows)
+
+    def block_range(self, b: int) -> tuple[int, int]:
+        if not 0 <= b < self.n_blocks:
+            raise InvalidInputError(f"block {b} out of range [0, {self.n_blocks})")
+        return b * self.block_rows, min((b + 1) * self.block_rows, self.n_items)
+
+    def done_mask(self) -> np.ndarray:
+        """Rows marked done. A ``done`` chunk that cannot be decoded (bit rot, a torn write on
+        a filesystem without atomic renames) counts as not done: its rows are written again."""
+        arr = self.group["done"]
+        out = np.zeros(self.n_items, dtype=bool)
+        step = int(arr.chunks[0])
+        for s in range(0, self.n_items, step):
+            try:
+                out[s : s + step] = np.asarray(arr[s : s + step], dtype=bool)
+            except Exception as e:  # noqa: BLE001
+                if _storage.is_io_error(e):
+                    raise StoreIOError(f"cannot read the done flags of feature set {self.name!r} "
+                                       f"in {self.store.url!r}: {_storage.describe(e)}") from None
+        return out
+
+    def pending_blocks(self, blocks: Iterable[int] | None = None) -> list[int]:
+        """Blocks (of ``blocks``, default all) with at least one row not done."""
+        done = self.done_mask()
+        todo = []
+        for b in range(self.n_blocks) if blocks is None else blocks:
+            s, e = self.block_range(b)
+            if not done[s:e].all():
+                todo.append(b)
+        return todo
+
+    def lengths(self, start: int, stop: int) -> np.ndarray:
+        return self._lengths[start:stop]
+
+    def write_block(self, b: int, *, pooled: np.ndarray, tokens: Sequence[np.ndarray] |
+                    np.ndarray | None = None, regions: np.ndarray | None = None,
+                    errors: Sequence[str] | None = None) -> None:
+        """Write block ``b``'s data, then its errors, then mark its rows done.
+
+        ``tokens``: per-row arrays (n_i, L, D) or the rows' tokens concatenated (sum n_i, L, D);
+        ``regions``: (rows, R, D); ``pooled``: (rows, pooled_dim); ``errors``: per-row reason or
+        "". Before the done flags, the writer checks that the set was not replaced meanwhile.
+        """
+        start, stop = self.block_range(b)
+        n = stop - start
+        pooled = np.asarray(pooled, dtype=np.float32)
+        pdim = int(self.meta.get("pooled_dim", self.meta["dim"]))
+        if pooled.shape != (n, pdim):
+            raise InvalidInputError(f"block {b}: pooled must be {(n, pdim)}, got "
+                                    f"{pooled.shape}")
+        dtype = np.dtype(self.meta["dtype"])
+        writes: list[tuple[str, slice, np.ndarray]] = []
+        if self.modality == "text":
+            if tokens is None:
+                raise InvalidInputError(f"block {b}: a text feature set needs tokens")
+            if not isinstance(tokens, np.ndarray):
+                lens = [len(t) for t in tokens]
+                if lens != self._lengths[start:stop].tolist():
+                    bad = next(i for i, (a, c) in enumerate(zip(lens, self._lengths[start:stop],
+                                                                 strict=True)) if a != c)
+                    raise InvalidInputError(
+                        f"row {start + bad}: {lens[bad]} tokens given but the layout reserved "
+                        f"{int(self._lengths[start + bad])} (count_tokens and encode disagree)")
+                tokens = (np.concatenate(tokens) if tokens else
+                          np.zeros((0, len(self.meta["layers"]), self.meta["dim"])))
+            expected = int(self._lengths[start:stop].sum())
+            want = (expected, len(self.meta["layers"]), self.meta["dim"])
+            if tokens.shape != want:
+                raise InvalidInputError(f"block {b}: tokens must be {want}, got {tokens.shape}")
+            t0 = int(self._offsets[start])
+            if expected:
+                writes.append(("tokens", slice(t0, t0 + expected), _cast(tokens, dtype)))
+        else:
+            want = (n, self.meta["n_regions"], self.meta["dim"])
+            if regions is None or regions.shape != want:
+                got = None if regions is None else regions.shape
+                raise InvalidInputError(f"block {b}: regions must be {want}, got {got}")
+            writes.append(("regions", slice(start, stop), _cast(regions, dtype)))
+        writes.append(("pooled", slice(start, stop), pooled))
+        errs = np.array(["" if e is None else str(e) for e in (errors or [""] * n)], dtype=object)
+        if len(errs) != n:
+            raise InvalidInputError(f"block {b}: {len(errs)} error entries for {n} rows")
+        writes.append(("errors", slice(start, stop), errs.astype(str)))
+        where = f" (block {b}, rows {start}..{stop - 1})"
+        _storage.test_pause("before_block", b)
+        for key, sel, data in writes:
+            self._io(lambda key=key, sel=sel, data=data: self._warr(key).__setitem__(sel, data),
+                     "write", where)
+        _storage.test_pause("after_data", b)
+        self._check_generation()
+        self._io(lambda: self._warr("done").__setitem__(slice(start, stop),
+                                                       np.ones(n, dtype=bool)),
+                 "write", where)  # last: marks the rows finished
+        _storage.test_pause("after_done", b)
+
+    def _check_generation(self) -> None:
+        if _live_generation(self.store, self.path, self.name) != self.meta.get("generation"):
+            raise FeatureChangedError(
+                f"feature set {self.name!r} in {self.store.url!r} was replaced or removed by "
+                "another writer while this one was filling it; this writer stopped before "
+                "marking its rows done. Use --resume to join the current set")
+
+    # -- finalisation --------------------------------------------------------------------
+    def finalize(self, **attrs: Any) -> bool:
+        """Merge ``attrs`` into the metadata; flip status to ``complete`` if every row is done.
+
+        Returns whether the feature set is complete. An overwrite is swapped into place here.
+        """
+        target = f"features/{self.name}"
+        if self.path != target and not _storage.exists(self.store.url,
+                                                       self.store.storage_options,
+                                                       f"{self.path}/zarr.json"):
+            # another process (a second rank) finalised and swapped it already
+            self.path = target
+            self._open_group()
+        complete = bool(self.done_mask().all())
+        if not complete and not attrs:
+            return False  # nothing to record (and never undo a concurrent writer's "complete")
+        live = self._io(lambda: zarr.open_group(store=self.store._zstore, path=self.path,
+                                                mode="r", use_consolidated=False,
+                                                zarr_format=3).attrs[ATTRS_KEY], "finalise")
+        meta = {**live, **attrs}
+        if complete:
+            meta["status"] = "complete"
+            meta["finished"] = _now()
+
+        def write_attrs() -> None:
+            self.group.attrs[ATTRS_KEY] = meta
+
+        self._io(write_attrs, "finalise")
+        self.meta = meta
+        _storage.test_pause("finalize")
+        if complete and self.path != target:
+            self._io(lambda: finish_swap(self.store, self.name), "swap in")
+            self.path = target
+            self._open_group()
+        self._io(self.store._consolidate, "finalise")
+        self.store.features._open.pop(self.name, None)
+        return complete
+
+    def __enter__(self) -> FeatureWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finalize()
+
+
+def _live_generation(store: Store, path: str, name: str) -> str | None:
+    """The generation of the group at ``path`` as stored now (None: no group there)."""
+    try:
+        g = zarr.open_group(store=store._zstore, path=path, mode="r", use_consolidated=False,
+                            zarr_format=3)
+    except FileNotFoundError:  # zarr's GroupNotFoundError is one
+        return None
+    except Exception as e:  # noqa: BLE001
+        if _storage.is_io_error(e):
+            raise StoreIOError(f"cannot read feature set {name!r} in {store.url!r}: "
+                               f"{_storage.describe(e)}; check the storage/network") from None
+        return None  # unparsable metadata: not the set we opened
+    meta = g.attrs.get(ATTRS_KEY)
+    return meta.get("generation") if isinstance(meta, dict) else None
+
+
+def _io(fn, what: str):
+    """Run a storage operation; storage failures (disk full, permission denied, connection
+    lost) become one :class:`StoreIOError` that says finished rows are kept."""
+    try:
+        return fn()
+    except EmbedStoreError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if not _storage.is_io_error(e):
+            raise
+        raise StoreIOError(
+            f"cannot {what}: {_storage.describe(e)}; rows finished before are kept: fix the "
+            "cause (disk space, permissions, network) and re-run with --resume") from None
+
+
+def _arrays_of(meta: dict) -> tuple[str, ...]:
+    if meta["modality"] == "text":
+        return ("tokens", "offsets", "lengths", "pooled", "done", "errors")
+    return ("regions", "pooled", "done", "errors")
+
+
+def finish_swap(store: Store, name: str) -> None:
+    """Move the complete replacement ``features/.<name>.new`` into place. Idempotent: a swap
+    that another process finished, or that was interrupted, is finished or left as is."""
+    url, so = store.url, store.storage_options
+    src, dst = f"features/.{name}.new", f"features/{name}"
+    fs, root = _storage.filesystem(url, so)
+    try:
+        raw = (open(os.path.join(root, src, "zarr.json"), "rb").read() if fs is None
+               else fs.cat_file(f"{root}/{src}/zarr.json"))
+    except FileNotFoundError:
+        return  # nothing pending: already swapped
+    doc = json.loads(raw)
+    # object stores: readers meanwhile see the new generation with status 'writing'
+    doc["attributes"][ATTRS_KEY]["status"] = "writing"
+    try:
+        _storage.swap_group(url, so, src, dst, placeholder=json.dumps(doc).encode())
+    except FileNotFoundError:
+        if _storage.exists(url, so, f"{src}/zarr.json"):
+            raise  # a real failure, not a concurrent completion
+
+
+def finish_interrupted_swaps(store: Store) -> list[str]:
+    """Complete every replacement that was finalised but not swapped in (the writer died
+    between the two steps). Called when a store is opened for writing."""
+    try:
+        grp = zarr.open_group(store=store._zstore, path="features", mode="r",
+                              use_consolidated=False, zarr_format=3)
+        names = [k for k in grp.group_keys() if k.startswith(".") and k.endswith(".new")]
+    except Exception:  # noqa: BLE001 - nothing to repair in a store we cannot list
+        return []
+    for key in [k for k in grp.group_keys() if k.startswith(".") and k.endswith(".old")]:
+        if key[1 : -len(".old")] in grp.group_keys():  # a swap finished but did not clean up
+            _storage.remove_prefix(store.url, store.storage_options, f"features/{key}")
+    done = []
+    for key in names:
+        try:
+            meta = grp[key].attrs.get(ATTRS_KEY) or {}
+        except Exception:  # noqa: BLE001
+            continue
+        if meta.get("status") == "complete":
+            name = key[1 : -len(".new")]
+            _io(lambda name=name: finish_swap(store, name),
+                f"finish the interrupted --overwrite of feature set {name!r} in {store.url!r}")
+            done.append(name)
+    if done:
+        store._consolidate()
+    return done
+
+
+def _claim_group(store: Store, name: str, path: str, meta: dict, *, replace: bool) -> None:
+    """Write the group's ``zarr.json`` exclusively, then clear anything else under ``path``.
+
+    ``replace`` (an overwrite's ``.<name>.new``): a pending replacement left by an interrupted
+    or concurrent ``--overwrite`` is deleted first. Two *concurrent* overwrites of one set are
+    not supported (the later one deletes the earlier one's pending data; the earlier one then
+    stops at its next block with :class:`FeatureChangedError`).
+    """
+    url, so = store.url, store.storage_options
+    doc = json.dumps({"zarr_format": 3, "node_type": "group",
+                      "attributes": {ATTRS_KEY: meta}}).encode()
+    try:
+        if replace:
+            _storage.remove_prefix(url, so, path)
+        _storage.test_pause("claim")
+        _storage.put_exclusive(url, so, f"{path}/zarr.json", doc)
+    except FileExistsError:
+        raise FeatureExistsError(
+            f"feature set {name!r} in {url!r} is being created by another writer (its group "
+            "appeared between our check and our create); wait for it and use --resume to join "
+            "it, or pick another name") from None
+    except EmbedStoreError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if not _storage.is_io_error(e):
+            raise
+        raise StoreIOError(f"cannot create feature set {name!r} in {url!r}: "
+                           f"{_storage.describe(e)}; check permissions and free space") from None
+    _storage.remove_prefix(url, so, path, keep=("zarr.json",))  # leftovers of a dead writer
+
+
+def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    x = np.asarray(x)
+    if dtype == np.float16:
+        x = np.clip(x, -_F16_MAX, _F16_MAX)  # hidden states past fp16 range would become inf
+    return x.astype(dtype, copy=False)
+
+
+def _fs_and_path(store: Store, path: str):
+    """``(fsspec filesystem or None, absolute path)`` of ``path`` inside the store."""
+    fs, root = _storage.filesystem(store.url, store.storage_options)
+    return fs, (os.path.join(root, path) if fs is None else f"{root}/{path}")
