@@ -16,14 +16,7 @@ from .heads import (  # noqa: E402
 from .rundir import Run, RunWriter, load_run  # noqa: E402
 from .train import TrainConfig, train  # noqa: E402
 
-
-def __getattr__(name: str):
-    # stacking pulls in lightgbm/xgboost: import it on first use
-    if name in ("stack", "list_stackers"):
-        from . import stack as _stack
-
-        return getattr(_stack, name)
-    raise AttributeError(f"module 'fusion' has no attribute {name!r}")
+# Stacking (lightgbm/xgboost imports) lives in `fusion.stack`: `from fusion.stack import stack`.
 
 
 __all__ = [
@@ -43,10 +36,8 @@ __all__ = [
     "create_head",
     "head_options",
     "list_heads",
-    "list_stackers",
     "load_run",
     "register_head",
     "resolve_head",
-    "stack",
     "train",
 ]
