@@ -34,8 +34,9 @@ HEADS: dict[str, tuple[str, dict[str, Any]]] = {
     "late": ("late", {}),
     "hanet-keyless": ("hanet", {"mode": "keyless"}),
     "hanet": ("hanet", {}),
-    "coattention": ("coattention", {}),
-    "gated-xattn": ("gated-xattn", {}),
+    # token-level heads at half width: ~3 s per cached epoch each on 2 CPU cores
+    "coattention": ("coattention", {"lstm_dim": 128, "attn_dim": 64, "hidden": 128}),
+    "gated-xattn": ("gated-xattn", {"dim": 128}),
 }
 STACK_SOURCES = ["text", "image", "concat", "hanet", "coattention", "gated-xattn"]
 
@@ -49,7 +50,7 @@ def _make_catalog_module():
     return mod
 
 
-def run_demo(out: Path, *, n: int = 2000, seed: int = 0, folds: int = 5, epochs: int = 30,
+def run_demo(out: Path, *, n: int = 2000, seed: int = 0, folds: int = 5, epochs: int = 15,
              heads: dict[str, tuple[str, dict[str, Any]]] | None = None,
              stackers: tuple[str, ...] = ("lightgbm", "xgboost"), quiet: bool = False,
              batch_size: int = 64, say=print) -> dict[str, Any]:
@@ -110,7 +111,7 @@ def run_demo(out: Path, *, n: int = 2000, seed: int = 0, folds: int = 5, epochs:
     runs = {}
     for name, (head, opts) in heads.items():
         with stage(f"train {name}"), _EpochProgress(quiet) as p:
-            runs[name] = train(store, head, out=runs_dir / name, epochs=epochs,
+            runs[name] = train(store, head, out=runs_dir / name, epochs=epochs, patience=4,
                                batch_size=batch_size, seed=seed, progress=p, name=name, **opts)
             m = runs[name].metrics
             say(f"   {name}: OOF macro-F1 {m['macro_f1']:.4f}, holdout "
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=2000, help="catalog items")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     from rich.console import Console
