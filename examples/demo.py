@@ -50,7 +50,8 @@ def _make_catalog_module():
     return mod
 
 
-def run_demo(out: Path, *, n: int = 2000, seed: int = 0, folds: int = 5, epochs: int = 15,
+def run_demo(out: Path, *, n: int = 2000, n_classes: int = 24, seed: int = 0, folds: int = 5,
+             epochs: int = 15,
              heads: dict[str, tuple[str, dict[str, Any]]] | None = None,
              stackers: tuple[str, ...] = ("lightgbm", "xgboost"), quiet: bool = False,
              batch_size: int = 64, say=print) -> dict[str, Any]:
@@ -63,7 +64,6 @@ def run_demo(out: Path, *, n: int = 2000, seed: int = 0, folds: int = 5, epochs:
     from embedstore.extract import ExtractConfig, extract
     from embedstore.weights import convert_efficientnet_lite0
     from fusion import train
-    from fusion.report import compare, leaderboard_markdown, report
     from fusion.stack import stack
 
     heads = HEADS if heads is None else heads
@@ -85,7 +85,8 @@ def run_demo(out: Path, *, n: int = 2000, seed: int = 0, folds: int = 5, epochs:
         return _T()
 
     with stage("catalog"):
-        csv_path = _make_catalog_module().make_catalog(out / "catalog", n=n, seed=seed)
+        csv_path = _make_catalog_module().make_catalog(out / "catalog", n=n, seed=seed,
+                                                       n_classes=n_classes)
     with stage("weights"):
         lite0 = convert_efficientnet_lite0(out / "weights" / "tf_efficientnet_lite0.safetensors")
     store_url = out / "catalog.zarr"
@@ -122,26 +123,34 @@ def run_demo(out: Path, *, n: int = 2000, seed: int = 0, folds: int = 5, epochs:
             runs[f"stack-{st}"] = stack(sources, stacker=st, seed=seed,
                                         out=runs_dir / f"stack-{st}")
     with stage("report"):
-        rows = compare([r.path for r in runs.values()])
-        for r in rows:
-            r["train_seconds"] = stages.get(f"train {r['name']}",
-                                            stages.get(f"{r['name'].replace('-', ' ', 1)}",
-                                                       r["train_seconds"]))
-        (out / "leaderboard.md").write_text(
-            "# Demo leaderboard\n\n" + leaderboard_markdown(rows) + "\n## Stage times\n\n"
-            + "".join(f"- {k}: {v:.1f} s\n" for k, v in stages.items()))
-        plots = out / "plots"
-        if "text" in runs and "image" in runs:
-            best_head = next(r["name"] for r in rows if not r["name"].startswith("stack"))
-            rep = report(runs[best_head], out_dir=plots / best_head, text_run=runs["text"],
-                         image_run=runs["image"])
-            (out / "complementarity.json").write_text(json.dumps(rep["complementarity"],
-                                                                 indent=2))
-        for st in stackers:
-            report(runs[f"stack-{st}"], out_dir=plots / f"stack-{st}")
+        rows = report_stage(out, runs, stages, stackers)
     (out / "stages.json").write_text(json.dumps(stages, indent=2))
     return {"stages": stages, "leaderboard": rows, "runs": {k: str(v.path) for k, v in
                                                             runs.items()}}
+
+
+def report_stage(out: Path, runs: dict[str, Any], stages: dict[str, float],
+                 stackers: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Leaderboard (+ leaderboard.md), complementarity of text vs image, report PNGs."""
+    from fusion.report import compare, leaderboard_markdown, report
+
+    rows = compare([r.path for r in runs.values()])
+    for r in rows:  # wall time of the whole `fusion train` / `fusion stack` stage
+        r["train_seconds"] = stages.get(f"train {r['name']}",
+                                        stages.get(r["name"].replace("-", " ", 1),
+                                                   r["train_seconds"]))
+    (out / "leaderboard.md").write_text(
+        "# Demo leaderboard\n\n" + leaderboard_markdown(rows) + "\n## Stage times\n\n"
+        + "".join(f"- {k}: {v:.1f} s\n" for k, v in stages.items()))
+    plots = out / "plots"
+    if "text" in runs and "image" in runs:
+        best_head = next(r["name"] for r in rows if not r["name"].startswith("stack"))
+        rep = report(runs[best_head], out_dir=plots / best_head, text_run=runs["text"],
+                     image_run=runs["image"])
+        (out / "complementarity.json").write_text(json.dumps(rep["complementarity"], indent=2))
+    for st in stackers:
+        report(runs[f"stack-{st}"], out_dir=plots / f"stack-{st}")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,6 +123,8 @@ def _per_class_png(run: Run, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     per = run.metrics.get("per_class_f1") or {}
+    if isinstance(per, list):  # stacks store a list in class order
+        per = {str(c): v for c, v in zip(run.classes, per, strict=False)}
     names, vals = list(per), [per[n] for n in per]
     order = np.argsort(vals)
     fig, ax = plt.subplots(figsize=(7, max(3, 0.25 * len(names) + 1)))
