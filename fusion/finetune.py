@@ -25,15 +25,13 @@ from .batch import Batch
 from .errors import TrainError
 from .rundir import Run, RunWriter, load_run
 from .train import (
+    FoldResults,
     TrainConfig,
     fit_fold,
     make_optimizer,
     make_schedule,
-    metrics_of,
-    predict,
     prepare,
     save_weights,
-    write_run,
 )
 
 __all__ = ["FinetuneConfig", "finetune", "LiveModel", "layer_groups", "freeze_lowest",
@@ -282,12 +280,7 @@ def finetune(store, head: Any = "concat", *, text: str | None = None, image: str
     use_amp = s.device.type == "cuda" and cfg.precision != "fp32"
     amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
     t_run = time.perf_counter()
-    k_classes = len(s.classes)
-    oof = np.zeros((len(s.folds), k_classes), np.float32)
-    oof_mask = np.zeros(len(s.folds), bool)
-    hold_rows = s.hold_rows
-    hold_sum = np.zeros((len(hold_rows), k_classes), np.float64)
-    fold_metrics, epoch_times = [], []
+    results = FoldResults(s)
     try:
         for f in s.fold_ids:
             torch.manual_seed(cfg.seed * 1000 + f)
@@ -330,35 +323,22 @@ def finetune(store, head: Any = "concat", *, text: str | None = None, image: str
                 device=s.device, fold=f, progress=progress, grad_accum=cfg.grad_accum,
                 scaler=scaler, step0=init is not None,
                 autocast=(lambda: torch.autocast("cuda", dtype=amp_dtype)) if use_amp else None)
-            epoch_times += fit["epoch_times"]
             fit_end = model.head.on_fit_end(
                 lambda r=va_rows, m=model: (m.features(b.to(s.device)) for b in batches(r))) or {}
-            vp, vr = predict(model, batches(va_rows), s.device)
-            oof[vr], oof_mask[vr] = vp, True
-            if len(hold_rows):
-                hp, hr = predict(model, batches(hold_rows), s.device)
-                hold_sum[np.searchsorted(hold_rows, hr)] += hp
-            fm = metrics_of(s.labels[vr], vp)
-            fold_metrics.append({"fold": f, "best_epoch": fit["best_epoch"],
-                                 "epochs_run": len(fit["history"]), "accuracy": fm["accuracy"],
-                                 "macro_f1": fm["macro_f1"], "step0": fit.get("step0"),
-                                 "on_fit_end": fit_end, "history": fit["history"],
-                                 "train_items": int(len(tr_rows)),
-                                 "lr": {g.get("name", "?"): g.get("initial_lr", g["lr"])
-                                        for g in opt.param_groups}})
+            results.add(f, model, batches, va_rows, fit, fit_end, step0=fit.get("step0"),
+                        train_items=int(len(tr_rows)),
+                        lr={g.get("name", "?"): g.get("initial_lr", g["lr"])
+                            for g in opt.param_groups})
             save_weights(writer, f"fold{f}", model.head)
             if cfg.save_encoders:
                 for mod in ("text", "image"):
                     m = getattr(model, f"{mod}_model")
                     if m is not None:
                         save_weights(writer, f"fold{f}-{mod}-encoder", m)
-        oof_rows = np.flatnonzero(oof_mask)
-        return write_run(s, writer, kind="finetune", oof=oof[oof_rows], oof_rows=oof_rows,
-                         hold_sum=hold_sum, fold_metrics=fold_metrics, epoch_times=epoch_times,
-                         train_seconds=time.perf_counter() - t_run, name=name,
-                         extra_config={"finetune": {"init": cfg.init,
-                                                    "catalog": {m: c.path for m, c in
-                                                                cats.items()}}})
+        return results.write(writer, kind="finetune", train_seconds=time.perf_counter() - t_run,
+                             name=name, extra_config={"finetune": {
+                                 "init": cfg.init,
+                                 "catalog": {m: c.path for m, c in cats.items()}}})
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -324,6 +324,45 @@ class _null:
         return False
 
 
+class FoldResults:
+    """Out-of-fold and holdout predictions gathered fold by fold (shared with fine-tuning)."""
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        k = len(setup.classes)
+        self.oof = np.zeros((len(setup.folds), k), np.float32)
+        self.oof_mask = np.zeros(len(setup.folds), bool)
+        self.hold_rows = setup.hold_rows
+        self.hold_sum = np.zeros((len(self.hold_rows), k), np.float64)
+        self.fold_metrics: list[dict[str, Any]] = []
+        self.epoch_times: list[float] = []
+
+    def add(self, fold: int, model, batches: Callable[[np.ndarray], Iterable[Any]],
+            va_rows: np.ndarray, fit: dict[str, Any], fit_end: dict[str, Any],
+            **extra: Any) -> None:
+        """Predict fold ``fold``'s validation rows (out-of-fold) and the holdout."""
+        s = self.setup
+        vp, vr = predict(model, batches(va_rows), s.device)
+        self.oof[vr], self.oof_mask[vr] = vp, True
+        if len(self.hold_rows):
+            hp, hr = predict(model, batches(self.hold_rows), s.device)
+            self.hold_sum[np.searchsorted(self.hold_rows, hr)] += hp
+        fm = metrics_of(s.labels[vr], vp)
+        self.epoch_times += fit["epoch_times"]
+        self.fold_metrics.append({"fold": fold, "best_epoch": fit["best_epoch"],
+                                  "epochs_run": len(fit["history"]),
+                                  "accuracy": fm["accuracy"], "macro_f1": fm["macro_f1"],
+                                  "on_fit_end": fit_end, "history": fit["history"], **extra})
+
+    def write(self, writer: RunWriter | None, *, kind: str, train_seconds: float,
+              name: str | None, extra_config: dict[str, Any] | None = None) -> Run:
+        rows = np.flatnonzero(self.oof_mask)
+        return write_run(self.setup, writer, kind=kind, oof=self.oof[rows], oof_rows=rows,
+                         hold_sum=self.hold_sum, fold_metrics=self.fold_metrics,
+                         epoch_times=self.epoch_times, train_seconds=train_seconds, name=name,
+                         extra_config=extra_config)
+
+
 def write_run(setup: Setup, writer: RunWriter | None, *, kind: str, oof: np.ndarray,
               oof_rows: np.ndarray, hold_sum: np.ndarray, fold_metrics: list[dict[str, Any]],
               epoch_times: list[float], train_seconds: float, name: str | None,
@@ -425,12 +464,7 @@ def train(store, head: Any = "concat", *, text: str | None = None, image: str | 
                                dtype=torch.float32, device=s.device)
     writer = RunWriter(out) if out is not None else None
     t_run = time.perf_counter()
-    k_classes = len(s.classes)
-    oof = np.zeros((len(s.folds), k_classes), np.float32)
-    oof_mask = np.zeros(len(s.folds), bool)
-    hold_rows = s.hold_rows
-    hold_sum = np.zeros((len(hold_rows), k_classes), np.float64)
-    fold_metrics, epoch_times = [], []
+    results = FoldResults(s)
     try:
         for f in s.fold_ids:
             tr_rows, va_rows = s.fold_rows(f)
@@ -446,28 +480,16 @@ def train(store, head: Any = "concat", *, text: str | None = None, image: str | 
                            val_batches=lambda r=va_rows: batches(r),
                            labels=s.labels, cfg=cfg, device=s.device, fold=f,
                            progress=progress, class_weight=class_w)
-            epoch_times += fit["epoch_times"]
             fit_end = model.on_fit_end(lambda r=va_rows: batches(r)) or {}
-            vp, vr = predict(model, batches(va_rows), s.device)
-            oof[vr], oof_mask[vr] = vp, True
-            if len(hold_rows):
-                hp, hr = predict(model, batches(hold_rows), s.device)
-                hold_sum[np.searchsorted(hold_rows, hr)] += hp
-            fm = metrics_of(s.labels[vr], vp)
-            fold_metrics.append({"fold": f, "best_epoch": fit["best_epoch"],
-                                 "epochs_run": len(fit["history"]), "accuracy": fm["accuracy"],
-                                 "macro_f1": fm["macro_f1"], "on_fit_end": fit_end,
-                                 "history": fit["history"]})
+            results.add(f, model, batches, va_rows, fit, fit_end)
             save_weights(writer, f"fold{f}", model)
-        oof_rows = np.flatnonzero(oof_mask)
-        return write_run(s, writer, kind="train", oof=oof[oof_rows], oof_rows=oof_rows,
-                         hold_sum=hold_sum, fold_metrics=fold_metrics, epoch_times=epoch_times,
-                         train_seconds=time.perf_counter() - t_run, name=name)
+        return results.write(writer, kind="train", train_seconds=time.perf_counter() - t_run,
+                             name=name)
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
 
 
-__all__ += ["Setup", "prepare", "make_optimizer", "make_schedule", "predict", "fit_fold",
+__all__ += ["Setup", "FoldResults", "prepare", "make_optimizer", "make_schedule", "predict", "fit_fold",
             "write_run", "save_weights"]
