@@ -100,6 +100,9 @@ def train(
     patience: Annotated[int, typer.Option(help="Early-stopping patience (epochs).")] = 6,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (1 is often "
+                                                "fastest for small heads on a busy machine).")]
+    = None,
     max_ram: Annotated[float, typer.Option(help="GB of cached tensors to hold in RAM; larger "
                                            "sets stream in block-shuffled order.")] = 8.0,
     class_weight: Annotated[bool, typer.Option("--class-weight", help="Balanced class "
@@ -144,7 +147,8 @@ def train(
     out = out or Path("runs") / Path(head.split(":")[-1]).stem.lower()
     common = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                   warmup=warmup, patience=patience, seed=seed, device=device, layers=layers,
-                  folds=folds, fold=fold, max_ram_gb=max_ram, class_weight=class_weight)
+                  folds=folds, fold=fold, max_ram_gb=max_ram, class_weight=class_weight,
+                  threads=threads)
     opts = parse_sets(set_)
     with _EpochProgress(quiet) as prog:
         if finetune:

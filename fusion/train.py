@@ -47,6 +47,7 @@ class TrainConfig:
     max_ram_gb: float | None = 8.0
     class_weight: bool = False
     grad_clip: float = 1.0
+    threads: int | None = None  # torch intra-op threads on CPU (None = torch's default)
     options: dict[str, Any] = field(default_factory=dict)  # head options (--set key=value)
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +167,11 @@ def prepare(store, head: Any, text: str | None, image: str | None, cfg: Any) -> 
             raise TrainError(f"--{key.replace('_', '-')} must be >= 1, got {val}")
     if not cfg.lr > 0:
         raise TrainError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise TrainError(f"--threads must be >= 1, got {cfg.threads}")
+        # small heads on a busy CPU: extra OpenMP threads spin and wait (measured 4-30x slower)
+        torch.set_num_threads(cfg.threads)
     if store.labels is None:
         raise TrainError(f"store {store.url!r} has no labels; extract with --label-col to train")
     head_cls = resolve_head(head)

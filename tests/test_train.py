@@ -237,3 +237,16 @@ def test_fast_macro_f1_equals_sklearn():
         y[-5:] = 0  # some classes may be absent from y or p: zero_division=0 semantics
         want = f1_score(y, p, labels=np.arange(k), average="macro", zero_division=0)
         assert fast_macro_f1(y, p, k) == pytest.approx(want, abs=1e-12)
+
+
+def test_threads_option_sets_torch_threads_and_rejects_zero(comp_store):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        fusion.train(comp_store, "text", fold=0, epochs=1, threads=1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(fusion.TrainError, match="--threads must be >= 1, got 0"):
+            fusion.train(comp_store, "text", fold=0, epochs=1, threads=0)
+    finally:
+        torch.set_num_threads(before)
