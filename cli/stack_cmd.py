@@ -25,6 +25,9 @@ def stack(
                                                      "parameter KEY=VALUE (repeatable).")]
     = None,
     seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (GBDT n_jobs, torch for "
+                                                "mlp); 1 is often fastest on a busy machine.")]
+    = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default "
                                              "runs/stack-<stacker>).")] = None,
     dask: Annotated[str | None, typer.Option(help="Dask scheduler address (tcp://host:8786): "
@@ -59,7 +62,16 @@ def stack(
         names = pooled or [f["name"] for f in first.config.get("features", {}).values() if f]
         pooled_arr = np.concatenate([s.features[n].pooled_all() for n in names], axis=1)
     out = out or Path("runs") / f"stack-{stacker}"
-    run = do_stack(runs, stacker=stacker, features=features, params=parse_params(params or []),
+    stacker_params = parse_params(params or [])
+    if threads is not None:
+        if threads < 1:
+            raise typer.BadParameter(f"--threads must be >= 1, got {threads}")
+        if stacker in ("lightgbm", "xgboost"):
+            stacker_params.setdefault("n_jobs", threads)
+        import torch
+
+        torch.set_num_threads(threads)
+    run = do_stack(runs, stacker=stacker, features=features, params=stacker_params,
                    seed=seed, out=out, dask=dask, pooled=pooled_arr,
                    progress=None if quiet else (lambda m: err_console.print(m)))
     m = run.metrics
