@@ -132,17 +132,9 @@ def export(
         console.print(f"wrote {out} ({Path(out).stat().st_size / 1e6:.1f} MB)")
 
 
-def _register_optional() -> None:
-    """Commands whose modules may not exist yet in a partial checkout."""
-    try:
-        from . import extract_cmd  # noqa: F401  (registers `extract` on app)
-    except ImportError as e:  # pragma: no cover - only while developing
-        if "extract_cmd" not in str(e):
-            raise
-
-
 def main() -> None:
-    _register_optional()
+    from . import extract_cmd  # noqa: F401  (registers `extract` on app; kept out of import time)
+
     run_app(app)
 
 

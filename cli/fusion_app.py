@@ -314,16 +314,9 @@ def check_head_cmd(
         raise typer.Exit(1)
 
 
-def _register_optional() -> None:
-    try:
-        from . import stack_cmd  # noqa: F401  (registers `stack`)
-    except ImportError as e:  # pragma: no cover
-        if "stack_cmd" not in str(e):
-            raise
-
-
 def main() -> None:
-    _register_optional()
+    from . import stack_cmd  # noqa: F401  (registers `stack` on app; kept out of import time)
+
     run_app(app)
 
 
