@@ -166,10 +166,7 @@ def put_exclusive(url: str, storage_options: dict | None, key: str, data: bytes)
     fs, root = filesystem(url, storage_options)
     if fs is None:
         path = os.path.join(root, key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.partial"
-        with open(tmp, "wb") as f:
-            f.write(data)
+        tmp = _write_temp(path, data)
         try:
             os.link(tmp, path)
         finally:
@@ -186,15 +183,20 @@ def put_exclusive(url: str, storage_options: dict | None, key: str, data: bytes)
     fs.invalidate_cache()
 
 
+def _write_temp(path: str, data: bytes) -> str:
+    """``data`` complete in a uniquely named sibling of ``path``; returns its name."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    return tmp
+
+
 def put(url: str, storage_options: dict | None, key: str, data: bytes) -> None:
     fs, root = filesystem(url, storage_options)
     if fs is None:
         path = os.path.join(root, key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.partial"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        os.replace(_write_temp(path, data), path)
         return
     fs.pipe_file(f"{root}/{key}", data)
     fs.invalidate_cache()

@@ -100,7 +100,8 @@ class BatchLoader:
                         else "image_regions" in self.fields)
             if not need_big:
                 fs._small_arr("done")  # pooled only: small, always in RAM
-                fs._ram.setdefault("pooled", fs.pooled_all())
+                if "pooled" not in fs._ram:  # read once per store object, not per loader/epoch
+                    fs._ram["pooled"] = fs.pooled_all()
                 continue
             if fs.load(budget):
                 if budget is not None:
