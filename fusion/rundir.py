@@ -25,6 +25,7 @@ import csv
 import json
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,12 @@ from typing import Any
 import numpy as np
 
 from .errors import RunDirError
+from .metrics import classification_metrics
 
-__all__ = ["Run", "load_run", "RunWriter"]
+__all__ = ["Run", "load_run", "RunWriter", "write_run", "PREDICTION_COLUMNS"]
+
+#: The columns of every run's predictions.csv (docs/runs.md).
+PREDICTION_COLUMNS = ("id", "split", "fold", "true", "predicted", "probability")
 
 
 @dataclass
@@ -132,7 +137,7 @@ class RunWriter:
         pred = probs.argmax(1)
         with self.file("predictions.csv").open("w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["id", "split", "fold", "true", "predicted", "probability"])
+            w.writerow(PREDICTION_COLUMNS)
             for i in range(len(ids)):
                 w.writerow([ids[i], splits[i], folds[i], true[i], classes[pred[i]],
                             f"{probs[i, pred[i]]:.6f}"])
@@ -158,6 +163,57 @@ class RunWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def write_run(out: str | os.PathLike | None, *, config: dict[str, Any],
+              metrics: dict[str, Any], oof: np.ndarray, oof_rows: np.ndarray,
+              holdout: np.ndarray, holdout_rows: np.ndarray, ids: Sequence[Any],
+              labels: np.ndarray, folds: np.ndarray, classes: list[Any],
+              extra_files: Callable[[RunWriter], None] | None = None) -> Run:
+    """Write a run directory: the one writer used by train, fine-tune, stack and the tests.
+
+    ``metrics`` holds what only the caller knows (``head``, ``kind``, timings, folds); the
+    writer adds the scores, computed here and only here (:mod:`fusion.metrics`): ``accuracy``,
+    ``macro_f1``, ``n`` and ``per_class_f1`` over the out-of-fold rows, and the same under
+    ``holdout`` (``None`` without holdout rows). ``ids``, ``labels`` (-1 = unlabelled) and
+    ``folds`` are indexed by store row. ``extra_files(writer)`` adds files (weights,
+    contributions) before ``DONE``. With ``out=None`` nothing is written and the run is returned
+    in memory.
+    """
+    clash = {"accuracy", "macro_f1", "per_class_f1", "holdout", "n"} & set(metrics)
+    if clash:
+        raise ValueError(f"write_run computes {sorted(clash)} itself; do not pass them")
+    labels = np.asarray(labels)
+    oof_rows = np.asarray(oof_rows, np.int64)
+    holdout_rows = np.asarray(holdout_rows, np.int64)
+    oof = np.ascontiguousarray(oof, np.float32)
+    holdout = np.ascontiguousarray(holdout, np.float32).reshape(len(holdout_rows), len(classes))
+    head = {key: metrics[key] for key in ("head", "kind") if key in metrics}
+    full = {**head, **classification_metrics(labels[oof_rows], oof, classes),
+            "holdout": (classification_metrics(labels[holdout_rows], holdout, classes)
+                        if len(holdout_rows) else None),
+            **{key: v for key, v in metrics.items() if key not in head}}
+    if out is None:
+        return Run(path=Path("."), config=config, metrics=full, oof=oof, oof_rows=oof_rows,
+                   holdout=holdout, holdout_rows=holdout_rows)
+    with RunWriter(out) as w:
+        w.write_json("config.json", config)
+        w.write_json("metrics.json", full)
+        w.write_array("oof", oof)
+        w.write_array("oof_rows", oof_rows)
+        w.write_array("holdout", holdout)
+        w.write_array("holdout_rows", holdout_rows)
+        rows = np.concatenate([oof_rows, holdout_rows])
+        w.write_predictions(
+            ids=[ids[r] for r in rows.tolist()],
+            splits=["oof"] * len(oof_rows) + ["holdout"] * len(holdout_rows),
+            folds=np.asarray(folds)[rows].astype(int).tolist(),
+            true=[classes[c] if c >= 0 else "" for c in labels[rows].tolist()],
+            probs=np.concatenate([oof, holdout]), classes=classes)
+        if extra_files is not None:
+            extra_files(w)
+        path = w.finish()
+    return load_run(path)
 
 
 def _json_default(o: Any) -> Any:

@@ -1,0 +1,65 @@
+"""The one definition of every classification metric the product reports.
+
+Macro-F1 is averaged over **all K classes of the store** (labels ``0..K-1``), with F1 = 0 for a
+class that is neither present nor predicted (scikit-learn's ``f1_score(y, p,
+labels=range(K), average="macro", zero_division=0)``). Heads, fine-tuned heads and stacks all
+report through :func:`classification_metrics`, so `fusion compare` ranks them on one metric.
+Rows whose label is negative (unlabelled items) are left out of every metric.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["confusion", "macro_f1", "per_class_f1", "classification_metrics"]
+
+
+def confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """(K, K) int64 counts: row = true class, column = predicted class."""
+    y = np.asarray(y, np.int64)
+    pred = np.asarray(pred, np.int64)
+    return np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+
+
+def _f1_from_confusion(cm: np.ndarray) -> np.ndarray:
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1)
+    return np.divide(2 * tp, denom, out=np.zeros(len(cm)), where=denom > 0)
+
+
+def per_class_f1(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """(K,) F1 per class; 0 for a class neither present nor predicted."""
+    return _f1_from_confusion(confusion(y, pred, k))
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
+    """Mean F1 over the K classes (see the module docstring). Cheap enough for every epoch."""
+    return float(per_class_f1(y, pred, k).mean())
+
+
+def classification_metrics(y: np.ndarray, probs: np.ndarray,
+                           classes: list[Any] | None = None) -> dict[str, Any]:
+    """``{"accuracy", "macro_f1", "n"}`` (+ ``"per_class_f1"``, a list aligned with ``classes``,
+    when ``classes`` is given) for probabilities ``probs`` (N, K) against labels ``y`` (N,).
+
+    Rows with ``y < 0`` are ignored; with no labelled row the metrics are ``None``.
+    """
+    y = np.asarray(y, np.int64)
+    k = probs.shape[1]
+    keep = y >= 0
+    if not keep.any():
+        out: dict[str, Any] = {"accuracy": None, "macro_f1": None, "n": 0}
+        if classes is not None:
+            out["per_class_f1"] = None
+        return out
+    y, pred = y[keep], np.asarray(probs)[keep].argmax(1)
+    per = per_class_f1(y, pred, k)
+    out = {"accuracy": float((pred == y).mean()), "macro_f1": float(per.mean()),
+           "n": int(keep.sum())}
+    if classes is not None:
+        if len(classes) != k:
+            raise ValueError(f"{len(classes)} class names for {k} probability columns")
+        out["per_class_f1"] = [float(v) for v in per]
+    return out
