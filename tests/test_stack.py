@@ -19,6 +19,7 @@ from fusion.stack import (
     stack,
     summarize_contributions,
 )
+from fusion.stackers import Stacker
 
 # The CI box has 2 cores shared with other jobs; at 600 rows a second GBDT thread only adds
 # contention (measured 5-10x slower under load), so the tests pin one thread. Every other
@@ -211,29 +212,88 @@ def test_refuses_pooled_features_without_the_pooled_array(sources, tmp_path):
 
 
 # -- cross-fitting ------------------------------------------------------------------------------
+# Leak-freedom is tested by behaviour, not by re-reading the bookkeeping the code writes from the
+# same variable it trains on: (1) a spy on Stacker.fit sees the rows every model really got, and
+# (2) relabelling one fold must leave that fold's stack predictions bit-identical (they come from
+# a model that never saw those rows, early-stopping split included) while moving the others'.
+SMALL = {
+    "lightgbm": {"n_jobs": 1, "n_estimators": 60},
+    "xgboost": {"n_jobs": 1, "n_estimators": 60},
+    "logreg": None,
+    "mlp": {"max_epochs": 20},
+}
+
+
 @pytest.mark.parametrize("name", ["lightgbm", "xgboost", "logreg", "mlp"])
-def test_no_item_is_scored_by_a_stacker_that_trained_on_its_fold(stacked, name):
-    run = stacked[name]
+def test_every_model_is_fit_on_the_rows_cv_indices_records_none_of_its_scored_fold(
+    sources, tmp_path, monkeypatch, name
+):
+    calls = []
+    fit = Stacker.fit
+
+    def spy(self, X, y, X_valid=None, y_valid=None, *, rounds=None):
+        calls.append((len(X), np.array(y), None if y_valid is None else np.array(y_valid)))
+        return fit(self, X, y, X_valid, y_valid, rounds=rounds)
+
+    monkeypatch.setattr(Stacker, "fit", spy)
+    run = stack(sources, stacker=name, params=SMALL[name], seed=0, out=tmp_path / "s")
+    labels = np.asarray(run.config["labels"])
     assignment = np.asarray(run.config["folds"]["assignment"])
     cv = dict(np.load(run.path / "cv_indices.npz"))
-    assert cv.keys() == run.extra["cv_indices"].keys()
+    assert len(calls) == 6  # 5 fold models + the refit
     scored_all = []
     for f in range(5):
-        fit, valid, scored = cv[f"fold{f}_fit"], cv[f"fold{f}_valid"], cv[f"fold{f}_scored"]
+        n_fit, y_fit, y_valid = calls[f]
+        fit_rows, valid, scored = cv[f"fold{f}_fit"], cv[f"fold{f}_valid"], cv[f"fold{f}_scored"]
+        # what the model got is what cv_indices.npz says it got ...
+        assert n_fit == len(fit_rows)
+        np.testing.assert_array_equal(y_fit, labels[fit_rows])
+        if y_valid is not None:
+            np.testing.assert_array_equal(y_valid, labels[valid])
+        # ... and none of it is from the fold it scored or from the holdout
         assert len(scored) > 0 and np.all(assignment[scored] == f)
-        assert np.all(assignment[fit] >= 0) and not np.any(assignment[fit] == f)
-        assert not np.any(assignment[valid] == f) and np.all(assignment[valid] >= 0)
-        assert len(np.intersect1d(fit, valid)) == 0
+        assert np.all(assignment[fit_rows] >= 0) and not np.any(assignment[fit_rows] == f)
+        assert np.all(assignment[valid] >= 0) and not np.any(assignment[valid] == f)
+        assert len(np.intersect1d(fit_rows, valid)) == 0
         if name in ("lightgbm", "xgboost", "mlp"):  # early stopping on 10 % of training rows
-            assert 0.08 <= len(valid) / (len(fit) + len(valid)) <= 0.15
+            assert y_valid is not None and 0.08 <= len(valid) / (n_fit + len(valid)) <= 0.15
         else:
-            assert len(valid) == 0
+            assert y_valid is None and len(valid) == 0
         scored_all.append(scored)
     np.testing.assert_array_equal(
         np.sort(np.concatenate(scored_all)), np.flatnonzero(assignment >= 0)
     )
+    n_refit, y_refit, _ = calls[5]
+    np.testing.assert_array_equal(cv["refit_fit"], np.flatnonzero(assignment >= 0))
+    np.testing.assert_array_equal(y_refit, labels[cv["refit_fit"]])
     np.testing.assert_array_equal(cv["refit_scored"], np.flatnonzero(assignment == -1))
-    assert len(np.intersect1d(cv["refit_fit"], cv["refit_scored"])) == 0
+    assert cv.keys() == run.extra["cv_indices"].keys()
+
+
+@pytest.mark.parametrize("name", ["lightgbm", "xgboost", "logreg", "mlp"])
+def test_relabelling_one_fold_changes_no_stack_prediction_of_that_fold(
+    stacked, sources, tmp_path, name
+):
+    base = stacked[name]
+    labels = np.asarray(base.config["labels"])
+    assignment = np.asarray(base.config["folds"]["assignment"])
+    k = len(base.classes)
+    f = 2
+    relabelled = labels.copy()
+    rows = np.flatnonzero(assignment == f)
+    relabelled[rows] = (labels[rows] + 1) % k  # every row of fold 2 now has a wrong label
+    moved = [
+        _rewrite(p, tmp_path / "relabelled" / p.name, config={"labels": relabelled.tolist()})
+        for p in sources
+    ]
+    again = stack(moved, stacker=name, params=ONE_THREAD[name], seed=0, out=tmp_path / "s")
+    fold_of = assignment[base.oof_rows]
+    np.testing.assert_array_equal(again.oof_rows, base.oof_rows)
+    # fold 2 was scored by a model that never saw fold 2's labels: bit-identical predictions
+    np.testing.assert_array_equal(again.oof[fold_of == f], base.oof[fold_of == f])
+    # every other fold model trained on the new labels: the relabelling did reach the stacker
+    for g in set(range(5)) - {f}:
+        assert not np.array_equal(again.oof[fold_of == g], base.oof[fold_of == g]), g
 
 
 def test_oof_rows_come_from_the_model_that_excluded_their_fold(stacked, sources):
