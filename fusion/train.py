@@ -445,12 +445,21 @@ def train(store, head: Any = "concat", *, text: str | None = None, image: str | 
     folds and write a run directory. ``overrides`` are TrainConfig fields; other keys are head
     options.
     """
-    from .heads import create_head
 
     cfg = config or TrainConfig()
     fields_ = {k: v for k, v in overrides.items() if k in TrainConfig.__dataclass_fields__}
     opts = {k: v for k, v in overrides.items() if k not in TrainConfig.__dataclass_fields__}
     cfg = replace(cfg, **fields_, options={**cfg.options, **opts})
+    threads_before = torch.get_num_threads()
+    try:
+        return _train(store, head, text, image, out, cfg, progress, name)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(store, head, text, image, out, cfg, progress, name) -> Run:
+    from .heads import create_head
+
     s = prepare(store, head, text, image, cfg)
     max_ram = None if cfg.max_ram_gb is None else cfg.max_ram_gb * 1e9
 

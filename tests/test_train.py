@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 import embedstore as es
 import fusion
 from cli.fusion_app import app
+from fusion.rundir import write_run
 
 from .conftest import fill_text, make_complementary_store
 
@@ -110,17 +111,38 @@ def test_compare_ranks_runs_best_first(runs):
     assert rows[-1]["head"] in ("text", "image")
 
 
-def test_report_complementarity_and_plots(runs, tmp_path):
-    res = runner.invoke(app, ["report", str(runs["hanet"].path), "--text-run",
-                              str(runs["text"].path), "--image-run", str(runs["image"].path),
-                              "--out", str(tmp_path), "--json"])
+def _fixed_run(path: Path, head: str, right: set[int]) -> fusion.Run:
+    """A run over 10 labelled rows (0-5 out-of-fold, 6-9 holdout) that is right exactly on the
+    rows in ``right``."""
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    pred = np.array([c if r in right else (c + 1) % 3 for r, c in enumerate(y)])
+    probs = np.eye(3, dtype=np.float32)[pred] * 0.8 + 0.2 / 3
+    folds = np.array([0, 1, 0, 1, 0, 1, -1, -1, -1, -1])
+    classes = ["a", "b", "c"]
+    config = {"kind": "train", "head": head, "classes": classes, "labels": y.tolist(),
+              "store": {"url": "mem", "fingerprint": "fp", "folds_fingerprint": "ff"}}
+    return write_run(path, config=config, metrics={"head": head, "kind": "train"},
+                     oof=probs[:6], oof_rows=np.arange(6), holdout=probs[6:],
+                     holdout_rows=np.arange(6, 10), ids=[f"p{i}" for i in range(10)],
+                     labels=y, folds=folds, classes=classes)
+
+
+def test_report_complementarity_counts_and_plots(tmp_path):
+    text = _fixed_run(tmp_path / "text", "text", {0, 1, 2, 6, 7})
+    image = _fixed_run(tmp_path / "image", "image", {1, 2, 3, 4, 7, 8, 9})
+    res = runner.invoke(app, ["report", str(text.path), "--text-run", str(text.path),
+                              "--image-run", str(image.path), "--out", str(tmp_path / "png"),
+                              "--json"])
     assert res.exit_code == 0, res.output
-    data = json.loads(res.output)
-    c = data["complementarity"]["holdout"]
-    assert c["both_right"] + c["only_text_right"] + c["only_image_right"] + c["both_wrong"] == c["n"]
-    assert c["oracle_accuracy"] >= max(c["text_accuracy"], c["image_accuracy"])
-    assert (tmp_path / "confusion.png").stat().st_size > 1000
-    assert (tmp_path / "per_class_f1.png").exists()
+    c = json.loads(res.output)["complementarity"]
+    assert c["holdout"] == {"split": "holdout", "n": 4, "both_right": 1, "only_text_right": 1,
+                            "only_image_right": 2, "both_wrong": 0, "oracle_accuracy": 1.0,
+                            "text_accuracy": 0.5, "image_accuracy": 0.75}
+    assert (c["oof"]["n"], c["oof"]["both_right"], c["oof"]["only_text_right"],
+            c["oof"]["only_image_right"], c["oof"]["both_wrong"]) == (6, 2, 1, 2, 1)
+    assert c["oof"]["oracle_accuracy"] == pytest.approx(5 / 6)
+    assert (tmp_path / "png" / "confusion.png").stat().st_size > 1000
+    assert (tmp_path / "png" / "per_class_f1.png").exists()
 
 
 # -- user heads --------------------------------------------------------------------------------
@@ -239,14 +261,38 @@ def test_fast_macro_f1_equals_sklearn():
         assert fast_macro_f1(y, p, k) == pytest.approx(want, abs=1e-12)
 
 
-def test_threads_option_sets_torch_threads_and_rejects_zero(comp_store):
+def test_threads_option_sets_torch_threads_during_the_run_and_rejects_zero(comp_store):
     import torch
 
-    before = torch.get_num_threads()
-    try:
-        fusion.train(comp_store, "text", fold=0, epochs=1, threads=1)
-        assert torch.get_num_threads() == 1
-        with pytest.raises(fusion.TrainError, match="--threads must be >= 1, got 0"):
-            fusion.train(comp_store, "text", fold=0, epochs=1, threads=0)
-    finally:
-        torch.set_num_threads(before)
+    before = torch.get_num_threads()  # 1: the session fixture
+    seen: list[int] = []
+    fusion.train(comp_store, "text", fold=0, epochs=2, threads=before + 2,
+                 progress=lambda ev: seen.append(torch.get_num_threads()))
+    assert seen and set(seen) == {before + 2}  # every epoch ran with the asked thread count
+    assert torch.get_num_threads() == before  # and the process setting is given back
+    with pytest.raises(fusion.TrainError, match="--threads must be >= 1, got 0"):
+        fusion.train(comp_store, "text", fold=0, epochs=1, threads=0)
+
+
+# -- leakage -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def noise_store(tmp_path_factory):
+    """Random 256-d pooled vectors and labels drawn independently of them: there is nothing to
+    learn and everything to memorise, so a model scores above chance only on rows it saw."""
+    n, k = 300, 3
+    rng = np.random.default_rng(0)
+    labels = [f"c{c}" for c in rng.integers(0, k, n)]
+    s = es.create_store(tmp_path_factory.mktemp("noise") / "n.zarr", [f"i{i}" for i in range(n)],
+                        labels, folds=3, holdout=0.2)
+    fill_text(s, "t", np.ones(n, int), layers=(1,), dim=256, block_rows=128)
+    return s
+
+
+def test_out_of_fold_rows_are_scored_by_a_model_that_never_trained_on_them(noise_store):
+    run = fusion.train(noise_store, "text", epochs=15, batch_size=32, lr=3e-3, patience=15,
+                       hidden=256, dropout=0.0)
+    chance = 1 / 3
+    # a fold model that also fits the rows it predicts memorises them (accuracy near 1)
+    assert run.metrics["accuracy"] < chance + 0.15, run.metrics["accuracy"]
+    assert run.metrics["holdout"]["accuracy"] < chance + 0.15
