@@ -16,8 +16,10 @@ from cli.embedstore_app import app as es_app
 from cli.fusion_app import app as fusion_app
 from embedstore.extract import ExtractConfig, extract
 from embedstore.provenance import ProvenanceError, encoder_from_feature
+from fusion.data import prepare
 from fusion.finetune import FinetuneConfig, build_live_model, finetune, layer_groups
-from fusion.train import make_optimizer, prepare
+from fusion.live import Collate, RawRows
+from fusion.loop import make_optimizer
 
 from .conftest import minilm_spec, write_tiny_catalog
 
@@ -50,16 +52,14 @@ def _setup(tiny, **kw):
 def test_step0_live_encoders_equal_cached_tensors(tiny, modality):
     s, _, model = _setup(tiny)
     model.eval()
-    from fusion.finetune import _Collate, _Rows
-
-    te, ie = model._enc["text"], model._enc["image"]
+    te, ie = model.encoders["text"], model.encoders["image"]
     cats = {"text": [t for t in _texts(tiny)], "image": None}
     rows = np.array([0, 5, 11, 17])
     from embedstore.provenance import catalog_from_feature
 
     icat = catalog_from_feature(s.ifs, s.store)
-    ds = _Rows(cats["text"], icat.images, ie.load_image, ie.input_shape)
-    raw = _Collate(te.tokenize, s.labels)([ds[int(r)] for r in rows])
+    ds = RawRows(cats["text"], icat.images, ie.load_image, ie.input_shape)
+    raw = Collate(te.tokenize, s.labels)([ds[int(r)] for r in rows])
     with torch.no_grad():
         b = model.features(raw)
     if modality == "text":
@@ -112,15 +112,13 @@ def test_freezing_leaves_frozen_weights_bit_identical_after_a_step(tiny):
     before_f = [p.detach().clone() for p in frozen]
     before_l = [p.detach().clone() for p in live]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    from fusion.finetune import _Collate, _Rows
-
-    te, ie = model._enc["text"], model._enc["image"]
+    te, ie = model.encoders["text"], model.encoders["image"]
     from embedstore.provenance import catalog_from_feature
 
     s = tiny["store"]
     icat = catalog_from_feature(s.features[IMAGE], s)
-    ds = _Rows(_texts(tiny), icat.images, ie.load_image, ie.input_shape)
-    raw = _Collate(te.tokenize, s.labels.astype(np.int64))([ds[r] for r in range(8)])
+    ds = RawRows(_texts(tiny), icat.images, ie.load_image, ie.input_shape)
+    raw = Collate(te.tokenize, s.labels.astype(np.int64))([ds[r] for r in range(8)])
     model.train()
     logits = model(raw)
     model.loss(raw, logits).backward()

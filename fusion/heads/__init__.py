@@ -18,7 +18,14 @@ from fusion.heads.layers import (
     masked_mean,
     masked_softmax,
 )
-from fusion.heads.registry import create_head, head_options, list_heads, register_head, resolve_head
+from fusion.heads.registry import (
+    create_head,
+    head_options,
+    list_heads,
+    register_head,
+    resolve_head,
+    spec_of,
+)
 from fusion.heads.shallow import AddHead, ConcatHead
 from fusion.heads.unimodal import ImageHead, TextHead
 
@@ -46,4 +53,5 @@ __all__ = [
     "masked_softmax",
     "register_head",
     "resolve_head",
+    "spec_of",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -11,12 +12,30 @@ from torch import Tensor, nn
 from fusion.batch import Batch
 from fusion.errors import HeadError
 
-__all__ = ["BATCH_FIELDS", "MODALITIES", "FusionHead"]
+__all__ = ["BATCH_FIELDS", "CORE_ARGS", "MODALITIES", "FusionHead", "head_signature",
+           "options_of"]
 
 BATCH_FIELDS = frozenset(
     {"text_tokens", "text_mask", "text_pooled", "image_regions", "image_pooled"}
 )
 MODALITIES = ("text", "image")
+CORE_ARGS = ("text_dim", "image_dim", "num_classes", "text_layers")  # every head takes these
+
+
+def head_signature(obj: Any) -> inspect.Signature:
+    """The signature a head class (its ``__init__``) or factory is called with."""
+    return inspect.signature(obj.__init__ if isinstance(obj, type) else obj)
+
+
+def options_of(obj: Any) -> dict[str, Any]:
+    """Option -> default of a head class or factory: its keyword arguments beyond
+    :data:`CORE_ARGS` (``inspect.Parameter.empty`` for an option without a default)."""
+    return {
+        p.name: p.default
+        for p in head_signature(obj).parameters.values()
+        if p.name not in (*CORE_ARGS, "self")
+        and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
 
 
 class FusionHead(nn.Module):
@@ -47,11 +66,9 @@ class FusionHead(nn.Module):
     ) -> None:
         super().__init__()
         if options:
-            from fusion.heads.registry import head_options  # registry imports this module
-
             raise HeadError(
                 f"unknown option {sorted(options)[0]!r} for head '{self.label}'; accepted "
-                f"options: {', '.join(head_options(type(self))) or '(none)'}"
+                f"options: {', '.join(options_of(type(self))) or '(none)'}"
             )
         check_int(self.label, text_dim=text_dim, image_dim=image_dim, text_layers=text_layers)
         check_int(self.label, 2, num_classes=num_classes)

@@ -1,7 +1,9 @@
 """Head registry: ``@register_head``, ``create_head``, ``list_heads``, ``resolve_head``.
 
-A head is found by registry name ("hanet"), by a Python file ("my_heads.py:MyHead"), by a module
-("my_pkg.heads:MyHead"), or from the ``fusion.heads`` entry-point group of installed packages::
+Names live in one :class:`embedstore.registry.Registry` (the implementation encoders and
+stackers use too). A head is found by registry name ("hanet"), by a Python file
+("my_heads.py:MyHead"), by a module ("my_pkg.heads:MyHead"), or from the ``fusion.heads``
+entry-point group of installed packages::
 
     [project.entry-points."fusion.heads"]
     my-head = "my_pkg.heads:MyHead"
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.metadata
 import importlib.util
 import inspect
 import re
@@ -20,63 +21,47 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from embedstore.registry import Registry
 from fusion.errors import HeadError
-from fusion.heads.base import FusionHead
+from fusion.heads.base import FusionHead, head_signature, options_of
 
-__all__ = ["create_head", "head_options", "list_heads", "register_head", "resolve_head", "spec_of"]
+__all__ = ["HEADS", "create_head", "head_options", "list_heads", "register_head", "resolve_head",
+           "spec_of"]
 
 ENTRY_POINT_GROUP = "fusion.heads"
-_CORE_ARGS = ("text_dim", "image_dim", "num_classes", "text_layers")
-_NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
 
-_REGISTRY: dict[str, type[FusionHead]] = {}
+HEADS: Registry[Any] = Registry(
+    "head",
+    error=HeadError,
+    entry_point_group=ENTRY_POINT_GROUP,
+    normalize=lambda name: name.strip().lower().replace("_", "-"),
+    name_pattern=re.compile(r"^[a-z][a-z0-9-]*$"),
+    hint="A head of your own can be given as 'path/to/file.py:ClassName' or "
+    "'package.module:ClassName'",
+)
 _FILE_CACHE: dict[tuple[str, float], Any] = {}  # (resolved path, mtime) -> module
 _SPECS: dict[Any, str] = {}  # object loaded by spec -> the spec, to write into run configs
 
 
-def _normalise(name: str) -> str:
-    return name.strip().lower().replace("_", "-")
-
-
 def register_head(name: str) -> Callable[[type[FusionHead]], type[FusionHead]]:
     """Class decorator: make ``cls`` available to ``create_head(name)`` and ``fusion heads``."""
-    key = _normalise(name)
-    if not _NAME_RE.match(key):
-        raise HeadError(
-            f"head name {name!r} is not valid; use lowercase letters, digits and '-', "
-            "starting with a letter"
-        )
+    add = HEADS.register(name)  # refuses a malformed name now
 
     def decorator(cls: type[FusionHead]) -> type[FusionHead]:
         if not (isinstance(cls, type) and issubclass(cls, FusionHead)):
             raise HeadError(
                 f"@register_head({name!r}) decorates {cls!r}, not a FusionHead subclass"
             )
-        old = _REGISTRY.get(key)
-        if old is not None and (old.__module__, old.__qualname__) != (
-            cls.__module__,
-            cls.__qualname__,
-        ):
-            raise HeadError(
-                f"head name '{key}' is already registered by {old.__module__}:{old.__qualname__}; "
-                "register yours under another name"
-            )
-        cls.name = key
-        _REGISTRY[key] = cls
+        add(cls)
+        cls.name = HEADS.normalize(name)
         return cls
 
     return decorator
 
 
-def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
-    return {
-        _normalise(ep.name): ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    }
-
-
 def list_heads() -> list[str]:
     """Registered head names plus those advertised by installed packages, sorted."""
-    return sorted(set(_REGISTRY) | set(_entry_points()))
+    return HEADS.names()
 
 
 def _load_file(path_text: str) -> Any:
@@ -144,22 +129,7 @@ def resolve_head(spec: str | type[FusionHead] | Callable[..., FusionHead]) -> An
     elif ":" in spec:
         obj = _load_object(spec)
     else:
-        key = _normalise(spec)
-        if key in _REGISTRY:
-            return _REGISTRY[key]
-        eps = _entry_points()
-        if key not in eps:
-            raise HeadError(
-                f"unknown head {spec!r}; available: {', '.join(list_heads())}. A head of your own "
-                "can be given as 'path/to/file.py:ClassName' or 'package.module:ClassName'"
-            )
-        try:
-            obj = eps[key].load()
-        except Exception as exc:
-            raise HeadError(
-                f"loading head {spec!r} from entry point {eps[key].value!r} failed: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        obj = HEADS.get(spec)
     if isinstance(obj, FusionHead):
         raise HeadError(f"got a built head ({type(obj).__name__}); pass its class or a name")
     if isinstance(obj, type) and not issubclass(obj, FusionHead):
@@ -176,28 +146,18 @@ def resolve_head(spec: str | type[FusionHead] | Callable[..., FusionHead]) -> An
     return obj
 
 
-def _signature(obj: Any) -> inspect.Signature:
-    return inspect.signature(obj.__init__ if isinstance(obj, type) else obj)
-
-
 def head_options(name: str | type[FusionHead] | Callable[..., FusionHead]) -> dict[str, Any]:
     """Option -> default for a head (the keyword arguments beyond the four core ones).
 
     Options without a default map to ``inspect.Parameter.empty``.
     """
-    sig = _signature(resolve_head(name))
-    return {
-        p.name: p.default
-        for p in sig.parameters.values()
-        if p.name not in (*_CORE_ARGS, "self")
-        and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    }
+    return options_of(resolve_head(name))
 
 
 def spec_of(obj: Any) -> str:
     """The string that resolves back to ``obj`` (registry name, spec used, or module:qualname)."""
     name = getattr(obj, "name", "")
-    if isinstance(obj, type) and name and _REGISTRY.get(name) is obj:
+    if isinstance(obj, type) and name and HEADS.registered(name) is obj:
         return name
     try:
         if obj in _SPECS:
@@ -224,7 +184,7 @@ def create_head(
     """
     obj = resolve_head(name_or_class_or_factory)
     label = spec_of(obj)
-    sig = _signature(obj)
+    sig = head_signature(obj)
     accepted = head_options(obj)
     takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     unknown = [k for k in options if k not in accepted]

@@ -1,0 +1,161 @@
+"""What a training run reads, checked before any work: labels, folds, feature sets, head options.
+
+:func:`prepare` is the first step of both `fusion train` and `fusion train --finetune`: every
+check that can fail runs here, so a bad input never leaves a half-trained run behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from embedstore import Store, open_store
+from embedstore.loader import resolve_layers
+
+from .batch import Batch
+from .config import TrainConfig
+from .device import resolve_device
+from .errors import TrainError
+from .heads import create_head, resolve_head, spec_of
+
+__all__ = ["Setup", "prepare", "pick_features", "cached_batches", "class_weights"]
+
+
+@dataclass
+class Setup:
+    """A checked run: the store, the head spec and dims, the feature sets and the folds."""
+
+    store: Store
+    head: Any  # what resolve_head accepts
+    head_spec: str
+    cfg: TrainConfig
+    tfs: Any  # text FeatureSet or None
+    ifs: Any  # image FeatureSet or None
+    labels: np.ndarray  # (N,) int64
+    classes: list[Any]
+    folds: np.ndarray  # (N,) int8, -1 = holdout
+    fold_ids: list[int]
+    dims: dict[str, int]
+    needs: frozenset[str]
+    layer_sel: Any
+    device: torch.device
+    probe: torch.nn.Module  # a head built from the options (validated, counts parameters)
+
+    @property
+    def hold_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.folds == -1)
+
+    def fold_rows(self, f: int) -> tuple[np.ndarray, np.ndarray]:
+        """(train rows, validation rows) of fold ``f``: disjoint by construction."""
+        return np.flatnonzero((self.folds >= 0) & (self.folds != f)), np.flatnonzero(
+            self.folds == f)
+
+
+def pick_features(store, text: str | None, image: str | None,
+                  modalities: Iterable[str]) -> tuple[str | None, str | None]:
+    """Resolve feature-set names: explicit, or the store's only one of that modality."""
+    modalities = tuple(modalities)
+    chosen = {"text": text, "image": image}
+    for mod in ("text", "image"):
+        if mod not in modalities:
+            chosen[mod] = None
+            continue
+        if chosen[mod] is None:
+            cands = [n for n in store.features if store.features[n].modality == mod]
+            if not cands:
+                raise TrainError(f"the head needs a {mod} feature set but store {store.url!r} "
+                                 f"has none; extract one with `embedstore extract ... --{mod} "
+                                 "SPEC`")
+            if len(cands) > 1:
+                raise TrainError(f"store {store.url!r} has several {mod} feature sets {cands}; "
+                                 f"pass --{mod} NAME")
+            chosen[mod] = cands[0]
+        if chosen[mod] not in store.features:
+            raise TrainError(f"--{mod} {chosen[mod]!r} is not a feature set of store "
+                             f"{store.url!r}; it has {sorted(store.features)}")
+        fs = store.features[chosen[mod]]
+        if fs.modality != mod:
+            raise TrainError(f"--{mod} {chosen[mod]!r} is a {fs.modality} feature set")
+        fs.require_complete()
+        if fs.n_items != store.n_items:
+            raise TrainError(f"feature set {fs.name!r} has {fs.n_items} rows but the store has "
+                             f"{store.n_items} ids; re-extract it")
+    return chosen["text"], chosen["image"]
+
+
+def _check_classes(labels: np.ndarray, folds: np.ndarray, classes: list[Any], k: int) -> None:
+    """A class with 1..k-1 trainable items cannot be in every fold. A class with none (declared
+    but absent, or only in the holdout) is allowed: it scores F1 0, as the metrics define."""
+    counts = np.bincount(labels[folds >= 0], minlength=len(classes))
+    few = [(classes[c], int(counts[c])) for c in range(len(classes)) if 0 < counts[c] < k]
+    if few:
+        raise TrainError(f"class {few[0][0]!r} has {few[0][1]} trainable items, fewer than the "
+                         f"{k} folds ({len(few)} such classes); merge or drop rare classes, or "
+                         "re-create the store with fewer --folds")
+
+
+def prepare(store, head: Any, text: str | None, image: str | None, cfg: TrainConfig) -> Setup:
+    """Every check that can fail, before any work: config, labels, feature sets, folds, head
+    options."""
+    cfg.check()
+    if not isinstance(store, Store):
+        store = open_store(store)
+    if store.labels is None:
+        raise TrainError(f"store {store.url!r} has no labels; extract with --label-col to train")
+    head_cls = resolve_head(head)
+    text, image = pick_features(store, text, image,
+                                getattr(head_cls, "modalities", ("text", "image")))
+    tfs = store.features[text] if text else None
+    ifs = store.features[image] if image else None
+    labels = store.labels.astype(np.int64)
+    classes = store.classes
+    folds = store.folds
+    k = store.fold_info["k"]
+    fold_ids = list(range(k)) if cfg.folds is None else list(range(min(cfg.folds, k)))
+    if cfg.fold is not None:
+        if not 0 <= cfg.fold < k:
+            raise TrainError(f"--fold {cfg.fold} is outside the store's folds 0..{k - 1}")
+        fold_ids = [cfg.fold]
+    _check_classes(labels, folds, classes, k)
+    layer_sel = cfg.layers if tfs is not None else None
+    text_layers = len(resolve_layers(tfs.layers, layer_sel)) if tfs is not None else 1
+    dims = dict(text_dim=tfs.dim if tfs else 1, image_dim=ifs.dim if ifs else 1,
+                num_classes=len(classes), text_layers=text_layers)
+    probe = create_head(head, **dims, **cfg.options)  # validates options before any work
+    needs = frozenset(getattr(probe, "needs", ()))
+    for mod, fs in (("text", tfs), ("image", ifs)):
+        if fs is not None and f"{mod}_pooled" in needs and fs.pooled_dim != fs.dim:
+            raise TrainError(
+                f"feature set {fs.name!r} has pooled vectors of width {fs.pooled_dim} (a projected "
+                f"embedding) but {mod} tokens of width {fs.dim}; this head reads {mod}_pooled: "
+                "pool the tokens instead with --set pool=mean (or pool=attention)")
+    return Setup(store=store, head=head, head_spec=spec_of(head_cls), cfg=cfg, tfs=tfs, ifs=ifs,
+                 labels=labels, classes=classes, folds=folds, fold_ids=fold_ids, dims=dims,
+                 needs=needs, layer_sel=layer_sel, device=resolve_device(cfg.device),
+                 probe=probe)
+
+
+def cached_batches(s: Setup, rows: np.ndarray, *, shuffle: bool = False, seed: int = 0,
+                   epoch: int = 0) -> Iterator[Batch]:
+    """Padded batches of the cached tensors of ``rows`` (only the fields the head reads)."""
+    cfg = s.cfg
+    ld = s.store.loader(rows, text=s.tfs.name if s.tfs else None,
+                        image=s.ifs.name if s.ifs else None, batch_size=cfg.batch_size,
+                        shuffle=shuffle, seed=seed, layers=s.layer_sel, fields=s.needs,
+                        max_ram=None if cfg.max_ram_gb is None else cfg.max_ram_gb * 1e9)
+    ld.set_epoch(epoch)
+    for d in ld:
+        yield Batch(**d)
+
+
+def class_weights(s: Setup) -> torch.Tensor | None:
+    """Balanced class weights over the trainable rows with ``class_weight``, else None."""
+    if not s.cfg.class_weight:
+        return None
+    counts = np.bincount(s.labels[s.folds >= 0], minlength=len(s.classes))
+    return torch.tensor(len(s.labels) / (len(s.classes) * np.maximum(counts, 1)),
+                        dtype=torch.float32, device=s.device)

@@ -1,0 +1,229 @@
+"""Live encoders for fine-tuning: the model (encoders + head) and the raw-catalog batches.
+
+Encoders are rebuilt from the feature sets' provenance (same spec, weights, layers and
+preprocessing), so at step 0 :meth:`LiveModel.features` equals the cached tensors within fp16
+storage rounding. :func:`build_live_model` unfreezes them (minus the lowest ``freeze_layers``
+layer groups) and turns on gradient checkpointing where the backbone offers it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from embedstore.loader import resolve_layers
+from embedstore.provenance import encoder_from_feature, weights_mismatch
+
+from .batch import Batch
+from .config import FinetuneConfig
+from .data import Setup
+from .errors import TrainError
+
+__all__ = ["RawBatch", "LiveModel", "layer_groups", "freeze_lowest", "enable_checkpointing",
+           "build_live_model", "RawRows", "Collate", "bucketed", "RawBatches"]
+
+
+@dataclass
+class RawBatch:
+    """Inputs for live encoders: tokenised text and preprocessed pixels."""
+
+    rows: torch.Tensor  # (B,)
+    labels: torch.Tensor | None  # (B,)
+    text: dict[str, torch.Tensor] | None  # tokenizer output (B, T)
+    images: torch.Tensor | None  # (B, 3, H, W)
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.shape[0])
+
+    def to(self, device) -> RawBatch:  # encoders move their own inputs
+        return replace(self, labels=None if self.labels is None else self.labels.to(device))
+
+
+class LiveModel(nn.Module):
+    """Encoders + head: RawBatch -> Batch (same fields as the cache) -> logits."""
+
+    def __init__(self, head: nn.Module, text_enc=None, image_enc=None,
+                 layer_pos: list[int] | None = None):
+        super().__init__()
+        self.head = head
+        self.text_model = text_enc.torch_module if text_enc is not None else None
+        self.image_model = image_enc.torch_module if image_enc is not None else None
+        self.encoders = {"text": text_enc, "image": image_enc}
+        self.layer_pos = layer_pos
+        self._last: Batch | None = None
+
+    def features(self, raw: RawBatch) -> Batch:
+        kw: dict[str, Any] = {"rows": raw.rows, "labels": raw.labels}
+        te, ie = self.encoders["text"], self.encoders["image"]
+        if te is not None:
+            out = te.encode(raw.text)
+            tok = out["tokens"].float()  # (B, T, L, D)
+            if self.layer_pos is not None:
+                tok = tok[:, :, self.layer_pos]
+            kw.update(text_tokens=tok, text_mask=out["mask"], text_pooled=out["pooled"].float())
+        if ie is not None:
+            out = ie.encode(raw.images)
+            kw.update(image_regions=out["regions"].float(), image_pooled=out["pooled"].float(),
+                      image_prefix=ie.prefix_tokens)
+        return Batch(**kw)
+
+    def forward(self, raw: RawBatch) -> torch.Tensor:
+        self._last = self.features(raw)
+        return self.head(self._last)
+
+    def loss(self, raw: RawBatch, logits: torch.Tensor, class_weight=None) -> torch.Tensor:
+        return self.head.loss(self._last, logits, class_weight)
+
+    def train(self, mode: bool = True) -> LiveModel:
+        super().train(mode)
+        for enc in self.encoders.values():
+            if enc is not None:
+                enc.trainable = mode or enc.trainable
+        return self
+
+
+def layer_groups(module: nn.Module) -> list[list[nn.Parameter]]:
+    """Encoder parameters bottom-up: [everything before the first block (embeddings / stem),
+    block 0, block 1, ...]; matches hidden-state numbering (0 = embeddings)."""
+    blocks = None
+    for name, m in module.named_modules():
+        if isinstance(m, nn.ModuleList | nn.Sequential) and len(m) > 1 and name.split(".")[-1] in (
+                "layer", "layers", "blocks", "resblocks", "h"):
+            blocks = (name, m)
+            break
+    if blocks is None:
+        return [list(module.parameters())]
+    prefix = blocks[0] + "."
+    block_ids = {id(p) for p in blocks[1].parameters()}
+    before: list[nn.Parameter] = []
+    for n, p in module.named_parameters():
+        if n.startswith(prefix):
+            break
+        if id(p) not in block_ids:
+            before.append(p)
+    return [before] + [list(b.parameters()) for b in blocks[1]]
+
+
+def freeze_lowest(module: nn.Module, n: int) -> int:
+    """Freeze the lowest ``n`` layer groups (see :func:`layer_groups`); returns how many
+    parameters were frozen."""
+    count = 0
+    for group in layer_groups(module)[:n]:
+        for p in group:
+            p.requires_grad_(False)
+            count += p.numel()
+    return count
+
+
+def enable_checkpointing(module: nn.Module) -> bool:
+    for attr, args in (("gradient_checkpointing_enable", ()), ("set_grad_checkpointing", (True,))):
+        fn = getattr(module, attr, None)
+        if callable(fn):
+            try:
+                fn(*args)
+                return True
+            except (ValueError, NotImplementedError, AssertionError):
+                return False
+    return False
+
+
+def build_live_model(setup: Setup, cfg: FinetuneConfig, head: nn.Module) -> LiveModel:
+    """Encoders from provenance, unfrozen (minus the lowest ``freeze_layers``), around ``head``."""
+    encs: dict[str, Any] = {}
+    for mod, fs, spec in (("text", setup.tfs, cfg.text_spec), ("image", setup.ifs,
+                                                               cfg.image_spec)):
+        if fs is None:
+            continue
+        enc = encoder_from_feature(fs, device=str(setup.device), precision=cfg.precision,
+                                   spec=spec, flag=f"--{mod}-spec")
+        wm = weights_mismatch(fs, enc)
+        if wm:
+            raise TrainError(f"{wm}; fine-tuning must start from the cached encoder: point "
+                             f"--{mod}-spec at the original weights")
+        m = enc.torch_module
+        m.requires_grad_(True)
+        if cfg.freeze_layers:
+            freeze_lowest(m, cfg.freeze_layers)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(m)
+        enc.trainable = True
+        encs[mod] = enc
+    pos = resolve_layers(setup.tfs.layers, setup.layer_sel) if setup.tfs is not None else None
+    return LiveModel(head, encs.get("text"), encs.get("image"), pos)
+
+
+class RawRows(torch.utils.data.Dataset):
+    """Store row -> (row, text, preprocessed image) from the raw catalog."""
+
+    def __init__(self, texts, images, load_image, shape):
+        self.texts, self.images, self.load, self.shape = texts, images, load_image, shape
+
+    def __len__(self) -> int:
+        return 1 << 62
+
+    def __getitem__(self, r: int):
+        text = self.texts[r] if self.texts is not None else None
+        img = None
+        if self.images is not None:
+            try:
+                img = self.load(self.images[r]) if self.images[r] is not None else None
+            except Exception:  # noqa: BLE001 - rows that failed at extraction fail here too
+                img = None
+            if img is None:
+                img = torch.zeros(self.shape)
+        return r, text, img
+
+
+class Collate:
+    """Items of :class:`RawRows` -> one :class:`RawBatch` (texts tokenised together)."""
+
+    def __init__(self, tokenize, labels: np.ndarray):
+        self.tokenize, self.labels = tokenize, labels
+
+    def __call__(self, items) -> RawBatch:
+        rows = torch.tensor([r for r, _, _ in items], dtype=torch.long)
+        text = self.tokenize([t for _, t, _ in items]) if self.tokenize is not None else None
+        imgs = torch.stack([i for _, _, i in items]) if items[0][2] is not None else None
+        return RawBatch(rows=rows, labels=torch.from_numpy(self.labels[rows.numpy()]),
+                        text=text, images=imgs)
+
+
+def bucketed(rows: np.ndarray, lengths: np.ndarray | None, batch_size: int,
+             rng: np.random.Generator | None) -> list[np.ndarray]:
+    """Batches of similar token length (less padding); shuffled when ``rng`` is given."""
+    rows = rng.permutation(rows) if rng is not None else rows
+    out = []
+    window = batch_size * 32
+    for i in range(0, len(rows), window):
+        chunk = rows[i : i + window]
+        if lengths is not None:
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        out += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    if rng is not None:
+        out = [out[j] for j in rng.permutation(len(out))]
+    return out
+
+
+class RawBatches:
+    """``batches(rows, rng=None)``: :class:`RawBatch` es of ``rows`` from the raw catalog for
+    ``model``'s encoders, bucketed by token length (shuffled with ``rng``)."""
+
+    def __init__(self, model: LiveModel, texts, images, lengths: np.ndarray | None,
+                 labels: np.ndarray, batch_size: int, num_workers: int = 0):
+        te, ie = model.encoders["text"], model.encoders["image"]
+        self.rows = RawRows(texts, images, ie.load_image if ie else None,
+                            tuple(ie.input_shape) if ie else None)
+        self.collate = Collate(te.tokenize if te else None, labels)
+        self.lengths, self.batch_size, self.num_workers = lengths, batch_size, num_workers
+
+    def __call__(self, rows: np.ndarray, rng: np.random.Generator | None = None
+                 ) -> Iterator[RawBatch]:
+        return iter(torch.utils.data.DataLoader(
+            self.rows, batch_sampler=bucketed(rows, self.lengths, self.batch_size, rng),
+            collate_fn=self.collate, num_workers=self.num_workers))
