@@ -1093,22 +1093,12 @@ def section_storage(b: Bench, res: SectionResult) -> None:
 # section 6: stackers
 
 
-_STACK_CHILD = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-from fusion.stack import bench_stackers
-jobs = json.loads(sys.argv[2])
-print("ready", flush=True)
-for job in jobs:
-    print(json.dumps(bench_stackers(**job)[0]), flush=True)
-"""
-
-
 def _stack_jobs_in_child(jobs: list[dict[str, Any]], cap: float,
                          say: Callable[[str], None]) -> list[dict[str, Any]]:
-    """``bench_stackers(**job)`` (one stacker each) in a child process that reports one job per
-    line. A job still running ``cap`` seconds after the previous line is stopped (the child is
-    killed; a new child takes the remaining jobs) and reported as ``{"stopped": seconds}``, a
+    """``bench_stackers(**job)`` (one stacker each) in a child process
+    (``examples/bench_stack.py --child``) that reports one job per line. A job still running
+    ``cap`` seconds after the previous line is stopped (the child is killed; a new child takes
+    the remaining jobs) and reported as ``{"stopped": seconds}``, a
     lower bound: a stacker too slow for the run's budget does not hang the run."""
     import json
     import queue
@@ -1118,8 +1108,8 @@ def _stack_jobs_in_child(jobs: list[dict[str, Any]], cap: float,
     out: list[dict[str, Any]] = []
     remaining = list(jobs)
     while remaining:
-        proc = subprocess.Popen([sys.executable, "-c", _STACK_CHILD, str(ROOT),
-                                 json.dumps(remaining)], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "bench_stack.py"),
+                                 "--child", json.dumps(remaining)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         lines: queue.Queue = queue.Queue()
 
@@ -1155,7 +1145,7 @@ def _stack_jobs_in_child(jobs: list[dict[str, Any]], cap: float,
 
 
 def section_stackers(b: Bench, res: SectionResult) -> None:
-    from fusion.stackers import list_stackers
+    from fusion.stack import list_stackers
 
     sz = b.sz
     nt = b.threads
@@ -1177,8 +1167,8 @@ def section_stackers(b: Bench, res: SectionResult) -> None:
           "params": {name: {"n_jobs": nt}} if name in ("lightgbm", "xgboost") else None}
          for name in list_stackers()], cap, b.say)
     res.lines += [
-        f"`fusion.stack.bench_stackers({sz.stack_items}, {sz.stack_runs}, {sz.stack_classes}, "
-        f"repeats={sz.stack_repeats})` per stacker, in a child process: synthetic "
+        f"`bench_stackers({sz.stack_items}, {sz.stack_runs}, {sz.stack_classes}, "
+        f"repeats={sz.stack_repeats})` (examples/bench_stack.py) per stacker, in a child process: synthetic "
         f"out-of-fold probabilities of {sz.stack_runs} runs over {sz.stack_items} items and "
         f"{sz.stack_classes} classes; one `fusion.stack` call = 5 cross-fitted fold models "
         "(early stopping) + the refit + holdout prediction + TreeSHAP attribution + writing "

@@ -9,17 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusion.errors import StackError
+from fusion.errors import FusionError, StackError
 from fusion.rundir import RunWriter, load_run
 from fusion.stack import (
+    Stacker,
+    create_stacker,
     list_stackers,
-    make_synthetic_runs,
     parse_params,
     plot_contributions,
     stack,
     summarize_contributions,
 )
-from fusion.stackers import Stacker
+from fusion.testing import make_synthetic_runs
 
 # The CI box has 2 cores shared with other jobs; at 600 rows a second GBDT thread only adds
 # contention (measured 5-10x slower under load), so the tests pin one thread. Every other
@@ -85,7 +86,7 @@ def _rewrite(
 
 # -- registry and params ------------------------------------------------------------------------
 def test_registry_lists_the_four_stackers():
-    assert list_stackers() == ["lightgbm", "xgboost", "logreg", "mlp"]
+    assert list_stackers() == ["lightgbm", "logreg", "mlp", "xgboost"]
 
 
 def test_unknown_stacker_is_refused_with_the_list(sources, tmp_path):
@@ -103,6 +104,7 @@ def test_parse_params_coerces_int_float_bool_none_and_str():
             "max_bin=none",
             "boosting_type=dart",
             "x= 2 ",
+            "min-child-samples=5",
         ]
     )
     assert got == {
@@ -113,17 +115,18 @@ def test_parse_params_coerces_int_float_bool_none_and_str():
         "max_bin": None,
         "boosting_type": "dart",
         "x": 2,
+        "min_child_samples": 5,
     }
     assert isinstance(got["num_leaves"], int) and isinstance(got["learning_rate"], float)
 
 
 def test_parse_params_refuses_an_item_without_equals():
-    with pytest.raises(StackError, match=r"--param 'num_leaves' is not key=value"):
+    with pytest.raises(FusionError, match=r"--params 'num_leaves' is not KEY=VALUE"):
         parse_params(["num_leaves"])
 
 
 def test_bad_param_name_for_logreg_is_a_stack_error(sources, tmp_path):
-    with pytest.raises(StackError, match=r"bad --param for stacker 'logreg'.*bogus"):
+    with pytest.raises(StackError, match=r"bad --params for stacker 'logreg'.*bogus"):
         stack(sources, stacker="logreg", params={"bogus": 1}, out=tmp_path / "s")
 
 
@@ -355,6 +358,39 @@ def test_output_is_a_stackable_run_with_metrics(stacked, sources):
     assert meta.config["kind"] == "stack" and meta.metrics["holdout"]["macro_f1"] > 0.9
 
 
+def test_macro_f1_averages_all_k_classes_when_the_holdout_lacks_one(sources, tmp_path):
+    # the test, stack side: the holdout's c5 items are unlabelled, so its labelled rows
+    # lack c5; macro-F1 still averages all 6 classes (F1 0 for c5), as for heads.
+    from sklearn.metrics import f1_score
+
+    labels = np.asarray(load_run(sources[0]).config["labels"])
+    assignment = np.asarray(load_run(sources[0]).config["folds"]["assignment"])
+    k = 6
+    labels[(assignment == -1) & (labels == k - 1)] = -1
+    moved = [
+        _rewrite(p, tmp_path / "src" / p.name, config={"labels": labels.tolist()}) for p in sources
+    ]
+    run = stack(moved, stacker="logreg", out=tmp_path / "s")
+    on_disk = json.loads((run.path / "metrics.json").read_text())
+    y_ho, p_ho = labels[run.holdout_rows], run.holdout.argmax(1)
+    keep = y_ho >= 0
+    assert k - 1 not in set(y_ho[keep].tolist()) and keep.sum() == 100
+    want = f1_score(y_ho[keep], p_ho[keep], labels=range(k), average="macro", zero_division=0)
+    present_only = f1_score(y_ho[keep], p_ho[keep], labels=np.unique(y_ho[keep]), average="macro")
+    assert want < present_only - 0.1  # the two definitions differ on this split
+    for m in (run.metrics, on_disk):
+        assert m["holdout"]["macro_f1"] == pytest.approx(want, abs=1e-12)
+        assert m["holdout"]["n"] == 100
+        assert len(m["holdout"]["per_class_f1"]) == k and m["holdout"]["per_class_f1"][k - 1] == 0
+        y, p = labels[run.oof_rows], run.oof.argmax(1)
+        assert m["macro_f1"] == pytest.approx(
+            f1_score(y, p, labels=range(k), average="macro", zero_division=0), abs=1e-12
+        )
+        assert m["per_class_f1"] == pytest.approx(
+            f1_score(y, p, labels=range(k), average=None, zero_division=0).tolist(), abs=1e-12
+        )
+
+
 @pytest.mark.parametrize("name", ["lightgbm", "xgboost"])
 def test_gbdt_stackers_beat_every_source_run_on_holdout_macro_f1(stacked, name):
     m = stacked[name].metrics
@@ -445,8 +481,6 @@ def test_modalities_come_from_the_trainers_feature_sets(sources, tmp_path):
 
 @pytest.mark.parametrize("name", ["lightgbm", "xgboost"])
 def test_stacker_with_a_class_missing_from_training_keeps_k_columns(sources, name):
-    from fusion.stackers import create_stacker
-
     X, _, assignment = _features(sources)
     y = np.asarray(load_run(sources[0]).config["labels"])[assignment >= 0]
     train = y != 5  # class c5 never seen by this model
@@ -581,7 +615,7 @@ def test_dask_is_refused_for_non_gbdt_stackers_before_connecting(sources, tmp_pa
 
 def test_unreachable_dask_scheduler_is_one_clear_error(sources, tmp_path, monkeypatch):
     pytest.importorskip("distributed")
-    monkeypatch.setattr("fusion.stack.DASK_CONNECT_TIMEOUT", "1s")
+    monkeypatch.setattr("fusion.stack.dask.DASK_CONNECT_TIMEOUT", "1s")
     with pytest.raises(
         StackError,
         match=r"cannot reach the Dask scheduler at "

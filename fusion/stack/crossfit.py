@@ -1,0 +1,149 @@
+"""The cross-fitting loop: the only place where a stacker is fitted and where rows are scored.
+
+For each fold f the stacker is fitted on the other folds' rows (early-stopping on a stratified
+``valid_fraction`` of *those* rows, never of the scored ones) and scores fold f; the fold models'
+predictions are the stack's out-of-fold probabilities. A refit on every trainable row, for the
+median best round count of the fold models, scores the holdout. The store rows of every split
+are returned as ``cv`` (written to ``cv_indices.npz``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..metrics import classification_metrics
+from .stackers import Stacker
+
+__all__ = ["CrossFit", "cross_fit", "inner_split"]
+
+
+def inner_split(
+    idx: np.ndarray, y: np.ndarray, frac: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified early-stopping split of the TRAINING rows ``idx`` (never the scored rows):
+    ``(fit, valid)``, both sorted subsets of ``idx``. Only ``y[idx]`` is read."""
+    from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit  # slow import
+
+    dummy = np.zeros(len(idx))
+    try:
+        fit, val = next(
+            StratifiedShuffleSplit(1, test_size=frac, random_state=seed).split(dummy, y[idx])
+        )
+    except ValueError:  # a class with a single row, or fewer valid rows than classes
+        fit, val = next(ShuffleSplit(1, test_size=frac, random_state=seed).split(dummy))
+    return np.sort(idx[fit]), np.sort(idx[val])
+
+
+@dataclass
+class CrossFit:
+    """What the loop produced; rows of ``oof`` follow ``trainable``, rows of ``hold`` follow
+    ``holdout`` (the store rows passed to :func:`cross_fit`)."""
+
+    oof: np.ndarray  # (N_trainable, K) out-of-fold probabilities
+    hold: np.ndarray  # (N_holdout, K) refit probabilities
+    contrib: np.ndarray | None  # (N_trainable + N_holdout, G) grouped TreeSHAP, or None
+    cv: dict[str, np.ndarray]  # store rows of fold{f}_fit/_valid/_scored, refit_fit/_scored
+    folds: list[dict[str, Any]]  # per fold: sizes, scores, best_iteration, seconds
+    models: list[tuple[str, Stacker]]  # ("fold0", model), ..., ("refit", model)
+    rounds: int  # rounds / epochs / iterations the refit trained
+    refit_seconds: float
+    train_seconds: float  # all fits, folds and refit
+
+
+def cross_fit(
+    new_model: Callable[[], Stacker],
+    X: np.ndarray,
+    y: np.ndarray,
+    X_ho: np.ndarray,
+    fold_of: np.ndarray,
+    *,
+    n_folds: int,
+    trainable: np.ndarray,
+    holdout: np.ndarray,
+    seed: int,
+    group: np.ndarray | None = None,
+    say: Callable[[str], None] = lambda _msg: None,
+) -> CrossFit:
+    """Fit one model per fold on the other folds and score the fold; refit and score ``X_ho``.
+
+    ``X`` (N_trainable, F), ``y`` and ``fold_of`` describe the trainable rows (store rows
+    ``trainable``), ``X_ho`` the holdout rows (store rows ``holdout``). With ``group`` (F + 1, G)
+    the per-row TreeSHAP contributions to the predicted class are summed into G groups.
+    """
+    probe = new_model()
+    k, uses_early_stopping = probe.n_classes, probe.uses_early_stopping
+    oof = np.zeros((len(y), k))
+    contrib_oof = np.zeros((len(y), group.shape[1])) if group is not None else None
+    cv: dict[str, np.ndarray] = {}
+    folds: list[dict[str, Any]] = []
+    models: list[tuple[str, Stacker]] = []
+    train_seconds = 0.0
+    for f in range(n_folds):
+        scored = np.flatnonzero(fold_of == f)
+        if len(scored) == 0:
+            continue
+        train = np.flatnonzero(fold_of != f)
+        t0 = time.perf_counter()
+        model = new_model()
+        if uses_early_stopping:
+            fit, valid = inner_split(train, y, model.valid_fraction, seed + f)
+            model.fit(X[fit], y[fit], X[valid], y[valid])
+        else:
+            fit, valid = train, train[:0]
+            model.fit(X[fit], y[fit])
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        probs = model.predict_proba(X[scored])
+        oof[scored] = probs
+        if contrib_oof is not None:
+            contrib_oof[scored] = model.contributions(X[scored], probs.argmax(1)) @ group
+        cv[f"fold{f}_fit"] = trainable[fit]
+        cv[f"fold{f}_valid"] = trainable[valid]
+        cv[f"fold{f}_scored"] = trainable[scored]
+        s = classification_metrics(y[scored], probs)
+        folds.append({
+            "fold": f,
+            "n_fit": len(fit),
+            "n_valid": len(valid),
+            "n_scored": len(scored),
+            "accuracy": s["accuracy"],
+            "macro_f1": s["macro_f1"],
+            "best_iteration": model.best_iteration,
+            "seconds": round(seconds, 4),
+        })
+        models.append((f"fold{f}", model))
+        say(
+            f"fold {f + 1}/{n_folds}: fit {len(fit)} rows (+{len(valid)} early-stopping), "
+            f"scored {len(scored)}, macro-F1 {s['macro_f1']:.4f} ({seconds:.1f} s)"
+        )
+
+    # Refit on every trainable row for the median best round count of the fold models.
+    rounds = None
+    if uses_early_stopping:
+        rounds = max(1, int(round(statistics.median(m["best_iteration"] for m in folds))))
+    t0 = time.perf_counter()
+    final = new_model().fit(X, y, rounds=rounds)
+    seconds = time.perf_counter() - t0
+    train_seconds += seconds
+    hold = final.predict_proba(X_ho) if len(X_ho) else np.zeros((0, k))
+    contrib = None
+    if contrib_oof is not None:
+        contrib_ho = (final.contributions(X_ho, hold.argmax(1)) @ group if len(X_ho)
+                      else np.zeros((0, contrib_oof.shape[1])))
+        contrib = np.vstack([contrib_oof, contrib_ho])
+    cv["refit_fit"] = trainable.copy()
+    cv["refit_scored"] = holdout.copy()
+    models.append(("refit", final))
+    say(
+        f"refit on {len(y)} rows for {rounds or final.best_iteration} rounds, scored "
+        f"{len(X_ho)} holdout rows ({seconds:.1f} s)"
+    )
+    return CrossFit(oof=oof, hold=hold, contrib=contrib, cv=cv, folds=folds, models=models,
+                    rounds=rounds or final.best_iteration, refit_seconds=seconds,
+                    train_seconds=train_seconds)

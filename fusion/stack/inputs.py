@@ -1,0 +1,291 @@
+"""A stack's inputs: load the source runs, check that they can be combined, align their rows.
+
+Every refusal is one :class:`~fusion.errors.StackError` naming the run and the fix
+(docs/stacking.md lists them). Rows are aligned by store row index (``oof_rows.npy``,
+``holdout_rows.npy``), never by file position.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import StackError
+from ..rundir import Run, load_run
+
+__all__ = ["ROW_SUM_TOL", "StackInputs", "feature_matrix", "fingerprint", "label", "modalities"]
+
+ROW_SUM_TOL = 1e-3
+# columns of contributions.csv that a source run's name must not shadow
+_RESERVED = {"id", "split", "fold", "true", "predicted", "bias", "pooled"}
+
+
+def label(run: Run) -> str:
+    """How messages name a run: ``'text' (runs/text)``."""
+    return f"{run.name!r} ({run.path})"
+
+
+def modalities(run: Run) -> list[str]:
+    """Which inputs a run saw: config "modalities" (stacks, custom runs), else the feature sets
+    `fusion train` records under config "features", else the head name."""
+    mods = run.config.get("modalities")
+    if mods:
+        return sorted(set(mods))
+    feats = run.config.get("features")
+    if isinstance(feats, dict) and feats.keys() <= {"text", "image"}:
+        used = sorted(m for m, fs in feats.items() if fs)
+        if used:
+            return used
+    if run.head in ("text", "image"):
+        return [run.head]
+    return ["image", "text"]
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    """16 hex digits identifying the float32 values of ``arrays``."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_block(run: Run, arr: np.ndarray, which: str, k: int) -> np.ndarray:
+    if arr.size == 0 and which == "holdout":  # a store without a holdout
+        return arr.reshape(0, k)
+    if arr.ndim != 2 or arr.shape[1] != k:
+        raise StackError(
+            f"run {label(run)}: {which}.npy has shape {arr.shape}, expected "
+            f"(N, {k}) for its {k} classes; re-run it"
+        )
+    if not np.all(np.isfinite(arr)) or (arr.size and arr.min() < -ROW_SUM_TOL):
+        raise StackError(
+            f"run {label(run)}: {which}.npy holds NaN/inf or negative values; "
+            "stack probabilities, not logits"
+        )
+    sums = arr.sum(1, dtype=np.float64)
+    bad = np.abs(sums - 1.0) > ROW_SUM_TOL
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise StackError(
+            f"run {label(run)}: {int(bad.sum())} rows of {which}.npy do not sum to 1 (row {i} "
+            f"sums to {sums[i]:.4f}); a block summing to 2 is two models' probabilities aliased "
+            "into one, logits need a softmax; fix the run that wrote it"
+        )
+    return arr
+
+
+def _aligned(run: Run, block: np.ndarray, rows: np.ndarray, expected: np.ndarray,
+             which: str) -> np.ndarray:
+    """``block`` reordered so that its row i is store row ``expected[i]`` (refusing gaps,
+    extras and repeats)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(block) != len(rows):
+        raise StackError(
+            f"run {label(run)}: {which}.npy and {which}_rows.npy differ in length; re-run it"
+        )
+    if len(np.unique(rows)) != len(rows):
+        raise StackError(f"run {label(run)}: {which}_rows.npy repeats store rows; re-run it")
+    if not np.array_equal(np.sort(rows), expected):
+        missing = np.setdiff1d(expected, rows)
+        extra = np.setdiff1d(rows, expected)
+        what = "trainable (fold >= 0)" if which == "oof" else "holdout (fold -1)"
+        raise StackError(
+            f"run {label(run)}: its {which} rows do not match the store's {len(expected)} "
+            f"{what} rows ({len(missing)} missing e.g. {missing[:3].tolist()}, {len(extra)} "
+            f"extra e.g. {extra[:3].tolist()}); re-train it with `fusion train` on this store"
+        )
+    return block[np.argsort(rows, kind="stable")]
+
+
+def _item_ids(run: Run, n_store: int) -> list[str]:
+    """Item id per store row: config "ids" if present, else the run's predictions.csv (whose rows
+    follow oof_rows then holdout_rows, as `fusion.rundir.write_run` writes them), else the row
+    index."""
+    ids = run.config.get("ids")
+    if ids is not None and len(ids) == n_store:
+        return [str(i) for i in ids]
+    out = [str(i) for i in range(n_store)]
+    f = run.path / "predictions.csv"
+    if (run.path / "DONE").exists() and f.exists():
+        with f.open(newline="") as fh:
+            col = [r["id"] for r in csv.DictReader(fh)]
+        rows = np.concatenate([run.oof_rows, run.holdout_rows]).astype(np.int64)
+        if len(col) == len(rows) and (len(rows) == 0 or rows.max() < n_store):
+            for r, i in zip(rows.tolist(), col, strict=True):
+                out[r] = i
+    return out
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        base = f"{n}-run" if n in _RESERVED else n
+        cand, i = base, 2
+        while cand in out:
+            cand, i = f"{base}-{i}", i + 1
+        out.append(cand)
+    return out
+
+
+def _load(runs: Sequence[str | os.PathLike | Run]) -> list[Run]:
+    if len(runs) < 2:
+        raise StackError(
+            f"stacking needs at least 2 runs, got {len(runs)}; pass several "
+            "--runs trained on the same store"
+        )
+    loaded = [r if isinstance(r, Run) else load_run(r) for r in runs]
+    seen: set[Path] = set()
+    for r in loaded:
+        p = r.path.resolve()
+        if p in seen:
+            raise StackError(f"run {label(r)} is given twice; each source run may appear once")
+        if (p / "DONE").exists():  # an in-memory Run (train(out=None)) has no directory
+            seen.add(p)
+        missing = [k for k in ("store", "classes", "folds", "labels") if k not in r.config]
+        if missing or not r.store_fingerprint or not r.folds_fingerprint:
+            raise StackError(
+                f"run {label(r)}: config.json lacks {missing or ['store']} "
+                "(store fingerprints, classes, folds, labels); only runs "
+                "written by `fusion train`/`fusion stack` can be stacked"
+            )
+    return loaded
+
+
+def _check_same_split(ref: Run, r: Run) -> None:
+    """``r`` comes from ``ref``'s store, folds, classes and labels."""
+    if r.store_fingerprint != ref.store_fingerprint:
+        raise StackError(
+            f"run {label(r)} comes from store fingerprint {r.store_fingerprint!r} but "
+            f"{label(ref)} from {ref.store_fingerprint!r}; stack only runs trained on "
+            "the same store"
+        )
+    if r.folds_fingerprint != ref.folds_fingerprint:
+        raise StackError(
+            f"run {label(r)} uses folds {r.folds_fingerprint!r} but {label(ref)} uses "
+            f"{ref.folds_fingerprint!r}; re-train it on the store's canonical folds"
+        )
+    if list(r.classes) != list(ref.classes):
+        raise StackError(
+            f"run {label(r)} has classes {r.classes[:6]}... but {label(ref)} has "
+            f"{ref.classes[:6]}...; runs must share the store's class list"
+        )
+    if not np.array_equal(np.asarray(r.config["folds"].get("assignment", [])),
+                          np.asarray(ref.config["folds"].get("assignment", []))):
+        raise StackError(
+            f"run {label(r)} has a different fold assignment than {label(ref)}; "
+            "re-train it on the store's canonical folds"
+        )
+    if not np.array_equal(np.asarray(r.config["labels"]), np.asarray(ref.config["labels"])):
+        raise StackError(
+            f"run {label(r)} has different labels than {label(ref)}; "
+            "were they trained on the same store?"
+        )
+
+
+class StackInputs:
+    """The checked, aligned inputs of one stack.
+
+    ``oof[i]`` (N_trainable, K) and ``hold[i]`` (N_holdout, K) are run i's probabilities in
+    store-row order of ``trainable`` / ``holdout``; ``labels``, ``assignment`` and ``ids`` are
+    indexed by store row; ``names`` are the runs' unique names (the feature-group names).
+    """
+
+    def __init__(self, runs: Sequence[str | os.PathLike | Run]):
+        self.runs = _load(runs)
+        ref = self.runs[0]
+        for r in self.runs[1:]:
+            _check_same_split(ref, r)
+        self.classes = list(ref.classes)
+        self.k = len(self.classes)
+        self.store = dict(ref.config["store"])
+        self.folds = dict(ref.config["folds"])
+        self.assignment = np.asarray(self.folds.get("assignment", []), dtype=np.int64)
+        self.labels = np.asarray(ref.config["labels"], dtype=np.int64)
+        self.n_folds = int(self.folds.get("k", 0))
+        if self.assignment.ndim != 1 or len(self.assignment) != len(self.labels):
+            raise StackError(
+                f"run {label(ref)}: folds.assignment ({self.assignment.shape}) and "
+                f"labels ({self.labels.shape}) must be one entry per store row"
+            )
+        if self.n_folds < 2 or self.assignment.max(initial=-1) >= self.n_folds:
+            raise StackError(
+                f"run {label(ref)}: folds.k={self.n_folds} does not fit the fold "
+                f"assignment (max {self.assignment.max(initial=-1)}); re-run it"
+            )
+        self.trainable = np.flatnonzero(self.assignment >= 0)
+        self.holdout = np.flatnonzero(self.assignment == -1)
+        y = self.labels[self.trainable]
+        if y.size == 0 or y.min() < 0 or y.max() >= self.k:
+            raise StackError(
+                f"labels of the trainable rows must lie in [0, {self.k}); found "
+                f"[{y.min(initial=0)}, {y.max(initial=0)}]; every non-holdout row "
+                "needs a label"
+            )
+        self.ids = _item_ids(ref, len(self.labels))
+        self.oof = [
+            _aligned(r, _check_block(r, r.oof, "oof", self.k), r.oof_rows, self.trainable, "oof")
+            for r in self.runs
+        ]
+        self.hold = [
+            _aligned(r, _check_block(r, r.holdout, "holdout", self.k), r.holdout_rows,
+                     self.holdout, "holdout")
+            for r in self.runs
+        ]
+        for i in range(len(self.runs)):
+            for j in range(i):
+                if np.array_equal(self.oof[i], self.oof[j]) and np.array_equal(
+                    self.hold[i], self.hold[j]
+                ):
+                    raise StackError(
+                        f"runs {label(self.runs[j])} and {label(self.runs[i])} hold "
+                        "identical probabilities (a copied run?); drop one"
+                    )
+        self.names = _unique_names([r.name for r in self.runs])
+
+    def check_pooled(self, features: str, pooled: np.ndarray | None) -> np.ndarray | None:
+        """The pooled embeddings (N_store, D) as float64 when ``features`` asks for them."""
+        if features != "probs+pooled":
+            if pooled is not None:
+                raise StackError(
+                    "pooled embeddings were given but features='probs'; pass "
+                    "features='probs+pooled' to use them"
+                )
+            return None
+        if pooled is None:
+            raise StackError(
+                "features='probs+pooled' needs the pooled embeddings (N_store, D); "
+                "the CLI reads them from the store with --pooled FEATURE_SET"
+            )
+        pooled = np.asarray(pooled, dtype=np.float64)
+        n_store = len(self.labels)
+        if pooled.ndim != 2 or len(pooled) != n_store or not np.all(np.isfinite(pooled)):
+            raise StackError(
+                f"pooled has shape {pooled.shape}, expected finite ({n_store}, D): "
+                "one row per store row"
+            )
+        return pooled
+
+
+def feature_matrix(
+    inp: StackInputs, log: bool, pooled: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``(X_trainable, X_holdout, feature_names)``: one block of K columns per run, in run order
+    (log-probabilities clipped at 1e-7 when ``log``), then the ``pooled`` columns."""
+
+    def tf(p: np.ndarray) -> np.ndarray:
+        p = p.astype(np.float64)
+        return np.log(np.clip(p, 1e-7, 1.0)) if log else p
+
+    X_tr = np.hstack([tf(b) for b in inp.oof])  # (N_trainable, M*K)
+    X_ho = np.hstack([tf(b) for b in inp.hold])  # (N_holdout, M*K)
+    names = [f"{n}:{c}" for n in inp.names for c in inp.classes]
+    if pooled is not None:
+        X_tr = np.hstack([X_tr, pooled[inp.trainable]])
+        X_ho = np.hstack([X_ho, pooled[inp.holdout]])
+        names += [f"pooled:{j}" for j in range(pooled.shape[1])]
+    return X_tr, X_ho, names

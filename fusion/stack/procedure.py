@@ -1,0 +1,188 @@
+"""`stack()`: checked inputs -> cross-fitted stacker -> a run directory of kind ``"stack"``.
+
+Leak-freedom is the whole point, so the procedure is fixed (docs/stacking.md):
+
+1. Every source run was trained on the store's canonical folds, so its ``oof.npy`` row for item i
+   came from a model that never saw i. :class:`~fusion.stack.inputs.StackInputs` checks that the
+   runs agree on store, folds, classes and labels and that every block is row-normalised.
+2. :func:`~fusion.stack.crossfit.cross_fit` fits one stacker per fold on the other folds and
+   scores the fold (the stack's own out-of-fold predictions), then refits on every trainable row
+   to score the holdout.
+3. GBDT stackers also write per-item TreeSHAP contributions of each source run.
+
+The run is written by :func:`fusion.rundir.write_run`, which scores it with
+:mod:`fusion.metrics` like every head run, so a stack can be stacked or compared with heads.
+Defaults of :func:`stack` are stated once, here; the CLI passes only what the user gave.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import StackError
+from ..metrics import classification_metrics
+from ..rundir import Run, RunWriter, write_run
+from .attribution import CONTRIBUTIONS_FILE, group_matrix, write_contributions
+from .crossfit import CrossFit, cross_fit
+from .dask import connect
+from .inputs import StackInputs, feature_matrix, fingerprint, label, modalities
+from .stackers import Stacker, create_stacker, stacker_class
+
+__all__ = ["DEFAULT_SEED", "DEFAULT_STACKER", "FEATURES", "default_out", "stack"]
+
+DEFAULT_STACKER = "lightgbm"
+FEATURES = ("probs", "probs+pooled")  # the first is the default
+DEFAULT_SEED = 0
+
+
+def default_out(stacker: str) -> Path:
+    """Where `fusion stack` writes without ``--out``: ``runs/stack-<stacker>``."""
+    return Path("runs") / f"stack-{stacker}"
+
+
+def stack(
+    runs: Sequence[str | os.PathLike | Run],
+    *,
+    stacker: str = DEFAULT_STACKER,
+    features: str = FEATURES[0],
+    params: dict[str, Any] | None = None,
+    seed: int = DEFAULT_SEED,
+    out: str | os.PathLike | None = None,
+    dask: str | None = None,
+    pooled: np.ndarray | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Run:
+    """Cross-fit ``stacker`` on the source runs' out-of-fold probabilities and write a stack run.
+
+    ``features="probs+pooled"`` appends ``pooled`` (N_store, D) embedding columns. ``dask`` is a
+    scheduler address (``tcp://host:8786``): the GBDT then trains on that cluster. Returns the
+    written run; ``run.extra["cv_indices"]`` holds the store rows of every fit/valid/scored split.
+    ``out=None`` writes into a fresh temporary directory.
+    """
+    say = progress or (lambda _msg: None)
+    if dask is not None and not stacker_class(stacker).supports_dask:
+        raise StackError(
+            f"stacker {stacker!r} cannot train on Dask; use lightgbm or xgboost, or drop --dask"
+        )
+    if features not in FEATURES:
+        raise StackError(f"features={features!r} is not one of {list(FEATURES)}")
+    inp = StackInputs(runs)
+    pooled = inp.check_pooled(features, pooled)
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="fusion-stack-")) / f"stack-{stacker}"
+    out = Path(out)
+    for r in inp.runs:
+        if out.resolve() == r.path.resolve():
+            raise StackError(
+                f"--out {str(out)!r} is the source run {label(r)}; choose another directory"
+            )
+    t_all = time.perf_counter()
+    with connect(dask) if dask is not None else nullcontext() as client:
+
+        def new_model() -> Stacker:
+            return create_stacker(stacker, n_classes=inp.k, params=params, seed=seed,
+                                  client=client)
+
+        probe = new_model()
+        X, X_ho, feature_names = feature_matrix(inp, probe.log_probs, pooled)
+        n_pooled = 0 if pooled is None else pooled.shape[1]
+        group = group_matrix(len(inp.runs), inp.k, n_pooled) if probe.explain else None
+        fit = cross_fit(new_model, X, inp.labels[inp.trainable], X_ho,
+                        inp.assignment[inp.trainable], n_folds=inp.n_folds,
+                        trainable=inp.trainable, holdout=inp.holdout, seed=seed, group=group,
+                        say=say)
+    sources = _sources(inp)
+    head = f"stack-{stacker}"
+    config: dict[str, Any] = {
+        "kind": "stack",
+        "head": head,
+        "name": out.name,
+        "stacker": stacker,
+        "features": features,
+        "feature_names": feature_names,
+        "n_pooled": n_pooled,
+        "params": {**probe.params, **probe.procedure_params()},
+        "user_params": dict(params or {}),
+        "seed": seed,
+        "dask": dask is not None,
+        "sources": sources,
+        "modalities": sorted({m for s in sources for m in s["modalities"]}),
+        "store": inp.store,
+        "classes": inp.classes,
+        "folds": inp.folds,
+        "labels": inp.labels.tolist(),
+    }
+    metrics: dict[str, Any] = {
+        "head": head,
+        "kind": "stack",
+        "stacker": stacker,
+        "folds": fit.folds,
+        "refit": {"rounds": fit.rounds, "seconds": round(fit.refit_seconds, 4)},
+        "train_seconds": round(fit.train_seconds, 4),
+        "total_seconds": round(time.perf_counter() - t_all, 4),
+        "sources": sources,
+        "attribution": _attribution_note(probe, stacker),
+    }
+    run = write_run(out, config=config, metrics=metrics, oof=fit.oof, oof_rows=inp.trainable,
+                    holdout=fit.hold, holdout_rows=inp.holdout, ids=inp.ids, labels=inp.labels,
+                    folds=inp.assignment, classes=inp.classes,
+                    extra_files=lambda w: _extra_files(w, inp, fit, n_pooled))
+    run.extra["cv_indices"] = fit.cv
+    return run
+
+
+def _sources(inp: StackInputs) -> list[dict[str, Any]]:
+    """Identity and scores of every source run, as the stack saw it."""
+    y, y_ho = inp.labels[inp.trainable], inp.labels[inp.holdout]
+    out = []
+    for name, r, b, h in zip(inp.names, inp.runs, inp.oof, inp.hold, strict=True):
+        so, sh = classification_metrics(y, b), classification_metrics(y_ho, h)
+        out.append({
+            "name": name,
+            "path": str(r.path.resolve()),
+            "head": r.head,
+            "kind": r.config.get("kind"),
+            "modalities": modalities(r),
+            "fingerprint": fingerprint(b, h),
+            "accuracy": so["accuracy"],
+            "macro_f1": so["macro_f1"],
+            "holdout": {"accuracy": sh["accuracy"], "macro_f1": sh["macro_f1"]},
+        })
+    return out
+
+
+def _attribution_note(probe: Stacker, stacker: str) -> dict[str, Any]:
+    if probe.explain:
+        return {"method": "treeshap", "file": CONTRIBUTIONS_FILE,
+                "target": "margin of the predicted class"}
+    reason = (f"{stacker} has no TreeSHAP; contributions are written only by the lightgbm "
+              "and xgboost stackers" if not probe.attribution else "explain=false was set")
+    return {"method": None, "reason": reason}
+
+
+def _extra_files(w: RunWriter, inp: StackInputs, fit: CrossFit, n_pooled: int) -> None:
+    """``cv_indices.npz``, ``contributions.csv`` (GBDTs) and ``weights/`` of a stack run."""
+    np.savez(w.file("cv_indices.npz"), **fit.cv)
+    if fit.contrib is not None:
+        rows = np.concatenate([inp.trainable, inp.holdout])
+        preds = np.concatenate([fit.oof.argmax(1), fit.hold.argmax(1)])
+        write_contributions(
+            w.file(CONTRIBUTIONS_FILE),
+            ids=[inp.ids[r] for r in rows],
+            splits=["oof"] * len(inp.trainable) + ["holdout"] * len(inp.holdout),
+            folds=inp.assignment[rows].tolist(),
+            true=[inp.classes[v] if v >= 0 else "" for v in inp.labels[rows]],
+            predicted=[inp.classes[p] for p in preds],
+            groups=list(inp.names) + (["pooled"] if n_pooled else []) + ["bias"],
+            values=fit.contrib,
+        )
+    for tag, model in fit.models:
+        model.save_model(w.file(f"weights/{tag}"))

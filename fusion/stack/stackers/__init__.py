@@ -1,0 +1,29 @@
+"""The stacker backends (one module each) and their registry; see :mod:`.base`."""
+
+from __future__ import annotations
+
+from .base import (
+    STACKERS,
+    Stacker,
+    create_stacker,
+    list_stackers,
+    register_stacker,
+    stacker_class,
+)
+from .lightgbm import LightGBMStacker
+from .logreg import LogRegStacker
+from .mlp import MLPStacker
+from .xgboost import XGBoostStacker
+
+__all__ = [
+    "STACKERS",
+    "Stacker",
+    "create_stacker",
+    "list_stackers",
+    "register_stacker",
+    "stacker_class",
+    "LightGBMStacker",
+    "LogRegStacker",
+    "MLPStacker",
+    "XGBoostStacker",
+]

@@ -1,0 +1,221 @@
+"""The stacker contract and its registry.
+
+A stacker is a K-class classifier over a feature matrix built from the source runs'
+probability blocks. :mod:`fusion.stack.crossfit` does the cross-fitting and the leak
+bookkeeping; a backend only fits one model and predicts. Register a new one with
+``@register_stacker("name")`` (or the ``fusion.stackers`` entry-point group of an installed
+package); ``create_stacker(name, ...)`` builds it and an unknown name lists what exists, through
+the same :class:`embedstore.registry.Registry` as encoders and heads.
+
+Every backend sees class indices ``0..K-1``. A training set that lacks some class (tiny folds) is
+re-indexed to the classes present and the outputs are expanded back to K columns (probability
+0 for an absent class), so the GBDT's tree layout never depends on which class was missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from embedstore.registry import Registry
+
+from ...errors import StackError
+
+__all__ = [
+    "STACKERS",
+    "Stacker",
+    "construct",
+    "create_stacker",
+    "list_stackers",
+    "register_stacker",
+    "stacker_class",
+]
+
+
+def _check(name: str, obj: Any) -> None:
+    if not (isinstance(obj, type) and issubclass(obj, Stacker)):
+        raise StackError(f"stacker {name!r} is {obj!r}, not a fusion.stack.Stacker subclass")
+
+
+STACKERS: Registry[type[Stacker]] = Registry(
+    "stacker",
+    error=StackError,
+    entry_point_group="fusion.stackers",
+    normalize=lambda name: name.strip().lower(),
+    check=_check,
+)
+
+
+def register_stacker(name: str) -> Callable[[type[Stacker]], type[Stacker]]:
+    """Class decorator: make a :class:`Stacker` subclass available as ``name``."""
+
+    def deco(cls: type[Stacker]) -> type[Stacker]:
+        cls.name = STACKERS.normalize(name)
+        return STACKERS.register(name)(cls)
+
+    return deco
+
+
+def list_stackers() -> list[str]:
+    """Names of the available stackers, sorted."""
+    return STACKERS.names()
+
+
+def stacker_class(name: str) -> type[Stacker]:
+    """The class registered as ``name`` (an unknown name lists what exists)."""
+    return STACKERS.get(name)
+
+
+def create_stacker(
+    name: str,
+    *,
+    n_classes: int,
+    params: dict[str, Any] | None = None,
+    seed: int = 0,
+    client: Any = None,
+) -> Stacker:
+    """Build a stacker by name; ``client`` is a ``distributed.Client`` for the GBDT backends."""
+    cls = stacker_class(name)
+    if client is not None and not cls.supports_dask:
+        dask_ok = [n for n in list_stackers() if stacker_class(n).supports_dask]
+        raise StackError(f"stacker {name!r} cannot train on Dask; use one of {dask_ok} or drop --dask")
+    return cls(n_classes=n_classes, params=params, seed=seed, client=client)
+
+
+def construct(cls: Any, params: dict[str, Any], stacker: str) -> Any:
+    """``cls(**params)``; a bad keyword becomes one StackError naming the stacker."""
+    try:
+        return cls(**params)
+    except TypeError as e:
+        raise StackError(
+            f"bad --params for stacker {stacker!r}: {e}; check the names against "
+            f"{cls.__module__}.{cls.__name__}"
+        ) from None
+
+
+class Stacker:
+    """One K-class model. Subclasses implement ``fit_local`` / ``proba_local`` (and, for GBDTs,
+    ``margin_local`` / ``contrib_local``) in the local class indices of :attr:`present`, and
+    ``save_model``.
+
+    Options that belong to the procedure rather than the model (popped from ``params``):
+    ``early_stopping_rounds``, ``valid_fraction`` (inner early-stopping split of the training
+    rows), ``log_probs`` (feed log-probabilities instead of probabilities) and ``explain``
+    (GBDTs: write TreeSHAP contributions, default true).
+    """
+
+    name: ClassVar[str] = "?"
+    attribution: ClassVar[bool] = False  # has TreeSHAP contributions
+    supports_dask: ClassVar[bool] = False
+    uses_early_stopping: ClassVar[bool] = True
+    log_probs_default: ClassVar[bool] = False
+    early_stopping_default: ClassVar[int] = 30
+    threads_param: ClassVar[str | None] = None  # the model parameter `--threads` sets
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        *,
+        n_classes: int,
+        params: dict[str, Any] | None = None,
+        seed: int = 0,
+        client: Any = None,
+    ):
+        params = dict(params or {})
+        self.n_classes = n_classes
+        self.seed = seed
+        self.client = client
+        self.early_stopping_rounds = int(
+            params.pop("early_stopping_rounds", self.early_stopping_default)
+        )
+        self.valid_fraction = float(params.pop("valid_fraction", 0.1))
+        self.log_probs = bool(params.pop("log_probs", self.log_probs_default))
+        # TreeSHAP costs about as much as the fit at 27 classes (all classes are explained);
+        # explain=false skips contributions.csv
+        self.explain = bool(params.pop("explain", True)) and self.attribution
+        if not 0.0 < self.valid_fraction < 0.5:
+            raise StackError(
+                f"valid_fraction={self.valid_fraction} must lie in (0, 0.5); "
+                "0.1-0.15 is the usual inner early-stopping split"
+            )
+        self.user_params = params
+        self.params = {**self.defaults, **params}
+        self.best_iteration: int | None = None  # rounds / epochs used by the fitted model
+        self.present = np.arange(n_classes)  # the classes seen in training, ascending
+
+    def procedure_params(self) -> dict[str, Any]:
+        return {
+            "explain": self.explain,
+            "early_stopping_rounds": self.early_stopping_rounds,
+            "valid_fraction": self.valid_fraction,
+            "log_probs": self.log_probs,
+        }
+
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        X_valid: np.ndarray | None = None,
+        y_valid: np.ndarray | None = None,
+        *,
+        rounds: int | None = None,
+    ) -> Stacker:
+        """Fit on ``(X, y)``; early-stop on ``(X_valid, y_valid)`` when given, else train exactly
+        ``rounds`` rounds/epochs (the refit on all rows)."""
+        present = np.unique(y)
+        if len(present) < 2:
+            raise StackError(
+                f"the stacker's training rows hold only class {present.tolist()}; "
+                "a stacker needs at least 2 classes (more labelled rows or fewer folds)"
+            )
+        self.present = present
+        remap = np.full(self.n_classes, -1, dtype=np.int64)
+        remap[present] = np.arange(len(present))
+        if X_valid is not None and y_valid is not None:
+            keep = remap[y_valid] >= 0  # a class unseen in training cannot be early-stopped on
+            X_valid, y_valid = X_valid[keep], remap[y_valid[keep]]
+            if len(y_valid) == 0:
+                X_valid = y_valid = None
+        self.fit_local(X, remap[y], X_valid, y_valid, len(present), rounds)
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """(N, K) probabilities; classes absent from training get 0."""
+        out = np.zeros((len(X), self.n_classes), dtype=np.float64)
+        out[:, self.present] = self.proba_local(X)
+        return out
+
+    def margin(self, X: np.ndarray) -> np.ndarray:
+        """(N, K) raw margins (log-odds before softmax); absent classes get -inf."""
+        out = np.full((len(X), self.n_classes), -np.inf, dtype=np.float64)
+        out[:, self.present] = self.margin_local(X)
+        return out
+
+    def contributions(self, X: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """(N, F + 1) TreeSHAP contributions to the margin of ``classes[i]`` for row i; the last
+        column is the bias (expected margin). Rows sum to ``margin(X)[i, classes[i]]``."""
+        local = np.searchsorted(self.present, classes)
+        if np.any(self.present[np.minimum(local, len(self.present) - 1)] != classes):
+            raise StackError("contributions asked for a class the stacker never saw in training")
+        return self.contrib_local(X, local)
+
+    # -- backend hooks (local class indices 0..len(present)-1) ---------------------------------
+    def fit_local(self, X, y, X_valid, y_valid, n_classes: int, rounds: int | None) -> None:
+        raise NotImplementedError
+
+    def proba_local(self, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def margin_local(self, X: np.ndarray) -> np.ndarray:
+        raise StackError(f"stacker {self.name!r} has no raw margin")
+
+    def contrib_local(self, X: np.ndarray, local: np.ndarray) -> np.ndarray:
+        """(N, F + 1) contributions to the margin of local class ``local[i]`` for row i."""
+        raise StackError(f"stacker {self.name!r} has no TreeSHAP contributions")
+
+    def save_model(self, path_stem: Path) -> Path | None:
+        """Write the fitted model (``path_stem`` + the backend's suffix); None if it has none."""
+        return None
