@@ -1,38 +1,85 @@
-"""`fusion stack` command."""
+"""`fusion stack`: a plain command function; cli/fusion_app.py registers it.
+
+Options default to ``None`` and fall back to :func:`fusion.stack.stack`'s defaults (stated once,
+in :mod:`fusion.stack.procedure`): only what the user gave is passed on.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import numpy as np
 import typer
 
-from ._common import StorageOption, console, err_console, handle_errors, parse_storage_options
-from .fusion_app import app
+from embedstore import open_store
+from fusion.errors import StackError
+from fusion.rundir import Run, load_run
+from fusion.stack import (
+    DEFAULT_SEED,
+    DEFAULT_STACKER,
+    FEATURES,
+    default_out,
+    list_stackers,
+    parse_params,
+    stacker_class,
+)
+from fusion.stack import stack as run_stack
+
+from ._common import (
+    Quiet,
+    StorageOption,
+    console,
+    err_console,
+    handle_errors,
+    parse_storage_options,
+)
+
+__all__ = ["stack"]
 
 
-@app.command()
+def _pooled(first: Run, names: list[str] | None, storage_options: dict[str, Any] | None
+            ) -> np.ndarray:
+    """(N_store, D) pooled vectors of ``names`` (default: the first run's feature sets), read
+    from the store the runs were trained on."""
+    url = first.config["store"]["url"]
+    store = open_store(url, storage_options=storage_options)
+    names = names or [f["name"] for f in (first.config.get("features") or {}).values() if f]
+    if not names:
+        raise StackError(f"--features probs+pooled: run {first.name!r} records no feature set; "
+                         "name one with --pooled FEATURE_SET")
+    return np.concatenate([store.features[n].pooled_all() for n in names], axis=1)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 @handle_errors
 def stack(
-    runs: Annotated[list[Path], typer.Option("--runs", "-r", help="Source run directories "
-                                             "(repeat, or space-separate after one --runs).")],
-    stacker: Annotated[str, typer.Option(help="lightgbm | xgboost | logreg | mlp")] = "lightgbm",
-    features: Annotated[str, typer.Option(help="probs | probs+pooled")] = "probs",
-    pooled: Annotated[list[str] | None, typer.Option(help="Feature set(s) whose pooled vectors "
-                                                     "join the features (probs+pooled).")]
+    runs: Annotated[list[Path], typer.Option(
+        "--runs", "-r", help="Source run directory; repeat for each run: -r runs/text "
+        "-r runs/image.")],
+    stacker: Annotated[str | None, typer.Option(
+        help=f"{' | '.join(list_stackers())} (default {DEFAULT_STACKER}).")] = None,
+    features: Annotated[str | None, typer.Option(
+        help=f"{' | '.join(FEATURES)} (default {FEATURES[0]}).")] = None,
+    pooled: Annotated[list[str] | None, typer.Option(
+        help="Feature set whose pooled vectors join the features with --features "
+        "probs+pooled (repeatable; default: the first run's feature sets).")] = None,
+    params: Annotated[list[str] | None, typer.Option(
+        "--params", "-p", help="Stacker parameter KEY=VALUE (repeatable), e.g. -p "
+        "num_leaves=31 -p explain=false.")] = None,
+    seed: Annotated[int | None, typer.Option(help=f"Seed (default {DEFAULT_SEED}).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads of the stacker (GBDT n_jobs, mlp torch threads; logreg has no "
+        "setting); 1 is often fastest on a busy machine.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help=f"Run directory (default {default_out('<stacker>')}).")] = None,
+    dask: Annotated[str | None, typer.Option(
+        help="Dask scheduler address (tcp://host:8786): train the GBDT on that cluster.")]
     = None,
-    params: Annotated[list[str] | None, typer.Option("--params", "-p", help="Stacker "
-                                                     "parameter KEY=VALUE (repeatable).")]
-    = None,
-    seed: Annotated[int, typer.Option()] = 0,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (GBDT n_jobs, torch for "
-                                                "mlp); 1 is often fastest on a busy machine.")]
-    = None,
-    out: Annotated[Path | None, typer.Option(help="Run directory (default "
-                                             "runs/stack-<stacker>).")] = None,
-    dask: Annotated[str | None, typer.Option(help="Dask scheduler address (tcp://host:8786): "
-                                             "train the GBDT on that cluster.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: Quiet = False,
     storage_option: StorageOption = None,
 ) -> None:
     """Cross-fitted stacker (boosted late fusion) over the runs' out-of-fold probabilities,
@@ -40,43 +87,31 @@ def stack(
 
     Examples:
 
-      fusion stack --runs runs/text --runs runs/image --runs runs/hanet --stacker lightgbm
+      fusion stack -r runs/text -r runs/image -r runs/hanet --out runs/stack
 
       fusion stack -r runs/text -r runs/image --stacker xgboost -p max_depth=4 --out runs/xgb
 
-      fusion stack -r runs/text -r runs/image --features probs+pooled --pooled minilm
+      fusion stack -r runs/text -r runs/image --stacker logreg --features probs+pooled --pooled minilm --out runs/stack-pooled
     """
-    from fusion.stack import parse_params
-    from fusion.stack import stack as do_stack
-
-    pooled_arr = None
-    if features == "probs+pooled":
-        import numpy as np
-
-        from embedstore import open_store
-        from fusion.rundir import load_run
-
-        first = load_run(runs[0])
-        s = open_store(first.config["store"]["url"],
-                       storage_options=parse_storage_options(storage_option))
-        names = pooled or [f["name"] for f in first.config.get("features", {}).values() if f]
-        pooled_arr = np.concatenate([s.features[n].pooled_all() for n in names], axis=1)
-    out = out or Path("runs") / f"stack-{stacker}"
-    stacker_params = parse_params(params or [])
+    stacker_params = parse_params(params)
     if threads is not None:
         if threads < 1:
             raise typer.BadParameter(f"--threads must be >= 1, got {threads}")
-        if stacker in ("lightgbm", "xgboost"):
-            stacker_params.setdefault("n_jobs", threads)
-        import torch
-
-        torch.set_num_threads(threads)
-    run = do_stack(runs, stacker=stacker, features=features, params=stacker_params,
-                   seed=seed, out=out, dask=dask, pooled=pooled_arr,
-                   progress=None if quiet else (lambda m: err_console.print(m)))
+        key = stacker_class(stacker or DEFAULT_STACKER).threads_param
+        if key is not None:
+            stacker_params.setdefault(key, threads)
+    given: dict[str, Any] = {"stacker": stacker, "features": features, "seed": seed,
+                             "dask": dask}
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    if pooled and features != "probs+pooled":
+        raise StackError(f"--pooled {pooled[0]} is used only with --features probs+pooled; add it")
+    if features == "probs+pooled":
+        kwargs["pooled"] = _pooled(load_run(runs[0]), pooled,
+                                   parse_storage_options(storage_option))
+    run = run_stack(runs, params=stacker_params, out=out or default_out(stacker or DEFAULT_STACKER),
+                    progress=None if quiet else err_console.print, **kwargs)
     m = run.metrics
     h = m.get("holdout") or {}
-    console.print(f"{run.name}: OOF macro-F1 {m['macro_f1']:.4f} acc {m['accuracy']:.4f} | "
-                  f"holdout macro-F1 {h.get('macro_f1', float('nan')):.4f} acc "
-                  f"{h.get('accuracy', float('nan')):.4f} | {m['train_seconds']:.1f}s -> "
-                  f"{run.path}")
+    console.print(f"{run.name}: OOF macro-F1 {_fmt(m['macro_f1'])} acc {_fmt(m['accuracy'])} | "
+                  f"holdout macro-F1 {_fmt(h.get('macro_f1'))} acc {_fmt(h.get('accuracy'))} | "
+                  f"{m['train_seconds']:.1f}s -> {run.path}")

@@ -136,3 +136,20 @@ def test_a_stopped_measurement_is_a_lower_bound_that_only_decides_a_clear_miss()
     assert R(6, "lgb", 0.5, ("<=", 1.0), lower_bound=True).status == "inconclusive"
     assert R(3, "live", 150.0, (">=", 100.0), lower_bound=True).status == "pass"
     assert R(3, "live", 50.0, (">=", 100.0), lower_bound=True).status == "inconclusive"
+
+
+def test_stacker_benchmark_child_reports_ready_then_one_json_line_per_job(tmp_path):
+    # the protocol section 6 reads from examples/bench_stack.py --child (logreg: the fast one)
+    import json
+
+    jobs = [{"n_items": 150, "n_runs": 2, "n_classes": 3, "repeats": 2, "stackers": ["logreg"]}]
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "bench_stack.py"), "--child",
+                           json.dumps(jobs)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "ready" and len(lines) == 2
+    row = json.loads(lines[1])
+    assert row["stacker"] == "logreg" and row["n_folds"] == 5 and len(row["all_seconds"]) == 2
+    assert 0 < row["median_fit_seconds"] <= row["median_seconds"]
+    assert row["holdout_macro_f1"] > row["best_source_holdout_macro_f1"]

@@ -623,3 +623,46 @@ def test_unreachable_dask_scheduler_is_one_clear_error(sources, tmp_path, monkey
     ):
         stack(sources, stacker="lightgbm", dask="tcp://127.0.0.1:1", out=tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli():
+    """`fusion stack` registered on a bare app, as cli/fusion_app.py registers it."""
+    import typer
+    from typer.testing import CliRunner
+
+    from cli import stack_cmd
+
+    app = typer.Typer()
+    app.command("stack")(stack_cmd.stack)
+    app.command("noop")(lambda: None)  # two commands: `stack` stays a subcommand
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, ["stack", *map(str, args)])
+
+
+def test_cli_passes_params_threads_and_defaults_to_the_library(cli, sources, tmp_path):
+    res = cli("-r", sources[0], "-r", sources[1], "--stacker", "mlp", "-p", "max-epochs=3",
+              "--threads", 1, "--out", tmp_path / "s", "-q")
+    assert res.exit_code == 0, res.output
+    run = load_run(tmp_path / "s")
+    assert run.config["user_params"] == {"max_epochs": 3, "threads": 1}
+    assert run.config["params"]["hidden"] == 64 and run.config["seed"] == 0
+    assert run.config["features"] == "probs" and [s["name"] for s in run.config["sources"]] == [
+        "text", "image"]
+    assert f"s: OOF macro-F1 {run.metrics['macro_f1']:.4f}" in res.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--stacker", "catboost"], "unknown stacker 'catboost'; available: lightgbm, logreg"),
+        (["-p", "num_leaves"], "--params 'num_leaves' is not KEY=VALUE; write e.g."),
+        (["--pooled", "minilm"], "--pooled minilm is used only with --features probs+pooled"),
+    ],
+)
+def test_cli_refusals_are_one_line_and_exit_2(cli, sources, tmp_path, args, message):
+    res = cli("-r", sources[0], "-r", sources[1], "--out", tmp_path / "s", *args)
+    assert res.exit_code == 2
+    assert message in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
