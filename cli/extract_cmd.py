@@ -1,10 +1,17 @@
-"""`embedstore extract` command."""
+"""`embedstore extract` (a plain function, registered by :mod:`cli.embedstore_app`) and its
+rich progress bar.
+
+Every option defaults to ``None`` = "not given": :class:`embedstore.extract.ExtractConfig`
+states each default once; the help texts quote them from there.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Annotated
 
+import torch
 import typer
 from rich.markup import escape
 from rich.progress import (
@@ -18,6 +25,10 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from embedstore.errors import ExtractionError, InvalidInputError
+from embedstore.extract import ExtractConfig, FeatureResult
+from embedstore.extract import extract as run_extract
+
 from ._common import (
     Quiet,
     StorageOption,
@@ -26,7 +37,10 @@ from ._common import (
     handle_errors,
     parse_storage_options,
 )
-from .embedstore_app import app
+
+__all__ = ["RichProgress", "extract"]
+
+_D = ExtractConfig()  # the defaults, quoted in the help texts
 
 
 class _SpeedColumn(ProgressColumn):
@@ -34,7 +48,9 @@ class _SpeedColumn(ProgressColumn):
         return Text("-- items/s" if task.speed is None else f"{task.speed:.1f} items/s")
 
 
-class _RichProgress:
+class RichProgress:
+    """:class:`embedstore.extract.Progress` as rich progress bars on stderr."""
+
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
@@ -58,47 +74,57 @@ class _RichProgress:
         self.bar.stop()
 
 
-@app.command()
+_RichProgress = RichProgress  # examples/demo.py imports this name
+
+
 @handle_errors
 def extract(
     catalog: Annotated[str, typer.Argument(help="CSV, TSV, Parquet or JSONL catalog.")],
     store: Annotated[str, typer.Option("--store", "-s", help="Store path or fsspec URL.")],
-    text: Annotated[str | None, typer.Option(help="Text encoder spec, e.g. hf:/models/minilm "
-                                             "or open_clip:ViT-B-32@random.")] = None,
+    text: Annotated[str | None, typer.Option(help="Text encoder spec, e.g. "
+                    "hf:$(embedstore weights path minilm) or open_clip:ViT-B-32@random.")] = None,
     image: Annotated[str | None, typer.Option(help="Image encoder spec, e.g. "
                      "timm:tf_efficientnet_lite0@lite0.safetensors.")] = None,
-    id_col: Annotated[str, typer.Option(help="Id column.")] = "id",
-    text_cols: Annotated[str, typer.Option(help="Text columns, joined in order.")] =
-    "title,description",
-    image_col: Annotated[str, typer.Option(help="Image path/URL column.")] = "image",
-    label_col: Annotated[str, typer.Option(help="Label column ('' for none).")] = "label",
-    layers: Annotated[str, typer.Option(help="Hidden states to keep: -1 | -4,-3,-2,-1 | all "
-                                        "(0 = embeddings).")] = "-1",
-    max_length: Annotated[int, typer.Option(help="Max tokens per text.")] = 256,
+    id_col: Annotated[str | None, typer.Option(help=f"Id column (default {_D.id_col}).")] = None,
+    text_cols: Annotated[str | None, typer.Option(help="Text columns, joined in order "
+                         f"(default {','.join(_D.text_cols)}).")] = None,
+    image_col: Annotated[str | None, typer.Option(help="Image path/URL column "
+                         f"(default {_D.image_col}).")] = None,
+    label_col: Annotated[str | None, typer.Option(help="Label column, '' for none "
+                         f"(default {_D.label_col}).")] = None,
+    layers: Annotated[str | None, typer.Option(help="Hidden states to keep: -1 | -4,-3,-2,-1 | "
+                      f"all (0 = embeddings) (default {_D.layers}).")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Max tokens per text "
+                          f"(default {_D.max_length}).")] = None,
     image_size: Annotated[int | None, typer.Option(help="Override the encoder's input size.")]
     = None,
-    batch_size: Annotated[int, typer.Option(help="Items per forward pass.")] = 32,
-    num_workers: Annotated[int, typer.Option(help="DataLoader workers for tokenising and "
-                                             "image decoding.")] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (AMP on GPU).")] = "fp32",
+    batch_size: Annotated[int | None, typer.Option(help="Items per forward pass "
+                          f"(default {_D.batch_size}).")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader workers for tokenising and "
+                           f"image decoding (default {_D.num_workers}).")] = None,
+    device: Annotated[str | None, typer.Option(help=f"auto | cpu | cuda[:N] (default {_D.device}).")]
+    = None,
+    precision: Annotated[str | None, typer.Option(help="fp32 | fp16 | bf16 (AMP on GPU) "
+                         f"(default {_D.precision}).")] = None,
     text_name: Annotated[str | None, typer.Option(help="Feature-set name for the text "
-                                                  "encoder.")] = None,
+                                                  "encoder (default: from the spec).")] = None,
     image_name: Annotated[str | None, typer.Option(help="Feature-set name for the image "
-                                                   "encoder.")] = None,
-    folds: Annotated[int, typer.Option(help="Folds (new store only).")] = 5,
-    seed: Annotated[int, typer.Option(help="Fold seed (new store only).")] = 0,
-    holdout: Annotated[float, typer.Option(help="Holdout share (new store only).")] = 0.2,
-    resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted feature "
-                                         "set; done rows are skipped.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a complete feature "
-                                            "set (swapped in when the new one is complete).")]
-    = False,
-    max_error_rate: Annotated[float, typer.Option(help="Above this share of failed rows "
-                                                  "(bad images, empty texts) the run still "
-                                                  "finishes and keeps its data, then exits "
-                                                  "1.")] = 0.01,
-    block_rows: Annotated[int, typer.Option(help="Rows per write block (power of two).")] = 1024,
+                                                   "encoder (default: from the spec).")] = None,
+    folds: Annotated[int | None, typer.Option(help=f"Folds (new store only) (default {_D.folds}).")]
+    = None,
+    seed: Annotated[int | None, typer.Option(help=f"Fold seed (new store only) (default {_D.seed}).")]
+    = None,
+    holdout: Annotated[float | None, typer.Option(help="Holdout share (new store only) "
+                       f"(default {_D.holdout}).")] = None,
+    resume: Annotated[bool | None, typer.Option("--resume", help="Finish an interrupted "
+                      "feature set; done rows are skipped.")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace a complete "
+                         "feature set (swapped in when the new one is complete).")] = None,
+    max_error_rate: Annotated[float | None, typer.Option(help="Above this share of failed rows "
+                              "(bad images, empty texts) the run still finishes and keeps its "
+                              f"data, then exits 1 (default {_D.max_error_rate}).")] = None,
+    block_rows: Annotated[int | None, typer.Option(help="Rows per write block (power of two) "
+                          f"(default {_D.block_rows}).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for the encoder "
                                                 "(torch.set_num_threads); default: torch's "
                                                 "choice (OMP_NUM_THREADS).")] = None,
@@ -109,38 +135,34 @@ def extract(
 
     Examples:
 
-      embedstore extract catalog.csv --store cat.zarr --text hf:/models/minilm --layers -4,-3,-2,-1
+      embedstore extract data/catalog.csv --store cat.zarr --text hf:$(embedstore weights path minilm) --layers -4,-3,-2,-1 --text-name minilm-4
 
-      embedstore extract catalog.csv --store cat.zarr --image timm:vit_small_patch16_224@random
+      embedstore extract data/catalog.csv --store cat.zarr --image timm:vit_tiny_patch16_224@random --image-name vit
 
-      embedstore extract catalog.csv --store s3://bucket/cat.zarr -S endpoint_url=http://127.0.0.1:9000 --text hf:/models/minilm --resume
+      embedstore extract data/catalog.csv --store s3://bucket/cat.zarr -S endpoint_url=http://127.0.0.1:9000 --text hf:$(embedstore weights path minilm) --resume
 
-      torchrun --standalone --nproc-per-node 4 $(which embedstore) extract catalog.csv --store cat.zarr --text hf:/models/minilm
+      torchrun --standalone --nproc-per-node 4 $(which embedstore) extract data/catalog.csv --store cat.zarr --text hf:$(embedstore weights path minilm) --text-name minilm-ddp
 
     Exit codes: 0 done; 1 done, but more failed rows than --max-error-rate (data kept); 2 bad
     input, nothing written (one `error:` line). See docs/extract.md.
     """
-    import torch
-
-    from embedstore.errors import ExtractionError, InvalidInputError
-    from embedstore.extract import ExtractConfig
-    from embedstore.extract import extract as run_extract
-
     if threads is not None:
         if threads < 1:
             raise InvalidInputError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
-
-    cfg = ExtractConfig(
-        text=text, image=image, id_col=id_col,
-        text_cols=tuple(c.strip() for c in text_cols.split(",") if c.strip()),
-        image_col=image_col, label_col=label_col or None, layers=layers, max_length=max_length,
-        image_size=image_size, batch_size=batch_size, num_workers=num_workers, device=device,
-        precision=precision, text_name=text_name, image_name=image_name, folds=folds, seed=seed,
-        holdout=holdout, resume=resume, overwrite=overwrite, max_error_rate=max_error_rate,
+    cols = None if text_cols is None else tuple(c.strip() for c in text_cols.split(",")
+                                                if c.strip())
+    cfg = ExtractConfig.from_options(
+        text=text, image=image, id_col=id_col, text_cols=cols, image_col=image_col,
+        label_col=label_col, layers=layers, max_length=max_length, image_size=image_size,
+        batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
+        text_name=text_name, image_name=image_name, folds=folds, seed=seed, holdout=holdout,
+        resume=resume, overwrite=overwrite, max_error_rate=max_error_rate,
         block_rows=block_rows, storage_options=parse_storage_options(storage_option))
-    prog = _RichProgress(quiet or not main_rank)
+    if label_col == "":  # '' = the catalog has no labels
+        cfg = dataclasses.replace(cfg, label_col=None)
+    prog = RichProgress(quiet or not main_rank)
     failed = None
     try:
         results = run_extract(catalog, store, cfg, progress=prog)
@@ -159,7 +181,7 @@ def extract(
         raise typer.Exit(1)
 
 
-def _summary(r) -> None:
+def _summary(r: FeatureResult) -> None:
     """One line per feature set (items, errors, items/s, bytes), then up to 5 failed rows."""
     def line(text: str) -> None:
         console.print(text, markup=False, soft_wrap=True)

@@ -1,12 +1,12 @@
 """embedstore: cache token-level text and spatial image encoder outputs in a Zarr store."""
 
-__version__ = "0.1.0"
-
-from .errors import *  # noqa: E402,F401,F403
-from .errors import __all__ as _errors_all  # noqa: E402
-from .features import FeatureSet, FeatureWriter  # noqa: E402
-from .format import FORMAT_VERSION  # noqa: E402
-from .store import Store, create_store, make_folds, open_store  # noqa: E402
+from .create import create_store, make_folds
+from .errors import *  # noqa: F401,F403
+from .errors import __all__ as _errors_all
+from .features import FeatureSet, FeatureWriter
+from .format import FORMAT_VERSION
+from .store import Store, open_store
+from .version import __version__
 
 __all__ = [
     "__version__",

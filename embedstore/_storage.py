@@ -17,10 +17,12 @@ import time
 import uuid
 from typing import Any
 
+import fsspec
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import WrapperStore
 
-from .errors import InvalidInputError, StoreCorruptError
+from .errors import EmbedStoreError, InvalidInputError, StoreCorruptError
 
 __all__ = [
     "PrefixSet",
@@ -30,10 +32,16 @@ __all__ = [
     "protocol",
     "zarr_store",
     "filesystem",
+    "exists",
+    "read",
+    "nbytes",
+    "put",
     "put_exclusive",
     "remove_prefix",
     "list_chunk_indices",
     "swap_group",
+    "invalidate",
+    "describe",
     "is_io_error",
     "test_pause",
 ]
@@ -65,19 +73,21 @@ def _options(url: str, storage_options: dict | None) -> dict:
     return {**_DEFAULT_OPTIONS.get(protocol(url), {}), **(storage_options or {})}
 
 
-def filesystem(url: str, storage_options: dict | None):
-    """``(fsspec filesystem, root path)``; ``(None, local path)`` for local stores."""
-    if is_local(url):
-        return None, local_path(url)
-    import fsspec
+def _cannot_open(url: str, e: Exception) -> InvalidInputError:
+    return InvalidInputError(
+        f"cannot open {url!r}: {type(e).__name__}: {e}; install the fsspec backend for "
+        f"{protocol(url)!r} (e.g. pip install 'embedstore-fusion[remote]') and check the "
+        "--storage-option values")
 
+
+def filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(fsspec filesystem, root path)``; local stores get fsspec's local filesystem."""
+    if is_local(url):
+        return LocalFileSystem(), os.path.abspath(local_path(url))
     try:
         fs, root = fsspec.core.url_to_fs(url, **_options(url, storage_options))
     except (ImportError, ValueError, TypeError) as e:
-        raise InvalidInputError(
-            f"cannot open {url!r}: {type(e).__name__}: {e}; install the fsspec backend for "
-            f"{protocol(url)!r} (e.g. pip install 'embedstore-fusion[remote]') and check the "
-            "--storage-option values") from None
+        raise _cannot_open(url, e) from None
     return fs, root.rstrip("/")
 
 
@@ -141,19 +151,29 @@ def zarr_store(url: str, *, read_only: bool, storage_options: dict | None) -> St
         inner = zarr.storage.FsspecStore.from_url(
             url, storage_options=_options(url, storage_options) or None, read_only=read_only)
     except (ImportError, ValueError, TypeError) as e:
-        raise InvalidInputError(
-            f"cannot open {url!r}: {type(e).__name__}: {e}; install the fsspec backend for "
-            f"{protocol(url)!r} (e.g. pip install 'embedstore-fusion[remote]') and check the "
-            "--storage-option values") from None
+        raise _cannot_open(url, e) from None
     return StrictStore(inner, url=url)
 
 
 def exists(url: str, storage_options: dict | None, key: str) -> bool:
     fs, root = filesystem(url, storage_options)
-    if fs is None:
-        return os.path.exists(os.path.join(root, key))
     fs.invalidate_cache()
     return bool(fs.exists(f"{root}/{key}"))
+
+
+def read(url: str, storage_options: dict | None, key: str) -> bytes:
+    """The bytes of ``key``; ``FileNotFoundError`` when it does not exist."""
+    fs, root = filesystem(url, storage_options)
+    return fs.cat_file(f"{root}/{key}")
+
+
+def nbytes(url: str, storage_options: dict | None, path: str) -> int:
+    """Bytes stored under ``path`` (0 when it cannot be measured)."""
+    fs, root = filesystem(url, storage_options)
+    try:
+        return int(fs.du(f"{root}/{path}"))
+    except (OSError, EmbedStoreError):
+        return 0
 
 
 def put_exclusive(url: str, storage_options: dict | None, key: str, data: bytes) -> None:
@@ -164,15 +184,14 @@ def put_exclusive(url: str, storage_options: dict | None, key: str, data: bytes)
     existence check then a write, which is *not* atomic (documented in docs/reliability.md).
     """
     fs, root = filesystem(url, storage_options)
-    if fs is None:
-        path = os.path.join(root, key)
+    path = f"{root}/{key}"
+    if is_local(url):
         tmp = _write_temp(path, data)
         try:
             os.link(tmp, path)
         finally:
             os.unlink(tmp)
         return
-    path = f"{root}/{key}"
     if protocol(url) in ("s3", "s3a"):
         fs.pipe_file(path, data, mode="create")  # FileExistsError on HTTP 412
     else:
@@ -193,12 +212,13 @@ def _write_temp(path: str, data: bytes) -> str:
 
 
 def put(url: str, storage_options: dict | None, key: str, data: bytes) -> None:
+    """Write ``key`` whole (local: a temp file renamed over it, so no reader sees half)."""
     fs, root = filesystem(url, storage_options)
-    if fs is None:
-        path = os.path.join(root, key)
+    path = f"{root}/{key}"
+    if is_local(url):
         os.replace(_write_temp(path, data), path)
         return
-    fs.pipe_file(f"{root}/{key}", data)
+    fs.pipe_file(path, data)
     fs.invalidate_cache()
 
 
@@ -207,53 +227,43 @@ def remove_prefix(url: str, storage_options: dict | None, prefix: str,
     """Delete ``prefix`` (a group path) and everything under it, or only its children not in
     ``keep``."""
     fs, root = filesystem(url, storage_options)
-    if fs is None:
-        base = os.path.join(root, prefix)
-        if not os.path.isdir(base):
-            return
-        if not keep:
-            shutil.rmtree(base, ignore_errors=True)
-            return
-        for name in os.listdir(base):
-            if name in keep:
-                continue
-            p = os.path.join(base, name)
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                try:
-                    os.unlink(p)
-                except FileNotFoundError:
-                    pass
-        return
     base = f"{root}/{prefix}"
     fs.invalidate_cache()
-    paths = [p for p in fs.find(base) if p[len(base) + 1 :].split("/", 1)[0] not in keep]
-    if paths:
-        fs.rm(paths)
+    if not fs.isdir(base):
+        return
+    doomed = [p for p in fs.ls(base, detail=False)
+              if p.rstrip("/").rsplit("/", 1)[-1] not in keep]
+    for p in doomed:
+        _rm_tree(fs, p)
+    if not keep:
+        _rm_tree(fs, base)
     fs.invalidate_cache()
+
+
+def _rm_tree(fs, path: str) -> None:
+    """Remove ``path`` and everything under it; what another process removes meanwhile is not
+    an error."""
+    for _ in range(3):
+        try:
+            fs.rm(path, recursive=True)
+            return
+        except FileNotFoundError:
+            fs.invalidate_cache()
+            if not fs.exists(path):
+                return
 
 
 def list_chunk_indices(url: str, storage_options: dict | None, array_path: str) -> set[int]:
     """First chunk index of every chunk key stored for ``array_path`` (arrays here are chunked
-    along axis 0 only, so this names each chunk)."""
+    along axis 0 only, so this names each chunk). Temporary files are not chunks."""
     fs, root = filesystem(url, storage_options)
-    out: set[int] = set()
-    if fs is None:
-        base = os.path.join(root, array_path, "c")
-        for dirpath, _, files in os.walk(base):
-            rel = os.path.relpath(dirpath, base).split(os.sep)
-            for f in files:
-                first = rel[0] if rel[0] != "." else f
-                if first.isdigit() and f.replace(".", "").isdigit():  # not a .partial temp
-                    out.add(int(first))
-        return out
     base = f"{root}/{array_path}/c/"
     fs.invalidate_cache()
+    out: set[int] = set()
     for p in fs.find(base):
-        first = p[len(base) :].split("/", 1)[0]
-        if first.isdigit():
-            out.add(int(first))
+        parts = p[len(base) :].split("/")
+        if all(x.isdigit() for x in parts):  # not a .partial temp
+            out.add(int(parts[0]))
     return out
 
 
@@ -270,8 +280,8 @@ def swap_group(url: str, storage_options: dict | None, src: str, dst: str,
     in between leaves ``src`` complete: the swap is redone from the start.
     """
     fs, root = filesystem(url, storage_options)
-    if fs is None:
-        s, d = os.path.join(root, src), os.path.join(root, dst)
+    s, d = f"{root}/{src}", f"{root}/{dst}"
+    if is_local(url):
         old = os.path.join(os.path.dirname(d), f".{os.path.basename(d)}.old")
         shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(d):
@@ -280,7 +290,6 @@ def swap_group(url: str, storage_options: dict | None, src: str, dst: str,
         os.rename(s, d)
         shutil.rmtree(old, ignore_errors=True)
         return
-    s, d = f"{root}/{src}", f"{root}/{dst}"
     fs.invalidate_cache()
     if placeholder is not None:
         fs.pipe_file(f"{d}/zarr.json", placeholder)

@@ -4,15 +4,11 @@
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
-import os
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import zarr
 
 from . import _storage
 from .errors import (
@@ -26,22 +22,25 @@ from .errors import (
 from .format import (
     ATTRS_KEY,
     DEFAULT_BLOCK_ROWS,
+    MODALITIES,
+    feature_array_specs,
+    feature_arrays,
+    feature_meta,
+    group_document,
     parse_feature_attrs,
-    region_chunk_rows,
     token_chunk_size,
     token_layout,
+    utc_now,
 )
+from .overwrite import finish_swap
+from .zarrio import create_arrays, io_call
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: the writer is handed a Store, it never imports one
     from .store import Store
 
-__all__ = ["FeatureWriter", "finish_swap", "finish_interrupted_swaps"]
+__all__ = ["FeatureWriter"]
 
 _F16_MAX = float(np.finfo(np.float16).max)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 class FeatureWriter:
@@ -60,7 +59,7 @@ class FeatureWriter:
         self.block_rows = int(self.meta["block_rows"])
         self.modality = self.meta["modality"]
         self._offsets = self._lengths = None
-        missing = [a for a in _arrays_of(self.meta) if a not in self._members]
+        missing = [a for a in feature_arrays(self.modality) if a not in self._members]
         if missing:
             raise FeatureIncompleteError(
                 f"feature set {name!r} in {store.url!r} was interrupted while being created "
@@ -72,11 +71,8 @@ class FeatureWriter:
                                      "read the layout of")
 
     def _open_group(self) -> None:
-        def op():
-            return zarr.open_group(store=self.store._zstore, path=self.path, mode="r+",
-                                   use_consolidated=False, zarr_format=3)
-
-        self.group = self._io(op, "open")
+        self.group = self._io(lambda: self.store.location.open_group(self.path, mode="r+"),
+                              "open")
         self.meta = parse_feature_attrs(dict(self.group.attrs), self.name)
         self._members = set(self.group.array_keys())
         self._arrays: dict[str, Any] = {}
@@ -90,7 +86,7 @@ class FeatureWriter:
         return self._arrays[key]
 
     def _io(self, fn, verb: str, extra: str = ""):
-        return _io(fn, f"{verb} feature set {self.name!r}{extra} in {self.store.url!r}")
+        return io_call(fn, f"{verb} feature set {self.name!r}{extra} in {self.store.url!r}")
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -108,10 +104,8 @@ class FeatureWriter:
         :class:`FeatureExistsError`. Replacing an existing set (``overwrite``) builds it under
         ``features/.<name>.new`` and swaps it in at :meth:`finalize`.
         """
-        from .store import array_kwargs
-
         n = store.n_items
-        if modality not in ("text", "image"):
+        if modality not in MODALITIES:
             raise InvalidInputError(f"modality must be 'text' or 'image', got {modality!r}")
         if block_rows < 1 or block_rows & (block_rows - 1):
             raise InvalidInputError(f"block_rows must be a power of two, got {block_rows}")
@@ -119,22 +113,9 @@ class FeatureWriter:
             raise InvalidInputError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
         if dim < 1:
             raise InvalidInputError(f"dim must be >= 1, got {dim}")
-        pdim = int(pooled_dim or dim)  # CLIP-style encoders project the pooled vector
-        itemsize = np.dtype(dtype).itemsize
-        meta: dict[str, Any] = {
-            "name": name,
-            "modality": modality,
-            "kind": "tokens" if modality == "text" else "regions",
-            "dim": int(dim),
-            "pooled_dim": pdim,
-            "n_items": n,
-            "block_rows": int(block_rows),
-            "dtype": dtype,
-            "status": "writing",
-            "generation": uuid.uuid4().hex,
-            "created": _now(),
-            "encoder": {},
-        }
+        layout: dict[str, Any] = {}
+        data: dict[str, np.ndarray] = {}
+        total = 0
         if modality == "text":
             if lengths is None or layers is None:
                 raise InvalidInputError("a text feature set needs lengths (tokens per item) and "
@@ -143,63 +124,42 @@ class FeatureWriter:
             if lengths.shape != (n,) or (lengths < 0).any():
                 raise InvalidInputError(f"lengths must be {n} non-negative ints, got shape "
                                         f"{lengths.shape}")
-            n_layers = len(layers)
-            token_chunk = token_chunk_size(n_layers, dim, itemsize)
-            offsets, total = token_layout(lengths, block_rows, token_chunk)
-            meta.update(layers=[int(x) for x in layers], token_chunk=token_chunk,
-                        n_tokens=int(lengths.sum()))
+            token_chunk = token_chunk_size(len(layers), dim, np.dtype(dtype).itemsize)
+            data["offsets"], total = token_layout(lengths, block_rows, token_chunk)
+            data["lengths"] = lengths
+            layout = dict(layers=list(layers), token_chunk=token_chunk,
+                          n_tokens=int(lengths.sum()))
         else:
             if n_regions is None or n_regions < 1:
                 raise InvalidInputError(f"an image feature set needs n_regions >= 1, got "
                                         f"{n_regions}")
-            meta.update(n_regions=int(n_regions), prefix_tokens=int(prefix_tokens),
-                        grid=list(grid) if grid is not None else None)
-        for k, v in (attrs or {}).items():
-            if k not in meta or k == "encoder":
-                meta[k] = v
-        meta["encoder"] = dict((attrs or {}).get("encoder", {}))
+            layout = dict(n_regions=n_regions, prefix_tokens=prefix_tokens, grid=grid)
+        # CLIP-style encoders project the pooled vector: pooled_dim may differ from dim
+        meta = feature_meta(name=name, modality=modality, dim=dim, pooled_dim=pooled_dim or dim,
+                            n_items=n, block_rows=block_rows, dtype=dtype,
+                            generation=uuid.uuid4().hex, attrs=attrs, **layout)
+        if total == 0 and modality == "text":  # no valid token at all: write the one chunk
+            data["tokens"] = np.zeros((1, len(layers), dim), dtype=dtype)
         path = f"features/{name}"
         pending = f"features/.{name}.new"
-        if name in store._feature_names():
+        if name in store.feature_names():
             path = pending  # built aside, swapped in at finalize (overwrite)
-        elif _storage.exists(store.url, store.storage_options, f"{pending}/zarr.json"):
+        elif store.location.exists(f"{pending}/zarr.json"):
             if not overwrite:
                 raise FeatureExistsError(
                     f"an interrupted --overwrite of feature set {name!r} is pending in "
                     f"{store.url!r}; pass --resume to finish it or --overwrite to start again")
             path = pending
         _claim_group(store, name, path, meta, replace=path == pending)
-        kw = array_kwargs()
-        rows_chunk = (min(block_rows, n),)
 
         def make_arrays() -> None:
-            grp = zarr.open_group(store=store._zstore, path=path, mode="r+",
-                                  use_consolidated=False, zarr_format=3)
-            if modality == "text":
-                tok_shape = (max(total, 1), n_layers, dim)
-                tok = grp.create_array("tokens", shape=tok_shape, dtype=dtype,
-                                       chunks=(token_chunk, n_layers, dim), fill_value=0, **kw)
-                if total == 0:  # no valid token at all: write the one chunk so it exists
-                    tok[:] = 0
-                grp.create_array("offsets", shape=(n + 1,), dtype="int64",
-                                 chunks=(min(n + 1, 262144),), **kw)[:] = offsets
-                grp.create_array("lengths", shape=(n,), dtype="int32",
-                                 chunks=(min(n, 262144),), **kw)[:] = lengths
-            else:
-                rc = region_chunk_rows(n_regions, dim, block_rows, itemsize)
-                grp.create_array("regions", shape=(n, n_regions, dim), dtype=dtype,
-                                 chunks=(rc, n_regions, dim), fill_value=0, **kw)
-            grp.create_array("pooled", shape=(n, pdim), dtype="float32",
-                             chunks=(min(block_rows, n), pdim), fill_value=0, **kw)
-            grp.create_array("done", shape=(n,), dtype="bool", chunks=rows_chunk,
-                             fill_value=False, **kw)
-            grp.create_array("errors", shape=(n,), dtype=str, chunks=rows_chunk, fill_value="",
-                             **kw)
+            grp = store.location.open_group(path, mode="r+")
+            create_arrays(grp, feature_array_specs(meta, total), data)
 
         what = f"feature set {name!r} in {store.url!r}"
-        _io(make_arrays, f"create {what}")
+        io_call(make_arrays, f"create {what}")
         _storage.test_pause("created")
-        _io(store._consolidate, f"register {what}")
+        io_call(store.consolidate, f"register {what}")
         return cls(store, name, path)
 
     @classmethod
@@ -207,7 +167,7 @@ class FeatureWriter:
         """The pending replacement ``features/.<name>.new`` if there is one, else the set."""
         pending = f"features/.{name}.new"
         try:
-            if _storage.exists(store.url, store.storage_options, f"{pending}/zarr.json"):
+            if store.location.exists(f"{pending}/zarr.json"):
                 return cls(store, name, pending)
         except EmbedStoreError:
             raise
@@ -216,7 +176,7 @@ class FeatureWriter:
                 raise
             raise StoreIOError(f"cannot open feature set {name!r} in {store.url!r}: "
                                f"{_storage.describe(e)}") from None
-        store._feature_group(name)  # raises FeatureNotFoundError with the available names
+        store.feature_group(name)  # raises FeatureNotFoundError with the available names
         return cls(store, name, f"features/{name}")
 
     # -- blocks --------------------------------------------------------------------------
@@ -319,7 +279,8 @@ class FeatureWriter:
         _storage.test_pause("after_done", b)
 
     def _check_generation(self) -> None:
-        if _live_generation(self.store, self.path, self.name) != self.meta.get("generation"):
+        live = self.store.location.live_generation(self.path, self.name)
+        if live != self.meta.get("generation"):
             raise FeatureChangedError(
                 f"feature set {self.name!r} in {self.store.url!r} was replaced or removed by "
                 "another writer while this one was filling it; this writer stopped before "
@@ -332,22 +293,19 @@ class FeatureWriter:
         Returns whether the feature set is complete. An overwrite is swapped into place here.
         """
         target = f"features/{self.name}"
-        if self.path != target and not _storage.exists(self.store.url,
-                                                       self.store.storage_options,
-                                                       f"{self.path}/zarr.json"):
+        if self.path != target and not self.store.location.exists(f"{self.path}/zarr.json"):
             # another process (a second rank) finalised and swapped it already
             self.path = target
             self._open_group()
         complete = bool(self.done_mask().all())
         if not complete and not attrs:
             return False  # nothing to record (and never undo a concurrent writer's "complete")
-        live = self._io(lambda: zarr.open_group(store=self.store._zstore, path=self.path,
-                                                mode="r", use_consolidated=False,
-                                                zarr_format=3).attrs[ATTRS_KEY], "finalise")
+        live = self._io(lambda: self.store.location.open_group(self.path).attrs[ATTRS_KEY],
+                        "finalise")
         meta = {**live, **attrs}
         if complete:
             meta["status"] = "complete"
-            meta["finished"] = _now()
+            meta["finished"] = utc_now()
 
         def write_attrs() -> None:
             self.group.attrs[ATTRS_KEY] = meta
@@ -359,8 +317,8 @@ class FeatureWriter:
             self._io(lambda: finish_swap(self.store, self.name), "swap in")
             self.path = target
             self._open_group()
-        self._io(self.store._consolidate, "finalise")
-        self.store.features._open.pop(self.name, None)
+        self._io(self.store.consolidate, "finalise")
+        self.store.features.forget(self.name)
         return complete
 
     def __enter__(self) -> FeatureWriter:
@@ -369,92 +327,6 @@ class FeatureWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.finalize()
-
-
-def _live_generation(store: Store, path: str, name: str) -> str | None:
-    """The generation of the group at ``path`` as stored now (None: no group there)."""
-    try:
-        g = zarr.open_group(store=store._zstore, path=path, mode="r", use_consolidated=False,
-                            zarr_format=3)
-    except FileNotFoundError:  # zarr's GroupNotFoundError is one
-        return None
-    except Exception as e:  # noqa: BLE001
-        if _storage.is_io_error(e):
-            raise StoreIOError(f"cannot read feature set {name!r} in {store.url!r}: "
-                               f"{_storage.describe(e)}; check the storage/network") from None
-        return None  # unparsable metadata: not the set we opened
-    meta = g.attrs.get(ATTRS_KEY)
-    return meta.get("generation") if isinstance(meta, dict) else None
-
-
-def _io(fn, what: str):
-    """Run a storage operation; storage failures (disk full, permission denied, connection
-    lost) become one :class:`StoreIOError` that says finished rows are kept."""
-    try:
-        return fn()
-    except EmbedStoreError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        if not _storage.is_io_error(e):
-            raise
-        raise StoreIOError(
-            f"cannot {what}: {_storage.describe(e)}; rows finished before are kept: fix the "
-            "cause (disk space, permissions, network) and re-run with --resume") from None
-
-
-def _arrays_of(meta: dict) -> tuple[str, ...]:
-    if meta["modality"] == "text":
-        return ("tokens", "offsets", "lengths", "pooled", "done", "errors")
-    return ("regions", "pooled", "done", "errors")
-
-
-def finish_swap(store: Store, name: str) -> None:
-    """Move the complete replacement ``features/.<name>.new`` into place. Idempotent: a swap
-    that another process finished, or that was interrupted, is finished or left as is."""
-    url, so = store.url, store.storage_options
-    src, dst = f"features/.{name}.new", f"features/{name}"
-    fs, root = _storage.filesystem(url, so)
-    try:
-        raw = (open(os.path.join(root, src, "zarr.json"), "rb").read() if fs is None
-               else fs.cat_file(f"{root}/{src}/zarr.json"))
-    except FileNotFoundError:
-        return  # nothing pending: already swapped
-    doc = json.loads(raw)
-    # object stores: readers meanwhile see the new generation with status 'writing'
-    doc["attributes"][ATTRS_KEY]["status"] = "writing"
-    try:
-        _storage.swap_group(url, so, src, dst, placeholder=json.dumps(doc).encode())
-    except FileNotFoundError:
-        if _storage.exists(url, so, f"{src}/zarr.json"):
-            raise  # a real failure, not a concurrent completion
-
-
-def finish_interrupted_swaps(store: Store) -> list[str]:
-    """Complete every replacement that was finalised but not swapped in (the writer died
-    between the two steps). Called when a store is opened for writing."""
-    try:
-        grp = zarr.open_group(store=store._zstore, path="features", mode="r",
-                              use_consolidated=False, zarr_format=3)
-        names = [k for k in grp.group_keys() if k.startswith(".") and k.endswith(".new")]
-    except Exception:  # noqa: BLE001 - nothing to repair in a store we cannot list
-        return []
-    for key in [k for k in grp.group_keys() if k.startswith(".") and k.endswith(".old")]:
-        if key[1 : -len(".old")] in grp.group_keys():  # a swap finished but did not clean up
-            _storage.remove_prefix(store.url, store.storage_options, f"features/{key}")
-    done = []
-    for key in names:
-        try:
-            meta = grp[key].attrs.get(ATTRS_KEY) or {}
-        except Exception:  # noqa: BLE001
-            continue
-        if meta.get("status") == "complete":
-            name = key[1 : -len(".new")]
-            _io(lambda name=name: finish_swap(store, name),
-                f"finish the interrupted --overwrite of feature set {name!r} in {store.url!r}")
-            done.append(name)
-    if done:
-        store._consolidate()
-    return done
 
 
 def _claim_group(store: Store, name: str, path: str, meta: dict, *, replace: bool) -> None:
@@ -466,8 +338,7 @@ def _claim_group(store: Store, name: str, path: str, meta: dict, *, replace: boo
     stops at its next block with :class:`FeatureChangedError`).
     """
     url, so = store.url, store.storage_options
-    doc = json.dumps({"zarr_format": 3, "node_type": "group",
-                      "attributes": {ATTRS_KEY: meta}}).encode()
+    doc = group_document(meta)
     try:
         if replace:
             _storage.remove_prefix(url, so, path)
@@ -493,9 +364,3 @@ def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if dtype == np.float16:
         x = np.clip(x, -_F16_MAX, _F16_MAX)  # hidden states past fp16 range would become inf
     return x.astype(dtype, copy=False)
-
-
-def _fs_and_path(store: Store, path: str):
-    """``(fsspec filesystem or None, absolute path)`` of ``path`` inside the store."""
-    fs, root = _storage.filesystem(store.url, store.storage_options)
-    return fs, (os.path.join(root, path) if fs is None else f"{root}/{path}")

@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 
 from .errors import InvalidInputError
-from .format import ATTRS_KEY
-from .store import read_error
+from .format import ATTRS_KEY, ROOT_ARRAYS
+from .zarrio import read_error
 
 __all__ = ["export_hdf5"]
 
@@ -54,12 +54,12 @@ def export_hdf5(store, path: str | os.PathLike, *, features: list[str] | None = 
     try:
         with h5py.File(tmp, "w") as h5:
             h5.attrs[ATTRS_KEY] = json.dumps(store.meta)
-            for arr in ("ids", "labels", "folds"):
-                if arr in store._root:
-                    _copy(store._root[arr], h5, arr, progress)
+            for arr in ROOT_ARRAYS:
+                if arr in store.group:
+                    _copy(store.group[arr], h5, arr, progress)
             fg = h5.create_group("features")
             for name in names:
-                grp = store._feature_group(name)
+                grp = store.feature_group(name)
                 g = fg.create_group(name)
                 g.attrs[ATTRS_KEY] = json.dumps(dict(grp.attrs[ATTRS_KEY]))
                 for arr in sorted(grp.array_keys()):

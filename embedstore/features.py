@@ -1,5 +1,6 @@
 """Feature sets: one encoder run over every item of a store. The reader; the writer lives in
-:mod:`embedstore._writer` and is re-exported here.
+:mod:`embedstore._writer` and is re-exported here (``from embedstore.features import
+FeatureWriter``).
 
 Writers work in *blocks* of ``block_rows`` rows; every array is chunked so that a block owns
 whole chunks (see :func:`embedstore.format.token_layout`), so any number of threads, processes
@@ -19,13 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from ._writer import (  # noqa: F401  (re-exported: the writer half of this module's API)
-    FeatureWriter,
-    _fs_and_path,
-    _live_generation,
-    finish_interrupted_swaps,
-    finish_swap,
-)
+from ._writer import FeatureWriter
 from .errors import (
     EmbedStoreError,
     FeatureChangedError,
@@ -33,7 +28,9 @@ from .errors import (
     InvalidInputError,
     StoreCorruptError,
 )
-from .format import parse_feature_attrs
+from .format import main_array, parse_feature_attrs
+from .overwrite import finish_interrupted_swaps, finish_swap
+from .zarrio import read_error
 
 if TYPE_CHECKING:
     from .store import Store
@@ -53,7 +50,7 @@ class FeatureSet:
         self._ram: dict[str, np.ndarray] = {}
         self._small: dict[str, np.ndarray] = {}
         if self.all_chunks:  # every chunk exists: a missing one is lost data
-            store._zstore.strict.add(f"{group.path}/")
+            store.location.mark_complete(f"{group.path}/")
 
     def __repr__(self) -> str:
         return (f"FeatureSet({self.name!r}, modality={self.modality!r}, dim={self.dim}, "
@@ -93,7 +90,7 @@ class FeatureSet:
         object was opened on (replaced by ``--overwrite``, or removed)."""
         if self.generation is None:  # written before generations existed: nothing to compare
             return
-        now = _live_generation(self.store, self.group.path, self.name)
+        now = self.store.location.live_generation(self.group.path, self.name)
         if now != self.generation:
             what = "removed" if now is None else "replaced (--overwrite)"
             raise FeatureChangedError(
@@ -104,8 +101,6 @@ class FeatureSet:
 
     def _read(self, names_sels: Sequence[tuple[str, Any]]) -> list[np.ndarray]:
         """Read ``[(array, selection), ...]``, then check the generation once."""
-        from .store import read_error
-
         out = []
         for key, sel in names_sels:
             arr = self._arr(key)
@@ -155,14 +150,12 @@ class FeatureSet:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        key = "tokens" if self.modality == "text" else "regions"
-        return tuple(self._arr(key).shape)
+        return tuple(self._arr(self._main).shape)
 
     @property
     def payload_nbytes(self) -> int:
         """Bytes of the main tensor array (uncompressed), what :meth:`load` would use."""
-        key = "tokens" if self.modality == "text" else "regions"
-        a = self._arr(key)
+        a = self._arr(self._main)
         return int(np.prod(a.shape)) * a.dtype.itemsize + self.n_items * self.pooled_dim * 4
 
     def require_complete(self) -> None:
@@ -174,7 +167,7 @@ class FeatureSet:
     # -- RAM -----------------------------------------------------------------------------
     @property
     def _main(self) -> str:
-        return "tokens" if self.modality == "text" else "regions"
+        return main_array(self.modality)
 
     def load(self, max_ram: float | None = None) -> bool:
         """Load the arrays into RAM if they fit ``max_ram`` bytes (None = no limit). Data in
@@ -194,7 +187,19 @@ class FeatureSet:
 
     @property
     def in_ram(self) -> bool:
+        """The main array (tokens / regions) is in RAM (see :meth:`load`)."""
         return self._main in self._ram
+
+    def load_pooled(self) -> None:
+        """Keep ``pooled`` (and the small ``done`` flags) in RAM: read once per
+        :class:`FeatureSet`, not once per loader or epoch."""
+        self.done()
+        if "pooled" not in self._ram:
+            self._ram["pooled"] = self.pooled_all()
+
+    @property
+    def pooled_in_ram(self) -> bool:
+        return "pooled" in self._ram
 
     # -- blocks --------------------------------------------------------------------------
     @property
@@ -273,9 +278,6 @@ class FeatureSet:
 
     def tokens_rows(self, rows: Sequence[int] | np.ndarray) -> list[np.ndarray]:
         return self._gather("tokens", np.asarray(rows))
-
-    def tokens_range(self, start: int, stop: int) -> list[np.ndarray]:
-        return self.tokens_rows(np.arange(start, stop))
 
     def regions(self, i: int) -> np.ndarray:
         """Regions of item ``i``: (R, D), prefix tokens first."""

@@ -1,14 +1,22 @@
 """Store format version 1: the one place that knows the schema (see docs/format.md).
 
-Validators are named ``parse_*``; each raises :class:`StoreFormatError` naming the field, the
-expected value and the value found.
+* names: which arrays a feature set of each modality holds (:func:`main_array`,
+  :func:`feature_arrays`);
+* builders: the metadata every writer stores (:func:`root_meta`, :func:`creating_marker`,
+  :func:`feature_meta`, :func:`group_document`) and the shape/dtype/chunks of every array
+  (:func:`dataset_arrays`, :func:`feature_array_specs`);
+* validators named ``parse_*``; each raises :class:`StoreFormatError` naming the field, the
+  expected value and the value found;
+* the layout rules of ragged tokens and chunk sizes, and the dataset fingerprints.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
+import json
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -17,8 +25,20 @@ from .errors import StoreFormatError
 __all__ = [
     "FORMAT_VERSION",
     "ATTRS_KEY",
+    "MODALITIES",
     "TEXT_ARRAYS",
     "IMAGE_ARRAYS",
+    "ROOT_ARRAYS",
+    "ArraySpec",
+    "main_array",
+    "feature_arrays",
+    "utc_now",
+    "group_document",
+    "creating_marker",
+    "root_meta",
+    "feature_meta",
+    "dataset_arrays",
+    "feature_array_specs",
     "parse_root_attrs",
     "parse_feature_attrs",
     "token_layout",
@@ -33,10 +53,144 @@ __all__ = [
 FORMAT_VERSION = 1
 ATTRS_KEY = "embedstore"  # all our metadata lives under this key of the zarr attributes
 DEFAULT_BLOCK_ROWS = 1024  # rows per write unit (must be a power of two)
+MODALITIES = ("text", "image")
 TEXT_ARRAYS = ("tokens", "offsets", "lengths", "pooled", "done", "errors")
 IMAGE_ARRAYS = ("regions", "pooled", "done", "errors")
+ROOT_ARRAYS = ("ids", "labels", "folds")
+_ARRAYS = {"text": TEXT_ARRAYS, "image": IMAGE_ARRAYS}
 _TOKEN_CHUNK_BYTES = 512 * 1024
 _REGION_CHUNK_BYTES = 4 * 1024 * 1024
+_SMALL_CHUNK = 262144  # rows per chunk of the 1-d arrays (labels, folds, offsets, lengths)
+_IDS_CHUNK = 65536
+
+
+# -- names ------------------------------------------------------------------------------------
+
+
+def main_array(modality: str) -> str:
+    """The big array of a feature set: ``tokens`` (text) or ``regions`` (image); also its
+    ``kind``."""
+    return _ARRAYS[modality][0]
+
+
+def feature_arrays(modality: str) -> tuple[str, ...]:
+    """Every array a feature set of ``modality`` holds, the main one first."""
+    return _ARRAYS[modality]
+
+
+# -- builders ---------------------------------------------------------------------------------
+
+
+class ArraySpec(NamedTuple):
+    """Shape, dtype, chunk shape and fill value of one array."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    chunks: tuple[int, ...]
+    fill_value: Any = None
+
+
+def utc_now() -> str:
+    """The ``created`` / ``finished`` time stamp: ISO 8601 UTC, seconds."""
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def group_document(meta: dict) -> bytes:
+    """A group's whole ``zarr.json`` carrying ``meta`` as its embedstore attributes (written
+    with an exclusive create, so the group and its attributes appear in one step)."""
+    return json.dumps({"zarr_format": 3, "node_type": "group",
+                       "attributes": {ATTRS_KEY: meta}}).encode()
+
+
+def creating_marker(fingerprint: str, fold_opts: dict) -> dict:
+    """Root attributes while a store is being created (§2 of docs/format.md)."""
+    return {"format": FORMAT_VERSION, "creating": True, "created": utc_now(),
+            "dataset": {"fingerprint": fingerprint}, "folds": dict(fold_opts)}
+
+
+def root_meta(*, n_items: int, versions: dict, source: str | None, fingerprint: str,
+              classes: list | None, fold_opts: dict, stratified: bool,
+              folds_fingerprint: str) -> dict:
+    """The root attributes of a finished store."""
+    return {
+        "format": FORMAT_VERSION,
+        "n_items": int(n_items),
+        "all_chunks": True,
+        "created": utc_now(),
+        "versions": dict(versions),
+        "dataset": {"source": source, "fingerprint": fingerprint},
+        "classes": classes,
+        "folds": {**fold_opts, "stratified": stratified, "fingerprint": folds_fingerprint},
+    }
+
+
+def dataset_arrays(n: int, has_labels: bool) -> dict[str, ArraySpec]:
+    """The root arrays of a store of ``n`` items."""
+    out = {"ids": ArraySpec((n,), str, (min(n, _IDS_CHUNK),))}
+    if has_labels:
+        out["labels"] = ArraySpec((n,), "int32", (min(n, _SMALL_CHUNK),))
+    out["folds"] = ArraySpec((n,), "int8", (min(n, _SMALL_CHUNK),))
+    return out
+
+
+def feature_meta(*, name: str, modality: str, dim: int, pooled_dim: int, n_items: int,
+                 block_rows: int, dtype: str, generation: str, attrs: dict | None = None,
+                 layers: list[int] | None = None, token_chunk: int | None = None,
+                 n_tokens: int | None = None, n_regions: int | None = None,
+                 prefix_tokens: int = 0, grid: list[int] | None = None) -> dict:
+    """The attributes of a new feature set (status ``writing``). Provenance ``attrs`` are
+    merged in, but never over a schema field; their ``encoder`` object is the provenance."""
+    meta: dict[str, Any] = {
+        "name": name,
+        "modality": modality,
+        "kind": main_array(modality),
+        "dim": int(dim),
+        "pooled_dim": int(pooled_dim),
+        "n_items": int(n_items),
+        "block_rows": int(block_rows),
+        "dtype": dtype,
+        "status": "writing",
+        "generation": generation,
+        "created": utc_now(),
+        "encoder": {},
+    }
+    if modality == "text":
+        meta.update(layers=[int(x) for x in layers or []], token_chunk=int(token_chunk or 0),
+                    n_tokens=int(n_tokens or 0))
+    else:
+        meta.update(n_regions=int(n_regions or 0), prefix_tokens=int(prefix_tokens),
+                    grid=list(grid) if grid is not None else None)
+    for k, v in (attrs or {}).items():
+        if k not in meta:
+            meta[k] = v
+    meta["encoder"] = dict((attrs or {}).get("encoder", {}))
+    return meta
+
+
+def feature_array_specs(meta: dict, total_tokens: int = 0) -> dict[str, ArraySpec]:
+    """Every array of the feature set ``meta`` describes (``total_tokens``: the ragged
+    layout's length, text only), in :func:`feature_arrays` order."""
+    n, dim, block = int(meta["n_items"]), int(meta["dim"]), int(meta["block_rows"])
+    pdim, dtype = int(meta.get("pooled_dim", dim)), meta["dtype"]
+    rows = (min(block, n),)
+    out: dict[str, ArraySpec] = {}
+    if meta["modality"] == "text":
+        n_layers, tc = len(meta["layers"]), int(meta["token_chunk"])
+        out["tokens"] = ArraySpec((max(total_tokens, 1), n_layers, dim), dtype,
+                                  (tc, n_layers, dim), 0)
+        out["offsets"] = ArraySpec((n + 1,), "int64", (min(n + 1, _SMALL_CHUNK),))
+        out["lengths"] = ArraySpec((n,), "int32", (min(n, _SMALL_CHUNK),))
+    else:
+        n_reg = int(meta["n_regions"])
+        rc = region_chunk_rows(n_reg, dim, block, np.dtype(dtype).itemsize)
+        out["regions"] = ArraySpec((n, n_reg, dim), dtype, (rc, n_reg, dim), 0)
+    out["pooled"] = ArraySpec((n, pdim), "float32", (min(block, n), pdim), 0)
+    out["done"] = ArraySpec((n,), "bool", rows, False)
+    out["errors"] = ArraySpec((n,), str, rows, "")
+    return out
+
+
+# -- validators -------------------------------------------------------------------------------
 
 
 def _field(attrs: dict, key: str, typ: type | tuple[type, ...], where: str) -> Any:
@@ -87,10 +241,10 @@ def parse_feature_attrs(attrs: dict, name: str) -> dict:
         raise StoreFormatError(f"{where} has no {ATTRS_KEY!r} attributes object; it is damaged: "
                                "re-extract it with --overwrite")
     modality = _field(meta, "modality", str, where)
-    if modality not in ("text", "image"):
+    if modality not in MODALITIES:
         raise StoreFormatError(f"{where}: modality must be 'text' or 'image', found {modality!r}")
     kind = _field(meta, "kind", str, where)
-    expected = "tokens" if modality == "text" else "regions"
+    expected = main_array(modality)
     if kind != expected:
         raise StoreFormatError(f"{where}: kind must be {expected!r} for {modality}, found {kind!r}")
     _field(meta, "dim", int, where)
@@ -111,6 +265,9 @@ def parse_feature_attrs(attrs: dict, name: str) -> dict:
     if meta.get("generation") is not None:
         _field(meta, "generation", str, where)
     return meta
+
+
+# -- layout rules -----------------------------------------------------------------------------
 
 
 def _pow2_floor(x: float) -> int:

@@ -99,9 +99,7 @@ class BatchLoader:
             need_big = (bool({"text_tokens", "text_mask"} & self.fields) if fs is self.text
                         else "image_regions" in self.fields)
             if not need_big:
-                fs._small_arr("done")  # pooled only: small, always in RAM
-                if "pooled" not in fs._ram:  # read once per store object, not per loader/epoch
-                    fs._ram["pooled"] = fs.pooled_all()
+                fs.load_pooled()  # pooled only: small, always in RAM
                 continue
             if fs.load(budget):
                 if budget is not None:
@@ -170,7 +168,7 @@ class BatchLoader:
                 out["image_pooled"] = torch.from_numpy(self._pooled(fs, rows, win))
             if "image_regions" in self.fields:
                 if fs.in_ram:
-                    reg = fs._ram["regions"][rows]
+                    reg = fs.regions_rows(rows)
                 else:
                     reg = np.stack([self._block_row(win[fs.name], fs, r)["regions"]
                                     for r in rows])
@@ -190,13 +188,13 @@ class BatchLoader:
         return row
 
     def _pooled(self, fs: FeatureSet, rows: np.ndarray, win: dict) -> np.ndarray:
-        if "pooled" in fs._ram:
-            return np.ascontiguousarray(fs._ram["pooled"][rows], dtype=np.float32)
+        if fs.pooled_in_ram:
+            return np.ascontiguousarray(fs.pooled_rows(rows), dtype=np.float32)
         return np.stack([self._block_row(win[fs.name], fs, r)["pooled"] for r in rows])
 
     def _tokens(self, fs: FeatureSet, rows: np.ndarray, win: dict) -> list[np.ndarray]:
-        if fs.in_ram and "tokens" in fs._ram:
-            return fs._gather("tokens", rows)
+        if fs.in_ram:
+            return fs.tokens_rows(rows)
         return [self._block_row(win[fs.name], fs, r)["tokens"] for r in rows]
 
     def _generate(self) -> Iterator[dict[str, Any]]:

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from .catalog import Catalog, read_catalog
+from .encoders import create_encoder
 from .errors import CatalogError, EmbedStoreError, EncoderSpecError
 
 __all__ = ["ProvenanceError", "encoder_from_feature", "catalog_from_feature", "weights_mismatch"]
@@ -24,8 +25,6 @@ def encoder_from_feature(fs, *, device: str = "cpu", precision: str | None = Non
     ``spec`` overrides the recorded spec (e.g. weights moved to another path); the weights
     digest is still checked by :func:`weights_mismatch`.
     """
-    from .encoders import create_encoder
-
     meta = fs.meta
     recorded = meta.get("encoder", {}).get("spec")
     if not recorded and not spec:

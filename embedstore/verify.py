@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _storage
 from .errors import EmbedStoreError
-from .format import expected_chunks, parse_feature_attrs
+from .format import expected_chunks, feature_arrays, main_array, parse_feature_attrs
 
 __all__ = ["VerifyReport", "verify_store"]
 
@@ -95,7 +95,7 @@ def verify_store(store, *, fast: bool = False, features: list[str] | None = None
     rep = VerifyReport(store.url)
     n = store.n_items
     _check_consolidated(store, rep)
-    root = store._root
+    root = store.group
     wanted = [("ids", True), ("folds", True), ("labels", store.classes is not None)]
     values: dict[str, np.ndarray | None] = {}
     for name, required in wanted:
@@ -134,10 +134,8 @@ def verify_store(store, *, fast: bool = False, features: list[str] | None = None
 
 
 def _check_consolidated(store, rep: VerifyReport) -> None:
-    from .store import _consolidated_is_current
-
     try:
-        if not _consolidated_is_current(store._zstore):
+        if not store.location.consolidated_is_current():
             rep.problems.append("consolidated metadata (root zarr.json) is out of date: a writer "
                                 "stopped between a change and its consolidation; readers see an "
                                 "old view. Any `embedstore extract ... --resume` on this store "
@@ -149,7 +147,7 @@ def _check_consolidated(store, rep: VerifyReport) -> None:
 def _verify_feature(store, name: str, rep: VerifyReport, fast: bool) -> dict[str, Any]:
     where = f"features/{name}"
     try:
-        grp = store._feature_group(name)
+        grp = store.feature_group(name)
         meta = parse_feature_attrs(dict(grp.attrs), name)
     except EmbedStoreError as e:
         rep.problems.append(str(e))
@@ -157,8 +155,8 @@ def _verify_feature(store, name: str, rep: VerifyReport, fast: bool) -> dict[str
     n = store.n_items
     before = len(rep.problems)
     text = meta["modality"] == "text"
-    main = "tokens" if text else "regions"
-    required = [main, "pooled", "done", "errors"] + (["offsets", "lengths"] if text else [])
+    main = main_array(meta["modality"])
+    required = list(feature_arrays(meta["modality"]))
     arrays = {}
     for a in required:
         try:
@@ -180,7 +178,7 @@ def _verify_feature(store, name: str, rep: VerifyReport, fast: bool) -> dict[str
     # every chunk must exist: complete, by a writer that stores all (sets with a generation)
     strict = complete and meta.get("generation") is not None
     if strict:  # a chunk vanishing between the listing and the read is an error, not zeros
-        store._zstore.strict.add(f"{where}/")
+        store.location.mark_complete(f"{where}/")
     small: dict[str, np.ndarray | None] = {}
     lost: dict[str, set[int]] = {}
     for a in ("offsets", "lengths", "done"):

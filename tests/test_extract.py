@@ -27,19 +27,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import cli.extract_cmd  # noqa: F401  (registers `extract` on the app)
 from cli.embedstore_app import app
 from embedstore import open_store
 from embedstore.catalog import read_catalog
-from embedstore.extract import (
-    ExtractConfig,
-    Progress,
-    _Background,
-    _ImageBatches,
-    _length_buckets,
-    _TextBatches,
-    extract,
-)
+from embedstore.extract import ExtractConfig, Progress, extract
+from embedstore.extract.batches import Background, ImageBatches, TextBatches, length_buckets
 from embedstore.features import FeatureWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -522,10 +514,10 @@ def test_worker_datasets_pickle_and_hold_no_model(small_catalog, minilm_dir):
 
     cat = read_catalog(small_catalog)
     rows = [np.array([0, 2]), np.array([1])]
-    text_ds = _TextBatches(rows, cat.texts,
+    text_ds = TextBatches(rows, cat.texts,
                            HFTokenize(AutoTokenizer.from_pretrained(str(minilm_dir)), 64))
     enc = create_encoder(VIT, modality="image", image_size=64)
-    image_ds = _ImageBatches(rows, cat.images, enc.load_image, enc.input_shape)
+    image_ds = ImageBatches(rows, cat.images, enc.load_image, enc.input_shape)
     for ds in (text_ds, image_ds):
         blob = pickle.dumps(ds)
         assert len(blob) < 5_000_000  # the tokenizer/transform, never a model
@@ -540,7 +532,7 @@ def test_worker_datasets_pickle_and_hold_no_model(small_catalog, minilm_dir):
 def test_length_buckets_sort_rows_by_token_count_inside_a_block():
     lengths = np.array([9, 3, 7, 3, 1, 12, 5, 2, 8, 4])
     rows = np.arange(2, 10)  # one block's rows
-    batches = _length_buckets(rows, lengths, 3)
+    batches = length_buckets(rows, lengths, 3)
     assert [b.tolist() for b in batches] == [[4, 7, 3], [9, 6, 2], [8, 5]]
     assert np.concatenate(batches).tolist() == sorted(rows.tolist(), key=lambda r: lengths[r])
 
@@ -551,14 +543,14 @@ def test_background_thread_raises_the_first_failure_and_skips_later_tasks():
     def fail() -> None:
         raise OSError("disk full")
 
-    bg = _Background(max_writes=8)
+    bg = Background(max_writes=8)
     bg.submit("write", lambda: ran.append(threading.current_thread().name))
     bg.submit("write", fail)
     bg.submit("write", lambda: ran.append("after the failure"))
     with pytest.raises(OSError, match="disk full"):
         bg.close()
     assert len(ran) == 1 and ran[0].startswith("embedstore-writer")
-    bg = _Background(max_writes=1)  # back-pressure: the next submit waits and re-raises
+    bg = Background(max_writes=1)  # back-pressure: the next submit waits and re-raises
     bg.submit("write", fail)
     with pytest.raises(OSError, match="disk full"):
         bg.submit("write", lambda: ran.append("never"))

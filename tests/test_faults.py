@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-import cli.extract_cmd  # noqa: F401  (registers `extract` on the app)
 import embedstore as es
 from cli.embedstore_app import app
+from embedstore.catalog import read_catalog
 
 from .conftest import minilm_spec, write_tiny_catalog
 
@@ -54,8 +55,7 @@ def snapshot(url: str, so: dict | None = None) -> dict:
 
 
 def done_rows(url: str, so: dict | None = None) -> np.ndarray:
-    g = zarr.open_group(es.open_store(url, storage_options=so)._zstore, mode="r",
-                        path=f"features/{NAME}", use_consolidated=False)
+    g = es.open_store(url, storage_options=so).location.open_group(f"features/{NAME}")
     return np.asarray(g["done"][:], dtype=bool)
 
 
@@ -79,7 +79,7 @@ def reference(tmp_path_factory):
 def assert_finished_rows_kept(url: str, before: np.ndarray, ref: dict, so=None) -> None:
     """Rows done before a fault are still done and hold the reference's bytes."""
     fs = es.open_store(url, storage_options=so).features[NAME]
-    g = zarr.open_group(fs.store._zstore, mode="r", path=fs.group.path, use_consolidated=False)
+    g = fs.store.location.open_group(fs.group.path)
     done = np.asarray(g["done"][:], dtype=bool)
     assert done[before].all()
     off = np.frombuffer(ref["offsets"], np.int64)
@@ -351,7 +351,12 @@ def test_bad_catalog_rows_are_recorded_per_row_and_every_good_row_is_kept(make_c
     assert "is empty (0 bytes)" in errs[3] and "does-not-exist.png' not found" in errs[4]
     assert sorted(txt.errors()) == [5, 6] and "empty text" in txt.errors()[5]
     lengths = txt.lengths()
-    assert lengths[7] == 256 and lengths[8] > 2  # truncated to --max-length; decoded with U+FFFD
+    assert lengths[7] == 256  # truncated to --max-length
+    # each invalid byte is one U+FFFD, in place, and the stored tokens are those of that text
+    decoded = read_catalog(cat, need_image=False).texts[8]
+    assert decoded == "caf\ufffd cr\ufffdme \ufffd"
+    tokenizer = AutoTokenizer.from_pretrained(minilm_spec().removeprefix("hf:"))
+    assert lengths[8] == len(tokenizer(decoded)["input_ids"])
     good = np.setdiff1d(np.arange(40), [1, 2, 3, 4])
     pooled = img.pooled_rows(good)
     assert np.isfinite(pooled).all() and (np.abs(pooled).sum(1) > 0).all()

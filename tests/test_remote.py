@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import cli.extract_cmd  # noqa: F401  (registers `extract` on the app)
 import embedstore as es
 from cli.embedstore_app import app as es_app
 from embedstore.verify import verify_store

@@ -5,13 +5,11 @@ when :func:`create_encoder` builds one.
 """
 
 from . import hf, openclip, timm  # noqa: F401 - importing registers the backends
-from .base import (
-    Encoder,
+from .base import Encoder, ImageEncoder, TextEncoder
+from .common import ImageLoader
+from .specs import (
     EncoderOptions,
     EncoderSpec,
-    ImageEncoder,
-    ImageLoader,
-    TextEncoder,
     create_encoder,
     list_backends,
     parse_layers,

@@ -30,18 +30,22 @@ import torch
 
 from ..errors import EncoderSpecError
 from .base import (
-    EncoderOptions,
-    EncoderSpec,
     TextEncoder,
+)
+from .common import (
     autocast,
     check_device_precision,
     effective_precision,
     feature_name,
     library_versions,
     name_from_path,
+    sha256_file,
+)
+from .specs import (
+    EncoderOptions,
+    EncoderSpec,
     parse_layers,
     register_backend,
-    sha256_file,
 )
 
 __all__ = ["HFTextEncoder", "HFTokenize"]

@@ -34,9 +34,9 @@ import torch
 
 from ..errors import EncoderSpecError
 from .base import (
-    EncoderOptions,
-    EncoderSpec,
     ImageEncoder,
+)
+from .common import (
     ImageLoader,
     autocast,
     check_device_precision,
@@ -44,9 +44,13 @@ from .base import (
     feature_name,
     library_versions,
     load_state_dict_file,
-    register_backend,
     seeded,
     sha256_file,
+)
+from .specs import (
+    EncoderOptions,
+    EncoderSpec,
+    register_backend,
 )
 
 __all__ = ["TimmImageEncoder", "load_timm_weights"]

@@ -1,0 +1,234 @@
+"""Creating a store: the dataset (unique ids, optional labels, canonical folds) and the
+exclusive claim of the root that makes an interrupted or concurrent creation safe."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import zarr
+from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+
+from . import _storage
+from .errors import EmbedStoreError, InvalidInputError, StoreExistsError, StoreIOError
+from .format import (
+    ATTRS_KEY,
+    ROOT_ARRAYS,
+    creating_marker,
+    dataset_arrays,
+    fingerprint_folds,
+    fingerprint_ids,
+    group_document,
+    root_meta,
+)
+from .store import Store, protocol_read_only, store_exists
+from .version import __version__
+from .zarrio import Location, create_arrays
+
+__all__ = ["create_store", "make_folds"]
+
+_ROOT_NAMES = (*ROOT_ARRAYS, "features", "zarr.json")
+
+
+def make_folds(labels: np.ndarray | None, n: int, *, k: int = 5, seed: int = 0,
+               holdout: float = 0.2) -> tuple[np.ndarray, bool]:
+    """Canonical fold per item: 0..k-1, or -1 for the holdout share.
+
+    Stratified (scikit-learn) when labels are given and every class has enough items; otherwise
+    a seeded shuffle. Returns ``(folds int8 [N], stratified)``.
+    """
+    if k < 2:
+        raise InvalidInputError(f"folds must be >= 2, got {k}; pass --folds 5 (or any k >= 2)")
+    if not 0 <= holdout < 1:
+        raise InvalidInputError(f"holdout must be in [0, 1), got {holdout}; pass e.g. "
+                                "--holdout 0.2")
+    idx = np.arange(n)
+    folds = np.full(n, -1, dtype=np.int8)
+    stratified = False
+    if labels is not None:
+        counts = np.bincount(labels)
+        counts = counts[counts > 0]
+        stratified = bool(len(counts) > 1 and counts.min() >= 2)
+    n_hold = int(round(holdout * n))
+    if n_hold > 0:
+        strat = labels if stratified else None
+        try:
+            train_idx, _ = train_test_split(idx, test_size=n_hold, random_state=seed,
+                                            stratify=strat)
+        except ValueError:  # too few items per class for a stratified holdout
+            train_idx, _ = train_test_split(idx, test_size=n_hold, random_state=seed)
+            stratified = False
+    else:
+        train_idx = idx
+    if len(train_idx) < k:
+        raise InvalidInputError(f"{len(train_idx)} trainable items cannot be split into {k} "
+                                "folds; lower --folds or --holdout")
+    parts = None
+    if stratified:
+        tr_counts = np.bincount(labels[train_idx])
+        if tr_counts[tr_counts > 0].min() >= k:
+            splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+            parts = splitter.split(train_idx, labels[train_idx])
+        else:
+            stratified = False
+    if parts is None:
+        parts = KFold(n_splits=k, shuffle=True, random_state=seed).split(train_idx)
+    for f, (_, test) in enumerate(parts):
+        folds[train_idx[test]] = f
+    return folds, stratified
+
+
+def _check_ids(ids: Sequence[Any]) -> np.ndarray:
+    ids_arr = np.asarray([str(i) for i in ids], dtype=object)
+    if len(ids_arr) == 0:
+        raise InvalidInputError("the id list is empty; a store needs at least one item")
+    kinds = {type(i).__name__ for i in ids}
+    if len(kinds) > 1:
+        raise InvalidInputError(f"ids mix types ({', '.join(sorted(kinds))}); make them all "
+                                "strings (or all ints) so '1' and 1 cannot collide")
+    uniq, counts = np.unique(ids_arr.astype(str), return_counts=True)
+    if len(uniq) != len(ids_arr):
+        dup = uniq[counts > 1][:5].tolist()
+        raise InvalidInputError(f"ids are not unique: {dup} appear more than once; "
+                                "de-duplicate the catalog")
+    return ids_arr
+
+
+def _encode_labels(labels: Sequence[Any], n: int, classes: Sequence[Any] | None):
+    labels = list(labels)
+    if len(labels) != n:
+        raise InvalidInputError(f"labels has {len(labels)} values but there are {n} ids; "
+                                "pass one label per id")
+    for i, v in enumerate(labels):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            raise InvalidInputError(f"label of item {i} is missing (NaN/None); drop the item or "
+                                    "give it a label")
+    if classes is None:
+        uniq = set(labels)
+        try:
+            classes = sorted(uniq)
+        except TypeError:  # mixed types: order by their string form, stable
+            classes = sorted(uniq, key=lambda v: (type(v).__name__, str(v)))
+    classes = [c.item() if isinstance(c, np.generic) else c for c in classes]
+    index = {c: j for j, c in enumerate(classes)}
+    try:
+        codes = np.array([index[v] for v in labels], dtype=np.int32)
+    except KeyError as e:
+        raise InvalidInputError(f"label {e.args[0]!r} is not in classes; add it to "
+                                "classes") from None
+    return codes, classes
+
+
+def create_store(url: str | os.PathLike, ids: Sequence[Any], labels: Sequence[Any] | None = None,
+                 *, classes: Sequence[Any] | None = None, folds: int = 5, seed: int = 0,
+                 holdout: float = 0.2, source: str | None = None,
+                 storage_options: dict | None = None, overwrite: bool = False) -> Store:
+    """Create a store for a dataset: ids (unique), optional labels, canonical stratified folds.
+
+    Nothing is written unless every input is valid. The root ``zarr.json`` first holds a
+    ``creating`` marker (claimed exclusively) and gets its full attributes only after every
+    array is written, so an interrupted creation is never mistaken for a store; creating the
+    same dataset again (same ids, labels and fold options) finishes it.
+    """
+    url = os.fspath(url)
+    if protocol_read_only(url):
+        raise InvalidInputError(f"cannot create a store at {url!r}: {_storage.protocol(url)}:// "
+                                "stores are read-only; create it locally or on s3://, gs://...")
+    if not overwrite and store_exists(url, storage_options):
+        theirs = (_read_root_attrs(url, storage_options) or {}).get(ATTRS_KEY)
+        if not (isinstance(theirs, dict) and theirs.get("creating")):
+            raise StoreExistsError(f"a store already exists at {url!r}; open it to add feature "
+                                   "sets, or pass overwrite=True (--overwrite) to replace it")
+    ids_arr = _check_ids(ids)
+    n = len(ids_arr)
+    codes = None
+    if labels is not None:
+        codes, classes = _encode_labels(labels, n, classes)
+    fold_arr, stratified = make_folds(codes, n, k=folds, seed=seed, holdout=holdout)
+    fingerprint = fingerprint_ids(ids_arr, codes)
+    fold_opts = {"k": folds, "seed": seed, "holdout": holdout}
+    _claim_root(url, storage_options, creating_marker(fingerprint, fold_opts), overwrite)
+    loc = Location(url, storage_options, read_only=False)
+    try:
+        root = loc.open_group("", mode="r+")
+        create_arrays(root, dataset_arrays(n, codes is not None),
+                      {"ids": ids_arr.astype(str), "labels": codes, "folds": fold_arr},
+                      overwrite=True)
+        if "features" not in root.group_keys():
+            root.create_group("features")
+        _storage.test_pause("store_arrays")
+        meta = root_meta(n_items=n, source=source, fingerprint=fingerprint,
+                         versions={"embedstore": __version__, "zarr": zarr.__version__},
+                         classes=list(classes) if codes is not None else None,
+                         fold_opts=fold_opts, stratified=stratified,
+                         folds_fingerprint=fingerprint_folds(fold_arr))
+        root.attrs[ATTRS_KEY] = meta  # the store exists from here on
+    except EmbedStoreError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if not _storage.is_io_error(e):
+            raise
+        raise StoreIOError(f"cannot create the store at {url!r}: {_storage.describe(e)}; fix "
+                           "the storage and run the same command again (an interrupted creation "
+                           "is finished by creating the same dataset)") from None
+    store = Store(loc, root, mode="r+")
+    store.consolidate()
+    return store
+
+
+def _read_root_attrs(url: str, storage_options: dict | None) -> dict | None:
+    """The root group's attributes read straight from ``zarr.json`` (None if unparsable)."""
+    try:
+        doc = json.loads(_storage.read(url, storage_options, "zarr.json"))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {}
+    return doc.get("attributes", {}) if isinstance(doc, dict) else {}
+
+
+def _claim_root(url: str, storage_options: dict | None, marker: dict, overwrite: bool) -> None:
+    """Write the ``creating`` marker as the root ``zarr.json``, exclusively unless an existing
+    marker is for the same dataset (a finished or concurrent creation of identical content)."""
+    doc = group_document(marker)
+    for _ in range(3):
+        try:
+            if not store_exists(url, storage_options):
+                _storage.put_exclusive(url, storage_options, "zarr.json", doc)
+                return
+        except FileExistsError:
+            continue  # someone else claimed it meanwhile: look at what they wrote
+        except Exception as e:  # noqa: BLE001
+            if not _storage.is_io_error(e):
+                raise
+            raise StoreIOError(f"cannot create the store at {url!r}: {_storage.describe(e)}; "
+                               "check the path, permissions and free space") from None
+        attrs = _read_root_attrs(url, storage_options) or {}
+        theirs = attrs.get(ATTRS_KEY) if isinstance(attrs.get(ATTRS_KEY), dict) else None
+        if theirs is not None and theirs.get("creating"):
+            same = (theirs.get("dataset") == marker["dataset"]
+                    and theirs.get("folds") == marker["folds"])
+            if same:  # finish it (or write identical arrays beside a concurrent creator)
+                return
+            if not overwrite:
+                raise StoreExistsError(
+                    f"another store is being created at {url!r} (dataset fingerprint "
+                    f"{theirs.get('dataset', {}).get('fingerprint')}, not "
+                    f"{marker['dataset']['fingerprint']}), or its creation was interrupted; use "
+                    "another URL, or pass overwrite=True (--overwrite) to replace it")
+        elif not overwrite:
+            what = ("a store already exists" if theirs is not None else
+                    "a Zarr group that is not an embedstore store exists")
+            raise StoreExistsError(f"{what} at {url!r}; open it to add feature sets, or pass "
+                                   "overwrite=True (--overwrite) to replace it")
+        for name in _ROOT_NAMES:  # only our own names: never wipe a directory we did not make
+            if name != "zarr.json":
+                _storage.remove_prefix(url, storage_options, name)
+        _storage.put(url, storage_options, "zarr.json", doc)
+        return
+    raise StoreExistsError(f"could not claim {url!r}: other processes keep creating a store "
+                           "there; retry")
