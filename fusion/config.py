@@ -12,8 +12,9 @@ from typing import Any, Self
 
 from .errors import TrainError
 
-__all__ = ["TrainConfig", "FinetuneConfig", "config_for"]
+__all__ = ["DEFAULT_HEAD", "TrainConfig", "FinetuneConfig", "config_for"]
 
+DEFAULT_HEAD = "concat"  # the head `fusion train` and `fusion.train` use when none is named
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -51,8 +52,8 @@ class TrainConfig:
         options merged into ``options``."""
         fields_ = {k: v for k, v in overrides.items() if k in self.__dataclass_fields__}
         opts = {k: v for k, v in overrides.items() if k not in self.__dataclass_fields__}
-        return replace(self, **fields_, options={**self.options, **fields_.get("options", {}),
-                                                 **opts})
+        options = {**self.options, **fields_.pop("options", {}), **opts}
+        return replace(self, **fields_, options=options)
 
     def check(self) -> None:
         """Raise :class:`TrainError` naming the flag for a value no run can use."""

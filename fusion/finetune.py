@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from embedstore.provenance import catalog_from_feature
 
-from .config import FinetuneConfig
+from .config import DEFAULT_HEAD, FinetuneConfig
 from .data import Setup, prepare
 from .device import torch_threads
 from .errors import TrainError
@@ -61,7 +61,7 @@ def _init_run(s: Setup, init: str) -> Run:
     return run
 
 
-def finetune(store, head: Any = "concat", *, text: str | None = None, image: str | None = None,
+def finetune(store, head: Any = DEFAULT_HEAD, *, text: str | None = None, image: str | None = None,
              out: str | os.PathLike | None = None, config: FinetuneConfig | None = None,
              progress: Callable[[dict[str, Any]], None] | None = None, name: str | None = None,
              **overrides: Any) -> Run:

@@ -1,25 +1,65 @@
-"""`fusion compare` and `fusion report`: leaderboards, complementarity, plots."""
+"""`fusion compare` and `fusion report`: leaderboards, complementarity, plots.
+
+Every score shown is computed by :mod:`fusion.metrics` from the run's stored predictions and
+labels, so head, fine-tune and stack runs rank on one metric, including runs written before
+the metrics were unified (their metrics.json may hold another macro-F1 definition).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from .errors import RunDirError
+from .metrics import classification_metrics, confusion
 from .rundir import Run, load_run
+from .stack import plot_contributions, summarize_contributions
 
-__all__ = ["compare", "complementarity", "report", "leaderboard_markdown"]
+__all__ = ["compare", "complementarity", "report", "leaderboard_markdown", "load_runs",
+           "per_class_f1"]
 
 
 def _as_run(r: Run | str | os.PathLike) -> Run:
     return r if isinstance(r, Run) else load_run(r)
 
 
+def load_runs(paths: Iterable[Run | str | os.PathLike],
+              on_skip: Callable[[str, str], None] | None = None) -> list[Run]:
+    """The finished runs among ``paths``. With ``on_skip``, a path that is not one (a stray
+    log file, an incomplete run) is skipped and ``on_skip(path, reason)`` called; without it,
+    :class:`RunDirError` is raised."""
+    runs = []
+    for p in paths:
+        try:
+            runs.append(_as_run(p))
+        except RunDirError as e:
+            if on_skip is None:
+                raise
+            on_skip(str(p), str(e))
+    return runs
+
+
+def _scores(r: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(out-of-fold, holdout) metrics by :mod:`fusion.metrics`, recomputed from the stored
+    predictions when the run records its labels, else as stored."""
+    labels = r.config.get("labels")
+    if labels is None:
+        return r.metrics, r.metrics.get("holdout") or {}
+    y = np.asarray(labels)
+    hold = (classification_metrics(y[r.holdout_rows], r.holdout) if len(r.holdout_rows)
+            else {})
+    return classification_metrics(y[r.oof_rows], r.oof), hold
+
+
 def compare(runs: list[Run | str | os.PathLike], *, sort: str = "holdout") -> list[dict[str, Any]]:
     """One row per run, best first (holdout macro-F1, then out-of-fold macro-F1)."""
+    if sort not in ("holdout", "oof"):
+        raise RunDirError(f"sort={sort!r} is not holdout or oof; pass --sort holdout or oof")
     loaded = [_as_run(r) for r in runs]
     if not loaded:
         raise RunDirError("no runs given; pass one or more run directories")
@@ -29,13 +69,13 @@ def compare(runs: list[Run | str | os.PathLike], *, sort: str = "holdout") -> li
         raise RunDirError(f"runs come from different stores ({by}); compare runs of one store")
     rows = []
     for r in loaded:
-        m, h = r.metrics, r.metrics.get("holdout") or {}
+        m, h = _scores(r)
         rows.append({
-            "name": r.name, "head": r.head, "kind": m.get("kind", r.config.get("kind")),
+            "name": r.name, "head": r.head, "kind": r.metrics.get("kind", r.config.get("kind")),
             "macro_f1": m.get("macro_f1"), "accuracy": m.get("accuracy"),
             "holdout_macro_f1": h.get("macro_f1"), "holdout_accuracy": h.get("accuracy"),
-            "train_seconds": m.get("train_seconds"), "epoch_seconds": m.get("epoch_seconds"),
-            "path": str(r.path),
+            "train_seconds": r.metrics.get("train_seconds"),
+            "epoch_seconds": r.metrics.get("epoch_seconds"), "path": str(r.path),
         })
     key = "holdout_macro_f1" if sort == "holdout" else "macro_f1"
     rows.sort(key=lambda x: (x[key] if x[key] is not None else -1, x["macro_f1"] or -1),
@@ -91,18 +131,24 @@ def complementarity(text_run: Run | str, image_run: Run | str, *, split: str = "
     return out
 
 
+def per_class_f1(run: Run) -> dict[str, float]:
+    """Class name -> out-of-fold F1; metrics.json holds a list in class order (a dict in runs
+    written before the run format was unified)."""
+    per = run.metrics.get("per_class_f1") or {}
+    if isinstance(per, list):
+        return {str(c): float(v) for c, v in zip(run.classes, per, strict=False)}
+    return {str(c): float(v) for c, v in per.items()}
+
+
 def _confusion_png(run: Run, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import confusion_matrix
-
     y = _labels_for(run, run.oof_rows)
     k = run.oof.shape[1]
-    cm = confusion_matrix(y, run.oof.argmax(1), labels=np.arange(k), normalize="true")
+    cm = confusion(y, run.oof.argmax(1), k).astype(np.float64)
+    cm = np.divide(cm, cm.sum(1, keepdims=True), out=np.zeros_like(cm),
+                   where=cm.sum(1, keepdims=True) > 0)  # row-normalised
     size = max(5, min(16, 0.35 * k + 3))
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
     names = [str(c) for c in run.classes] or [str(j) for j in range(k)]
     ax.set_xticks(range(k), names, rotation=90, fontsize=7)
@@ -112,29 +158,21 @@ def _confusion_png(run: Run, path: Path) -> Path:
     ax.set_title(f"{run.name}: out-of-fold confusion (row-normalised)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def _per_class_png(run: Run, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    per = run.metrics.get("per_class_f1") or {}
-    if isinstance(per, list):  # stacks store a list in class order
-        per = {str(c): v for c, v in zip(run.classes, per, strict=False)}
-    names, vals = list(per), [per[n] for n in per]
+    per = per_class_f1(run)
+    names, vals = list(per), list(per.values())
     order = np.argsort(vals)
-    fig, ax = plt.subplots(figsize=(7, max(3, 0.25 * len(names) + 1)))
+    fig = Figure(figsize=(7, max(3, 0.25 * len(names) + 1)))
+    ax = fig.subplots()
     ax.barh([names[j] for j in order], [vals[j] for j in order], color="#4c72b0")
     ax.set_xlim(0, 1)
     ax.set_xlabel("F1 (out-of-fold)")
     ax.set_title(f"{run.name}: per-class F1")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -155,8 +193,6 @@ def report(run: Run | str, *, out_dir: str | os.PathLike | None = None,
         res["complementarity"] = {s: complementarity(text_run, image_run, split=s)
                                   for s in ("oof", "holdout")}
     if (r.path / "contributions.csv").exists():
-        from .stack import plot_contributions, summarize_contributions
-
         res["contributions"] = summarize_contributions(r.path)
         res["plots"].append(str(plot_contributions(r.path, out / "contributions.png")))
     return res

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import TrainConfig
+from .config import DEFAULT_HEAD, TrainConfig
 from .data import cached_batches, class_weights, pick_features, prepare
 from .device import torch_threads
 from .heads import create_head
@@ -37,7 +37,7 @@ from .rundir import Run
 __all__ = ["TrainConfig", "train", "pick_features"]
 
 
-def train(store, head: Any = "concat", *, text: str | None = None, image: str | None = None,
+def train(store, head: Any = DEFAULT_HEAD, *, text: str | None = None, image: str | None = None,
           out: str | os.PathLike | None = None, config: TrainConfig | None = None,
           progress: Callable[[dict[str, Any]], None] | None = None, name: str | None = None,
           **overrides: Any) -> Run:

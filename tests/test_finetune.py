@@ -154,6 +154,23 @@ def test_short_finetune_via_cli_writes_run_directory(tiny, tmp_path):
     assert (out / "weights/fold0.safetensors").exists() and run.head == "hanet"
 
 
+def test_cli_finetune_without_epochs_runs_the_documented_defaults(tiny, tmp_path):
+    out = tmp_path / "ft-defaults"
+    res = runner.invoke(fusion_app, [
+        "train", "--store", tiny["store"].url, "--head", "concat", "--finetune", "--fold", "0",
+        "--set", "dim=16", "--set", "hidden=16", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    run = fusion.load_run(out)
+    want = FinetuneConfig()
+    assert (run.config["train"]["epochs"], run.config["train"]["batch_size"]) == (
+        want.epochs, want.batch_size) == (3, 16)
+    assert run.metrics["folds"][0]["epochs_run"] == want.epochs  # patience 6 > 3 epochs
+    # a fine-tune-only flag without --finetune is refused in one line
+    res = runner.invoke(fusion_app, ["train", "--store", tiny["store"].url, "--encoder-lr",
+                                     "1e-4", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "--encoder-lr applies to --finetune runs only" in res.output
+
+
 def test_init_from_other_head_refused(tiny, tmp_path):
     with pytest.raises(fusion.TrainError, match="--init .* is a 'concat' head"):
         finetune(tiny["store"], "add", init=str(tiny["cached"].path), out=tmp_path / "x")

@@ -145,6 +145,61 @@ def test_report_complementarity_counts_and_plots(tmp_path):
     assert (tmp_path / "png" / "per_class_f1.png").exists()
 
 
+def test_compare_skips_what_is_not_a_run_with_a_note(runs, tmp_path):
+    (tmp_path / "train.log").write_text("not a run\n")
+    (tmp_path / "half").mkdir()  # an interrupted run: no DONE
+    res = runner.invoke(app, ["compare", str(runs["text"].path), str(tmp_path / "train.log"),
+                              str(tmp_path / "half"), str(runs["concat"].path), "--json"])
+    assert res.exit_code == 0, res.output
+    assert "note: skipping" in res.output and "train.log" in res.output
+    assert "incomplete" in res.output
+    res = runner.invoke(app, ["compare", str(tmp_path / "train.log")])
+    assert res.exit_code == 2 and "none of the 1 path(s) is a finished run" in res.output
+
+
+def test_compare_ranks_every_run_on_the_one_macro_f1(tmp_path):
+    """A run written before the metrics were unified (a stack that averaged F1 over the classes
+    present only) is ranked on the macro-F1 over all classes, recomputed from its predictions."""
+    from sklearn.metrics import f1_score
+
+    from fusion.report import compare
+
+    run = _fixed_run(tmp_path / "old-stack", "stack:lightgbm", {0, 1, 2, 6, 7})
+    m = json.loads((run.path / "metrics.json").read_text())
+    m["macro_f1"], m["holdout"]["macro_f1"] = 0.99, 0.99  # another definition
+    (run.path / "metrics.json").write_text(json.dumps(m))
+    (row,) = compare([run.path])
+    y = np.array(run.config["labels"])
+    for key, rows, probs in (("macro_f1", run.oof_rows, run.oof),
+                             ("holdout_macro_f1", run.holdout_rows, run.holdout)):
+        want = f1_score(y[rows], probs.argmax(1), labels=range(3), average="macro",
+                        zero_division=0)
+        assert row[key] == pytest.approx(want, abs=1e-12) and want != 0.99
+
+
+def test_macro_f1_of_a_run_whose_split_lacks_a_class_is_sklearns_over_all_classes(tmp_path):
+    """The store declares 4 classes; 'ghost' has no item at all: the run's macro-F1 averages
+    over the 4 (F1 0 for 'ghost'), as f1_score(labels=range(K), zero_division=0) does."""
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(1)
+    n = 120
+    y = rng.integers(0, 3, n)
+    s = es.create_store(tmp_path / "ghost.zarr", [f"g{i}" for i in range(n)],
+                        [["a", "b", "c"][c] for c in y], classes=["a", "b", "c", "ghost"],
+                        folds=2, holdout=0.25)
+    fill_text(s, "t", np.ones(n, int), layers=(1,), dim=8)
+    run = fusion.train(s, "text", epochs=2, batch_size=32, hidden=8)
+    labels = np.asarray(run.config["labels"])
+    for rows, probs, m in ((run.oof_rows, run.oof, run.metrics),
+                           (run.holdout_rows, run.holdout, run.metrics["holdout"])):
+        yt, p = labels[rows], probs.argmax(1)
+        assert 3 not in yt  # the split lacks 'ghost'
+        want = f1_score(yt, p, labels=range(4), average="macro", zero_division=0)
+        assert m["macro_f1"] == pytest.approx(want, abs=1e-12)
+        assert len(m["per_class_f1"]) == 4 and m["per_class_f1"][3] == 0.0
+
+
 # -- user heads --------------------------------------------------------------------------------
 
 USER_HEAD = textwrap.dedent("""
@@ -181,6 +236,42 @@ def test_user_head_from_file_trains_via_cli(comp_store, tmp_path):
     run = fusion.load_run(out)
     assert run.head.endswith("GatedSum") and run.config["head_config"]["options"]["dim"] == 16
     assert "OOF macro-F1" in res.output
+
+
+def test_config_re_runs_a_run(comp_store, tmp_path):
+    first = tmp_path / "first"
+    res = runner.invoke(app, ["train", "--store", comp_store.url, "--head", "concat", "--folds",
+                              "1", "--epochs", "3", "--lr", "0.003", "--seed", "2",
+                              "--class-weight", "--set", "dim=16", "--set", "hidden=8",
+                              "--out", str(first), "-q"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["train", "--config", str(first), "-q"])
+    assert res.exit_code == 0, res.output
+    a, b = fusion.load_run(first), fusion.load_run(tmp_path / "first-rerun")
+    assert b.config["train"] == a.config["train"]
+    assert a.config["train"]["seed"] == 2 and a.config["train"]["class_weight"] is True
+    assert b.config["head_config"] == a.config["head_config"]
+    assert b.config["features"] == a.config["features"]
+    assert (b.path / "oof.npy").read_bytes() == (a.path / "oof.npy").read_bytes()
+    # flags given with --config override the run's values; --set merges into its options
+    res = runner.invoke(app, ["train", "--config", str(first / "config.json"), "--epochs", "1",
+                              "--set", "hidden=4", "--out", str(tmp_path / "c"), "-q"])
+    assert res.exit_code == 0, res.output
+    c = fusion.load_run(tmp_path / "c").config
+    assert c["train"]["epochs"] == 1 and c["train"]["lr"] == 0.003
+    assert c["head_config"]["options"]["dim"] == 16 and c["head_config"]["options"]["hidden"] == 4
+
+
+def test_config_of_a_stack_or_nothing_is_refused_in_one_line(tmp_path):
+    stack_run = _fixed_run(tmp_path / "stack", "stack:lightgbm", {0})
+    cfg = json.loads((stack_run.path / "config.json").read_text())
+    (stack_run.path / "config.json").write_text(json.dumps({**cfg, "kind": "stack"}))
+    res = runner.invoke(app, ["train", "--config", str(stack_run.path)])
+    assert res.exit_code == 2 and "is a 'stack' run; --config re-runs" in res.output
+    res = runner.invoke(app, ["train", "--config", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = runner.invoke(app, ["train", "--head", "text"])
+    assert res.exit_code == 2 and "no store given; pass --store" in res.output
 
 
 def test_user_head_class_trains_via_python(comp_store):
