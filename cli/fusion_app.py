@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from . import heads_cmd, runs_cmd, train_cmd
+from . import heads_cmd, runs_cmd, stack_cmd, train_cmd
 from ._common import run_app
 
 __all__ = ["app", "main"]
@@ -31,19 +31,15 @@ app = typer.Typer(
 
 app.command("heads")(heads_cmd.heads)
 app.command("train")(train_cmd.train)
+app.command("stack")(stack_cmd.stack)
 app.command("compare")(runs_cmd.compare)
 app.command("report")(runs_cmd.report)
 app.command("check-head")(heads_cmd.check_head)
 
 
 def main() -> None:
-    from . import stack_cmd  # noqa: F401  (registers `stack` on app until it is a plain function)
-
     run_app(app)
 
 
 if __name__ == "__main__":
-    # through the package module, so the commands registered on its `app` are present
-    from cli.fusion_app import main as _main
-
-    _main()
+    main()
