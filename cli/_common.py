@@ -12,6 +12,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from embedstore.errors import EmbedStoreError
+from fusion.errors import FusionError
+
 __all__ = ["console", "err_console", "handle_errors", "StorageOption", "parse_storage_options",
            "Quiet", "JsonFlag", "debug_enabled"]
 
@@ -62,13 +65,6 @@ def parse_storage_options(items: list[str] | None) -> dict[str, Any] | None:
     return out
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from embedstore.errors import EmbedStoreError
-    from fusion.errors import FusionError
-
-    return (EmbedStoreError, FusionError)
-
-
 def handle_errors(fn: F) -> F:
     """Library errors -> ``error: <message>`` on stderr and exit code 2 (traceback with
     EMBEDSTORE_DEBUG=1)."""
@@ -79,7 +75,7 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
-        except _known_errors() as e:
+        except (EmbedStoreError, FusionError) as e:
             if debug_enabled():
                 raise
             err_console.print(f"[bold red]error:[/] {escape(str(e))}")
