@@ -30,7 +30,7 @@ from ._common import (
     parse_storage_options,
 )
 
-__all__ = ["train", "load_config"]
+__all__ = ["train", "load_config", "EpochProgress"]
 
 T, F = TrainConfig, FinetuneConfig
 
@@ -169,7 +169,7 @@ def train(
     s = open_store(store, storage_options=parse_storage_options(storage_option))
     out = out or Path("runs") / Path(head.split(":")[-1]).stem.lower()
     run_fn = run_finetune if finetune else run_train
-    with _EpochProgress(quiet) as prog:
+    with EpochProgress(quiet) as prog:
         run = run_fn(s, head, text=text, image=image, out=out, config=cfg, progress=prog)
     m = run.metrics
     h = m.get("holdout") or {}
@@ -179,7 +179,7 @@ def train(
                   f"({m['epoch_seconds']:.3f}s/epoch) -> {run.path}")
 
 
-class _EpochProgress:
+class EpochProgress:
     """One live line on stderr: fold, epoch, loss, validation macro-F1."""
 
     def __init__(self, quiet: bool):
@@ -187,7 +187,7 @@ class _EpochProgress:
                             console=err_console, disable=quiet)
         self.task = None
 
-    def __enter__(self) -> _EpochProgress:
+    def __enter__(self) -> EpochProgress:
         self.bar.start()
         return self
 

