@@ -27,7 +27,6 @@ from fusion.stack import (
 from fusion.stack import stack as run_stack
 
 from ._common import (
-    Quiet,
     StorageOption,
     console,
     err_console,
@@ -79,7 +78,8 @@ def stack(
     dask: Annotated[str | None, typer.Option(
         help="Dask scheduler address (tcp://host:8786): train the GBDT on that cluster.")]
     = None,
-    quiet: Quiet = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-fold progress lines.")]
+    = False,
     storage_option: StorageOption = None,
 ) -> None:
     """Cross-fitted stacker (boosted late fusion) over the runs' out-of-fold probabilities,

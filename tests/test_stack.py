@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fusion import train
 from fusion.errors import FusionError, StackError
 from fusion.rundir import RunWriter, load_run
 from fusion.stack import (
@@ -21,6 +22,8 @@ from fusion.stack import (
     summarize_contributions,
 )
 from fusion.testing import make_synthetic_runs
+
+from .conftest import make_complementary_store
 
 # The CI box has 2 cores shared with other jobs; at 600 rows a second GBDT thread only adds
 # contention (measured 5-10x slower under load), so the tests pin one thread. Every other
@@ -623,6 +626,21 @@ def test_unreachable_dask_scheduler_is_one_clear_error(sources, tmp_path, monkey
     ):
         stack(sources, stacker="lightgbm", dask="tcp://127.0.0.1:1", out=tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_cli_stacks_heads_trained_on_a_real_store_with_its_pooled_vectors(cli, tmp_path):
+    store = make_complementary_store(tmp_path / "c.zarr", n=200)
+    for head in ("text", "image"):
+        train(store, head, out=tmp_path / "runs" / head, epochs=2)
+    res = cli("-r", tmp_path / "runs" / "text", "-r", tmp_path / "runs" / "image",
+              "--stacker", "logreg", "--features", "probs+pooled", "--pooled", "txt",
+              "--out", tmp_path / "runs" / "stack", "-q")
+    assert res.exit_code == 0, res.output
+    run = load_run(tmp_path / "runs" / "stack")
+    assert run.config["n_pooled"] == 16 and run.config["feature_names"][-1] == "pooled:15"
+    assert [s["modalities"] for s in run.config["sources"]] == [["text"], ["image"]]
+    ids = [line.split(",")[0] for line in (run.path / "predictions.csv").read_text().splitlines()]
+    assert ids[1:] == [f"p{r}" for r in np.concatenate([run.oof_rows, run.holdout_rows])]
 
 
 # -- CLI ----------------------------------------------------------------------------------------
