@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
 import math
 import os
@@ -72,8 +73,6 @@ def read_catalog(path: str | os.PathLike, *, id_col: str = "id",
                  need_text: bool = True, need_image: bool = True) -> Catalog:
     """Load and validate a catalog. Every problem is a :class:`CatalogError` raised before any
     encoding starts."""
-    import hashlib
-
     path = os.fspath(path)
     if "://" not in path and not os.path.exists(path):
         raise CatalogError(f"catalog {path!r} does not exist; check the path")
