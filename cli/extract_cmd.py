@@ -74,9 +74,6 @@ class RichProgress:
         self.bar.stop()
 
 
-_RichProgress = RichProgress  # examples/demo.py imports this name
-
-
 @handle_errors
 def extract(
     catalog: Annotated[str, typer.Argument(help="CSV, TSV, Parquet or JSONL catalog.")],
