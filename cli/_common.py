@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -15,7 +16,7 @@ from rich.markup import escape
 from embedstore.errors import EmbedStoreError
 from fusion.errors import FusionError
 
-__all__ = ["console", "err_console", "handle_errors", "StorageOption", "parse_storage_options",
+__all__ = ["quiet_zarr_notes", "console", "err_console", "handle_errors", "StorageOption", "parse_storage_options",
            "Quiet", "JsonFlag", "debug_enabled"]
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -87,6 +88,15 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def quiet_zarr_notes() -> None:
+    """Zarr notes that consolidated metadata and string arrays are not yet in the Zarr v3 spec;
+    the store format pins both (docs/format.md), so the CLIs do not repeat the note. The library
+    sets no warning filter: this is process-wide state, the CLI's to set (both apps' callbacks)."""
+    for message in (".*Consolidated metadata.*", ".*vlen-utf8.*",
+                    ".*not part of the Zarr format 3.*"):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def run_app(app: typer.Typer) -> None:

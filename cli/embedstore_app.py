@@ -7,11 +7,9 @@ has every command.
 
 from __future__ import annotations
 
-import warnings
-
 import typer
 
-from ._common import run_app
+from ._common import quiet_zarr_notes, run_app
 from .extract_cmd import extract
 from .store_cmds import export, info, verify
 from .weights_cmd import weights_app
@@ -32,13 +30,8 @@ app = typer.Typer(
 
 
 @app.callback()
-def _quiet_zarr_warnings() -> None:
-    # Zarr notes that consolidated metadata and string arrays are not yet in the Zarr v3 spec;
-    # the store format pins both (docs/format.md), so the CLI does not repeat the note. The
-    # library sets no warning filter: this is process-wide state, the CLI's to set.
-    for message in (".*Consolidated metadata.*", ".*vlen-utf8.*",
-                    ".*not part of the Zarr format 3.*"):
-        warnings.filterwarnings("ignore", message=message)
+def _callback() -> None:
+    quiet_zarr_notes()
 
 
 app.command("extract")(extract)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from . import heads_cmd, runs_cmd, stack_cmd, train_cmd
-from ._common import run_app
+from ._common import quiet_zarr_notes, run_app
 
 __all__ = ["app", "main"]
 
@@ -28,6 +28,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+
+@app.callback()
+def _callback() -> None:
+    quiet_zarr_notes()
+
 
 app.command("heads")(heads_cmd.heads)
 app.command("train")(train_cmd.train)
