@@ -16,7 +16,7 @@ from rich.markup import escape
 from embedstore.errors import EmbedStoreError
 from fusion.errors import FusionError
 
-__all__ = ["quiet_zarr_notes", "console", "err_console", "handle_errors", "StorageOption", "parse_storage_options",
+__all__ = ["make_app", "quiet_zarr_notes", "console", "err_console", "handle_errors", "StorageOption", "parse_storage_options",
            "Quiet", "JsonFlag", "debug_enabled"]
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -97,6 +97,21 @@ def quiet_zarr_notes() -> None:
     for message in (".*Consolidated metadata.*", ".*vlen-utf8.*",
                     ".*not part of the Zarr format 3.*"):
         warnings.filterwarnings("ignore", message=message)
+
+
+def make_app(name: str, summary: str, examples: list[str]) -> typer.Typer:
+    """A top-level app with the project's settings: help = summary + runnable examples, no shell
+    completion, plain tracebacks (errors are one line via :func:`handle_errors`), and a callback
+    that quiets Zarr's spec notes."""
+    app = typer.Typer(
+        name=name,
+        help=summary + "\n\nExamples:\n\n" + "\n\n".join(f"  {e}" for e in examples),
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    app.callback()(quiet_zarr_notes)
+    return app
 
 
 def run_app(app: typer.Typer) -> None:

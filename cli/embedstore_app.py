@@ -7,32 +7,23 @@ has every command.
 
 from __future__ import annotations
 
-import typer
-
-from ._common import quiet_zarr_notes, run_app
+from ._common import make_app, run_app
 from .extract_cmd import extract
 from .store_cmds import export, info, verify
 from .weights_cmd import weights_app
 
-app = typer.Typer(
-    name="embedstore",
-    help="Cache token-level text and spatial image encoder outputs in a Zarr store.\n\n"
-    "Examples:\n\n"
-    "  embedstore weights lite0 --out lite0.safetensors\n\n"
-    "  embedstore extract data/catalog.csv --store cat2.zarr --text hf:$(embedstore weights "
-    "path minilm) --image timm:tf_efficientnet_lite0@lite0.safetensors\n\n"
-    "  embedstore info cat.zarr\n\n"
-    "  embedstore verify cat.zarr",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+app = make_app(
+    "embedstore",
+    "Cache token-level text and spatial image encoder outputs in a Zarr store.",
+    [
+        "embedstore weights lite0 --out lite0.safetensors",
+        "embedstore extract data/catalog.csv --store cat2.zarr"
+        " --text hf:$(embedstore weights path minilm)"
+        " --image timm:tf_efficientnet_lite0@lite0.safetensors",
+        "embedstore info cat.zarr",
+        "embedstore verify cat.zarr",
+    ],
 )
-
-
-@app.callback()
-def _callback() -> None:
-    quiet_zarr_notes()
-
 
 app.command("extract")(extract)
 app.command("info")(info)

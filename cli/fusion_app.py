@@ -7,34 +7,23 @@ imports the app.
 
 from __future__ import annotations
 
-import typer
-
 from . import heads_cmd, runs_cmd, stack_cmd, train_cmd
-from ._common import quiet_zarr_notes, run_app
+from ._common import make_app, run_app
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(
-    name="fusion",
-    help="Train multimodal fusion heads and GBDT stackers on an embedstore cache.\n\n"
-    "Examples:\n\n"
-    "  fusion heads\n\n"
-    "  fusion train --store cat.zarr --head text --out runs/text\n\n"
-    "  fusion train --store cat.zarr --head image --out runs/image\n\n"
-    "  fusion train --store cat.zarr --head hanet --out runs/hanet\n\n"
-    "  fusion stack -r runs/text -r runs/image -r runs/hanet --stacker lightgbm --out runs/stack\n\n"
-    "  fusion compare runs/*",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+app = make_app(
+    "fusion",
+    "Train multimodal fusion heads and GBDT stackers on an embedstore cache.",
+    [
+        "fusion heads",
+        "fusion train --store cat.zarr --head text --out runs/text",
+        "fusion train --store cat.zarr --head image --out runs/image",
+        "fusion train --store cat.zarr --head hanet --out runs/hanet",
+        "fusion stack -r runs/text -r runs/image -r runs/hanet --stacker lightgbm --out runs/stack",
+        "fusion compare runs/*",
+    ],
 )
-
-
-
-@app.callback()
-def _callback() -> None:
-    quiet_zarr_notes()
-
 
 app.command("heads")(heads_cmd.heads)
 app.command("train")(train_cmd.train)

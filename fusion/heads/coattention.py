@@ -3,6 +3,8 @@ co-attention, rebuilt from the papers with the reference code's defects fixed (d
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -64,10 +66,6 @@ class CoAttentionHead(FusionHead):
     def __init__(
         self,
         *,
-        text_dim: int,
-        image_dim: int,
-        num_classes: int,
-        text_layers: int = 1,
         lstm_dim: int = 256,
         attn_dim: int = 128,
         hidden: int = 256,
@@ -75,34 +73,33 @@ class CoAttentionHead(FusionHead):
         mix: bool = True,
         lstm: bool = True,
         layer: int = -1,
+        **dims: Any,
     ) -> None:
-        super().__init__(
-            text_dim=text_dim, image_dim=image_dim, num_classes=num_classes, text_layers=text_layers
-        )
+        super().__init__(**dims)
         check_int(self.label, 2, lstm_dim=lstm_dim)
         check_int(self.label, attn_dim=attn_dim, hidden=hidden)
         check_dropout(self.label, dropout)
         if lstm_dim % 2:
             raise HeadError(f"lstm_dim={lstm_dim} must be even (two directions of lstm_dim/2)")
         if not mix:
-            check_layer(self.label, layer, text_layers)
+            check_layer(self.label, layer, self.text_layers)
         self.layer = layer
         # mix=False / lstm=False are the paper's "without weighted layers" / "without BiLSTM"
         # ablations (last layer only / a linear layer instead of the BiLSTM).
-        self.mix = ScalarMix(text_layers) if mix else None
+        self.mix = ScalarMix(self.text_layers) if mix else None
         self.encoder: nn.Module = (
-            MaskedBiLSTM(text_dim, lstm_dim) if lstm else nn.Linear(text_dim, lstm_dim)
+            MaskedBiLSTM(self.text_dim, lstm_dim) if lstm else nn.Linear(self.text_dim, lstm_dim)
         )
-        self.w_b = nn.Parameter(torch.empty(lstm_dim, image_dim))  # rectangular bilinear map
+        self.w_b = nn.Parameter(torch.empty(lstm_dim, self.image_dim))  # rectangular bilinear map
         nn.init.xavier_uniform_(self.w_b)
         self.w_q = nn.Linear(lstm_dim, attn_dim)
-        self.w_v = nn.Linear(image_dim, attn_dim)
+        self.w_v = nn.Linear(self.image_dim, attn_dim)
         self.h_drop = nn.Dropout(dropout)  # Lu et al. apply dropout to H before scoring
         # No bias on the scoring vectors: softmax is shift-invariant, a bias would never train.
         self.score_t = nn.Linear(attn_dim, 1, bias=False)
         self.score_i = nn.Linear(attn_dim, 1, bias=False)
-        self.neck, width = neck(lstm_dim + image_dim, hidden, dropout, act=nn.Tanh)
-        self.fc = nn.Linear(width, num_classes)
+        self.neck, width = neck(lstm_dim + self.image_dim, hidden, dropout, act=nn.Tanh)
+        self.fc = nn.Linear(width, self.num_classes)
 
     def encode_text(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """-> T (B, S, lstm_dim) with exact zeros at pads, mask (B, S)."""

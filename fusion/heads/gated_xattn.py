@@ -3,6 +3,8 @@ cross-attention to the image patches, the gate following JAVE (Zhu et al. 2020).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -30,30 +32,25 @@ class GatedCrossAttentionHead(FusionHead):
     def __init__(
         self,
         *,
-        text_dim: int,
-        image_dim: int,
-        num_classes: int,
-        text_layers: int = 1,
         layer: int = -1,
         dim: int = 256,
         heads: int = 1,
         reduce: str = "sum",
         dropout: float = 0.1,
+        **dims: Any,
     ) -> None:
-        super().__init__(
-            text_dim=text_dim, image_dim=image_dim, num_classes=num_classes, text_layers=text_layers
-        )
+        super().__init__(**dims)
         check_int(self.label, dim=dim, heads=heads)
         check_dropout(self.label, dropout)
         check_choice(self.label, "reduce", reduce, ("sum", "mean"))
-        check_layer(self.label, layer, text_layers)
+        check_layer(self.label, layer, self.text_layers)
         self.layer, self.reduce = layer, reduce
-        self.self_attn = MaskedAttention(text_dim, text_dim, dim, heads)
-        self.cross_attn = MaskedAttention(text_dim, image_dim, dim, heads)
-        self.gate_text = nn.Linear(text_dim, 1)  # W1 h_i + b
-        self.gate_image = nn.Linear(image_dim, 1, bias=False)  # W2 v_0
+        self.self_attn = MaskedAttention(self.text_dim, self.text_dim, dim, heads)
+        self.cross_attn = MaskedAttention(self.text_dim, self.image_dim, dim, heads)
+        self.gate_text = nn.Linear(self.text_dim, 1)  # W1 h_i + b
+        self.gate_image = nn.Linear(self.image_dim, 1, bias=False)  # W2 v_0
         self.neck = nn.Dropout(dropout)
-        self.fc = nn.Linear(dim, num_classes)  # W3
+        self.fc = nn.Linear(dim, self.num_classes)  # W3
 
     def global_image(self, batch: Batch) -> Tensor:
         """v_0 (B, Di): CLS when the regions have a prefix, else the pooled image vector."""

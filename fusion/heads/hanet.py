@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -41,10 +43,6 @@ class HANetHead(FusionHead):
     def __init__(
         self,
         *,
-        text_dim: int,
-        image_dim: int,
-        num_classes: int,
-        text_layers: int = 1,
         pool: str = "pooled",
         layer: int = -1,
         dim: int = 256,
@@ -54,10 +52,9 @@ class HANetHead(FusionHead):
         mode: str = "hybrid",
         fuse: str = "concat",
         fc_hidden: int = 256,
+        **dims: Any,
     ) -> None:
-        super().__init__(
-            text_dim=text_dim, image_dim=image_dim, num_classes=num_classes, text_layers=text_layers
-        )
+        super().__init__(**dims)
         check_int(self.label, dim=dim, key_dim=key_dim, hidden=hidden)
         check_dropout(self.label, dropout)
         check_choice(self.label, "mode", mode, MODES)
@@ -65,13 +62,13 @@ class HANetHead(FusionHead):
         check_int(self.label, 0, fc_hidden=fc_hidden)
         self.fuse = fuse
         if pool != "pooled":
-            check_layer(self.label, layer, text_layers)
+            check_layer(self.label, layer, self.text_layers)
         self.mode = mode
-        self.text_pool = Pool("text", text_dim, pool, layer, self.label)
-        self.image_pool = Pool("image", image_dim, pool, -1, self.label)
+        self.text_pool = Pool("text", self.text_dim, pool, layer, self.label)
+        self.image_pool = Pool("image", self.image_dim, pool, -1, self.label)
         self.needs = self.text_pool.needs | self.image_pool.needs
-        self.text_proj = nn.Linear(text_dim, dim)
-        self.image_proj = nn.Linear(image_dim, dim)
+        self.text_proj = nn.Linear(self.text_dim, dim)
+        self.image_proj = nn.Linear(self.image_dim, dim)
         if mode != "keybased":
             self.text_keyless = nn.Linear(dim, 1)
             self.image_keyless = nn.Linear(dim, 1)
@@ -85,7 +82,7 @@ class HANetHead(FusionHead):
             nn.Linear(4 if mode == "hybrid" else 2, hidden), nn.GELU(), nn.Linear(hidden, 2)
         )
         self.neck, width = neck(2 * dim if fuse == "concat" else dim, fc_hidden, dropout)
-        self.fc = nn.Linear(width, num_classes)
+        self.fc = nn.Linear(width, self.num_classes)
 
     def scores(self, v_t: Tensor, v_i: Tensor) -> Tensor:
         """The raw scores D sees: (B, 4) [s_l; s_b], or (B, 2) in an ablation mode."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -46,23 +48,18 @@ class ConcatHead(_TwoStreamHead):
     def __init__(
         self,
         *,
-        text_dim: int,
-        image_dim: int,
-        num_classes: int,
-        text_layers: int = 1,
         pool: str = "pooled",
         layer: int = -1,
         dim: int = 128,
         hidden: int = 256,
         dropout: float = 0.1,
+        **dims: Any,
     ) -> None:
-        super().__init__(
-            text_dim=text_dim, image_dim=image_dim, num_classes=num_classes, text_layers=text_layers
-        )
+        super().__init__(**dims)
         check_int(self.label, 0, hidden=hidden)
         self._build_streams(pool, layer, dim, dropout)
         self.neck, width = neck(2 * dim, hidden, dropout)
-        self.fc = nn.Linear(width, num_classes)
+        self.fc = nn.Linear(width, self.num_classes)
 
     def forward_features(self, batch: Batch) -> Tensor:
         return torch.cat(self._streams(batch), dim=-1)  # (B, 2d)
@@ -75,21 +72,16 @@ class AddHead(_TwoStreamHead):
     def __init__(
         self,
         *,
-        text_dim: int,
-        image_dim: int,
-        num_classes: int,
-        text_layers: int = 1,
         pool: str = "pooled",
         layer: int = -1,
         dim: int = 256,
         dropout: float = 0.1,
+        **dims: Any,
     ) -> None:
-        super().__init__(
-            text_dim=text_dim, image_dim=image_dim, num_classes=num_classes, text_layers=text_layers
-        )
+        super().__init__(**dims)
         self._build_streams(pool, layer, dim, dropout)
         self.neck = nn.Dropout(dropout)
-        self.fc = nn.Linear(dim, num_classes)
+        self.fc = nn.Linear(dim, self.num_classes)
 
     def forward_features(self, batch: Batch) -> Tensor:
         t, i = self._streams(batch)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -44,20 +44,15 @@ class TextHead(_UnimodalHead):
     def __init__(
         self,
         *,
-        text_dim: int,
-        image_dim: int,
-        num_classes: int,
-        text_layers: int = 1,
         pool: str = "pooled",
         layer: int = -1,
         hidden: int = 256,
         dropout: float = 0.1,
+        **dims: Any,
     ) -> None:
-        super().__init__(
-            text_dim=text_dim, image_dim=image_dim, num_classes=num_classes, text_layers=text_layers
-        )
+        super().__init__(**dims)
         if pool != "pooled":
-            check_layer(self.label, layer, text_layers)
+            check_layer(self.label, layer, self.text_layers)
         self._build(pool, layer, hidden, dropout)
 
 
@@ -72,15 +67,10 @@ class ImageHead(_UnimodalHead):
     def __init__(
         self,
         *,
-        text_dim: int,
-        image_dim: int,
-        num_classes: int,
-        text_layers: int = 1,
         pool: str = "pooled",
         hidden: int = 256,
         dropout: float = 0.1,
+        **dims: Any,
     ) -> None:
-        super().__init__(
-            text_dim=text_dim, image_dim=image_dim, num_classes=num_classes, text_layers=text_layers
-        )
+        super().__init__(**dims)
         self._build(pool, -1, hidden, dropout)
