@@ -10,9 +10,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from fusion.bootstrap import DEFAULT_RESAMPLES
 from fusion.errors import RunDirError
-from fusion.report import compare as rank_runs
-from fusion.report import leaderboard_markdown, load_runs
+from fusion.leaderboard import compare as rank_runs
+from fusion.leaderboard import interval_text, leaderboard_markdown, load_runs, verdict
 from fusion.report import report as run_report
 
 from ._common import JsonFlag, console, err_console, handle_errors
@@ -28,14 +29,29 @@ def _fmt(v: Any, digits: int = 4) -> str:
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run directories (what is not a finished "
                                                "run is skipped with a note).")],
-    sort: Annotated[str, typer.Option(help="holdout | oof")] = "holdout",
+    sort: Annotated[str, typer.Option(help="Rank on the holdout | oof macro-F1.")] = "holdout",
+    baseline: Annotated[str | None, typer.Option(
+        help="Run (name or path) every other run is compared with; default: the leader.")]
+    = None,
+    resamples: Annotated[int, typer.Option(
+        help="Bootstrap resamples of the items (paired: both runs on the same draws).")]
+    = DEFAULT_RESAMPLES,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap draws (same seed, same "
+                                      "intervals).")] = 0,
+    stratified: Annotated[bool, typer.Option(
+        "--stratified", help="Resample items within each class (class sizes fixed).")]
+    = False,
     json_out: JsonFlag = False,
     markdown: Annotated[Path | None, typer.Option(help="Also write the table as Markdown.")]
     = None,
 ) -> None:
-    """Leaderboard of runs (heads, stacks, fine-tunes) from one store, on one macro-F1.
+    """Leaderboard of runs (heads, stacks, fine-tunes) from one store, on one macro-F1, with
+    95% paired bootstrap intervals of each run minus the leader (or --baseline) on the same
+    items; "tied" = the interval on the ranking split contains 0 (no order is supported).
 
-    Example: fusion compare runs/*
+    Example: fusion compare runs/* --seed 0 --resamples 1000
+
+    Example: fusion compare runs/text runs/image runs/hanet --baseline text --stratified
     """
     def skip(path: str, reason: str) -> None:
         err_console.print(f"note: skipping {escape(path)}: {escape(reason)}")
@@ -44,18 +60,31 @@ def compare(
     if not loaded:
         raise RunDirError(f"none of the {len(runs)} path(s) is a finished run; pass the --out "
                           "of `fusion train` or `fusion stack`")
-    rows = rank_runs(loaded, sort=sort)
+    rows = rank_runs(loaded, sort=sort, baseline=baseline, resamples=resamples, seed=seed,
+                     stratified=stratified)
     if markdown:
         markdown.write_text(leaderboard_markdown(rows))
     if json_out:
         console.print_json(json.dumps(rows, default=str))
         return
-    t = Table("#", "run", "head", "holdout F1", "holdout acc", "OOF F1", "OOF acc", "train s")
+    spread = any(r["spread"] for r in rows)
+    t = Table("#", "run", "head", "holdout F1", f"Δ vs {escape(rows[0]['vs'])} [95% CI]",
+              "holdout acc", "OOF F1", "Δ OOF [95% CI]", "OOF acc",
+              *(["seed sd"] if spread else []), "", "train s",
+              caption=f"{resamples} paired bootstrap resamples{' by class' if stratified else ''}"
+                      f", seed {seed}; ranked on {sort} macro-F1")
     for i, r in enumerate(rows, 1):
-        t.add_row(str(i), r["name"], r["head"], _fmt(r["holdout_macro_f1"]),
-                  _fmt(r["holdout_accuracy"]), _fmt(r["macro_f1"]), _fmt(r["accuracy"]),
-                  _fmt(r["train_seconds"], 1))
+        sd = [_fmt((r["spread"] or {}).get(f"{'holdout_' if sort == 'holdout' else ''}"
+                                           "macro_f1_std"))] if spread else []
+        v = verdict(r)
+        t.add_row(str(i), escape(r["name"]), escape(r["head"]), _fmt(r["holdout_macro_f1"]),
+                  interval_text(r["holdout_vs"]), _fmt(r["holdout_accuracy"]),
+                  _fmt(r["macro_f1"]), interval_text(r["oof_vs"]), _fmt(r["accuracy"]), *sd,
+                  f"[bold]{v}[/]" if v == "tied" else v, _fmt(r["train_seconds"], 1))
     console.print(t)
+    if any(r["oof_selection"] == "oof rows" for r in rows):
+        console.print("note: runs without an inner selection split (format 1) chose their "
+                      "epochs on the OOF rows: their OOF scores are optimistic")
 
 
 @handle_errors

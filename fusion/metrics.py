@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["confusion", "macro_f1", "per_class_f1", "classification_metrics"]
+__all__ = ["confusion", "f1_from_counts", "macro_f1", "per_class_f1", "classification_metrics"]
 
 
 def confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
@@ -23,10 +23,19 @@ def confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
     return np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
 
 
+def f1_from_counts(tp: np.ndarray, n_true: np.ndarray, n_pred: np.ndarray) -> np.ndarray:
+    """F1 per class from counts of true positives, true items and predicted items (arrays of
+    any matching shape, e.g. (resamples, K)): ``2 tp / (n_true + n_pred)``, 0 where both are 0.
+    The one F1 formula: :func:`per_class_f1` and the bootstrap (:mod:`fusion.bootstrap`) use it.
+    """
+    tp = np.asarray(tp, np.float64)
+    denom = np.asarray(n_true, np.float64) + np.asarray(n_pred, np.float64)
+    return np.divide(2 * tp, denom, out=np.zeros(np.broadcast(tp, denom).shape),
+                     where=denom > 0)
+
+
 def _f1_from_confusion(cm: np.ndarray) -> np.ndarray:
-    tp = np.diag(cm).astype(np.float64)
-    denom = cm.sum(0) + cm.sum(1)
-    return np.divide(2 * tp, denom, out=np.zeros(len(cm)), where=denom > 0)
+    return f1_from_counts(np.diag(cm), cm.sum(1), cm.sum(0))
 
 
 def per_class_f1(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:

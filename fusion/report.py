@@ -1,14 +1,12 @@
-"""`fusion compare` and `fusion report`: leaderboards, complementarity, plots.
+"""`fusion report`: complementarity, per-class F1, confusion and contribution plots.
 
-Every score shown is computed by :mod:`fusion.metrics` from the run's stored predictions and
-labels, so head, fine-tune and stack runs rank on one metric, including runs written before
-the metrics were unified (their metrics.json may hold another macro-F1 definition).
+The leaderboard (`fusion compare`) lives in :mod:`fusion.leaderboard`; ``compare``,
+``leaderboard_markdown`` and ``load_runs`` are re-exported here for existing callers.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,85 +14,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .errors import RunDirError
-from .metrics import classification_metrics, confusion
-from .rundir import Run, load_run
+from .leaderboard import as_run, compare, leaderboard_markdown, load_runs
+from .metrics import confusion
+from .rundir import Run
 from .stack import plot_contributions, summarize_contributions
 
 __all__ = ["compare", "complementarity", "report", "leaderboard_markdown", "load_runs",
            "per_class_f1"]
-
-
-def _as_run(r: Run | str | os.PathLike) -> Run:
-    return r if isinstance(r, Run) else load_run(r)
-
-
-def load_runs(paths: Iterable[Run | str | os.PathLike],
-              on_skip: Callable[[str, str], None] | None = None) -> list[Run]:
-    """The finished runs among ``paths``. With ``on_skip``, a path that is not one (a stray
-    log file, an incomplete run) is skipped and ``on_skip(path, reason)`` called; without it,
-    :class:`RunDirError` is raised."""
-    runs = []
-    for p in paths:
-        try:
-            runs.append(_as_run(p))
-        except RunDirError as e:
-            if on_skip is None:
-                raise
-            on_skip(str(p), str(e))
-    return runs
-
-
-def _scores(r: Run) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(out-of-fold, holdout) metrics by :mod:`fusion.metrics`, recomputed from the stored
-    predictions when the run records its labels, else as stored."""
-    labels = r.config.get("labels")
-    if labels is None:
-        return r.metrics, r.metrics.get("holdout") or {}
-    y = np.asarray(labels)
-    hold = (classification_metrics(y[r.holdout_rows], r.holdout) if len(r.holdout_rows)
-            else {})
-    return classification_metrics(y[r.oof_rows], r.oof), hold
-
-
-def compare(runs: list[Run | str | os.PathLike], *, sort: str = "holdout") -> list[dict[str, Any]]:
-    """One row per run, best first (holdout macro-F1, then out-of-fold macro-F1)."""
-    if sort not in ("holdout", "oof"):
-        raise RunDirError(f"sort={sort!r} is not holdout or oof; pass --sort holdout or oof")
-    loaded = [_as_run(r) for r in runs]
-    if not loaded:
-        raise RunDirError("no runs given; pass one or more run directories")
-    fps = {r.store_fingerprint for r in loaded}
-    if len(fps) > 1:
-        by = {r.name: r.store_fingerprint for r in loaded}
-        raise RunDirError(f"runs come from different stores ({by}); compare runs of one store")
-    rows = []
-    for r in loaded:
-        m, h = _scores(r)
-        rows.append({
-            "name": r.name, "head": r.head, "kind": r.metrics.get("kind", r.config.get("kind")),
-            "macro_f1": m.get("macro_f1"), "accuracy": m.get("accuracy"),
-            "holdout_macro_f1": h.get("macro_f1"), "holdout_accuracy": h.get("accuracy"),
-            "train_seconds": r.metrics.get("train_seconds"),
-            "epoch_seconds": r.metrics.get("epoch_seconds"), "path": str(r.path),
-        })
-    key = "holdout_macro_f1" if sort == "holdout" else "macro_f1"
-    rows.sort(key=lambda x: (x[key] if x[key] is not None else -1, x["macro_f1"] or -1),
-              reverse=True)
-    return rows
-
-
-def leaderboard_markdown(rows: list[dict[str, Any]]) -> str:
-    head = ("| rank | run | head | holdout macro-F1 | holdout acc | OOF macro-F1 | OOF acc | "
-            "train s |\n|---:|---|---|---:|---:|---:|---:|---:|\n")
-
-    def f(v: Any, d: int = 4) -> str:
-        return "-" if v is None else f"{v:.{d}f}"
-
-    body = "".join(
-        f"| {i} | {r['name']} | {r['head']} | {f(r['holdout_macro_f1'])} | "
-        f"{f(r['holdout_accuracy'])} | {f(r['macro_f1'])} | {f(r['accuracy'])} | "
-        f"{f(r['train_seconds'], 1)} |\n" for i, r in enumerate(rows, 1))
-    return head + body
 
 
 def _labels_for(run: Run, rows: np.ndarray) -> np.ndarray:
@@ -110,7 +36,7 @@ def complementarity(text_run: Run | str, image_run: Run | str, *, split: str = "
 
     ``1 - both_wrong`` is the oracle upper bound any fusion of the two can reach.
     """
-    t, i = _as_run(text_run), _as_run(image_run)
+    t, i = as_run(text_run), as_run(image_run)
     if t.store_fingerprint != i.store_fingerprint:
         raise RunDirError(f"runs {t.name!r} and {i.name!r} come from different stores")
     tp, tr = (t.holdout, t.holdout_rows) if split == "holdout" else (t.oof, t.oof_rows)
@@ -181,7 +107,7 @@ def report(run: Run | str, *, out_dir: str | os.PathLike | None = None,
            ) -> dict[str, Any]:
     """Metrics, confusion matrix + per-class F1 PNGs, complementarity (given a text and an
     image run) and, for stacks, the per-source contribution summary and chart."""
-    r = _as_run(run)
+    r = as_run(run)
     out = Path(out_dir) if out_dir is not None else r.path
     out.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"name": r.name, "head": r.head, "metrics": {

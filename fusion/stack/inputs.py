@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..compat import check_same_split, label
 from ..errors import StackError
 from ..rundir import Run, load_run
 
@@ -23,11 +24,6 @@ __all__ = ["ROW_SUM_TOL", "StackInputs", "feature_matrix", "fingerprint", "label
 ROW_SUM_TOL = 1e-3
 # columns of contributions.csv that a source run's name must not shadow
 _RESERVED = {"id", "split", "fold", "true", "predicted", "bias", "pooled"}
-
-
-def label(run: Run) -> str:
-    """How messages name a run: ``'text' (runs/text)``."""
-    return f"{run.name!r} ({run.path})"
 
 
 def modalities(run: Run) -> list[str]:
@@ -156,37 +152,6 @@ def _load(runs: Sequence[str | os.PathLike | Run]) -> list[Run]:
     return loaded
 
 
-def _check_same_split(ref: Run, r: Run) -> None:
-    """``r`` comes from ``ref``'s store, folds, classes and labels."""
-    if r.store_fingerprint != ref.store_fingerprint:
-        raise StackError(
-            f"run {label(r)} comes from store fingerprint {r.store_fingerprint!r} but "
-            f"{label(ref)} from {ref.store_fingerprint!r}; stack only runs trained on "
-            "the same store"
-        )
-    if r.folds_fingerprint != ref.folds_fingerprint:
-        raise StackError(
-            f"run {label(r)} uses folds {r.folds_fingerprint!r} but {label(ref)} uses "
-            f"{ref.folds_fingerprint!r}; re-train it on the store's canonical folds"
-        )
-    if list(r.classes) != list(ref.classes):
-        raise StackError(
-            f"run {label(r)} has classes {r.classes[:6]}... but {label(ref)} has "
-            f"{ref.classes[:6]}...; runs must share the store's class list"
-        )
-    if not np.array_equal(np.asarray(r.config["folds"].get("assignment", [])),
-                          np.asarray(ref.config["folds"].get("assignment", []))):
-        raise StackError(
-            f"run {label(r)} has a different fold assignment than {label(ref)}; "
-            "re-train it on the store's canonical folds"
-        )
-    if not np.array_equal(np.asarray(r.config["labels"]), np.asarray(ref.config["labels"])):
-        raise StackError(
-            f"run {label(r)} has different labels than {label(ref)}; "
-            "were they trained on the same store?"
-        )
-
-
 class StackInputs:
     """The checked, aligned inputs of one stack.
 
@@ -199,7 +164,7 @@ class StackInputs:
         self.runs = _load(runs)
         ref = self.runs[0]
         for r in self.runs[1:]:
-            _check_same_split(ref, r)
+            check_same_split(ref, r)
         self.classes = list(ref.classes)
         self.k = len(self.classes)
         self.store = dict(ref.config["store"])
