@@ -15,7 +15,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from embedstore import open_store
-from fusion.config import DEFAULT_HEAD, FinetuneConfig, TrainConfig, config_for
+from fusion.config import DEFAULT_HEAD, FinetuneConfig, TrainConfig, config_for, parse_seeds
 from fusion.errors import TrainError
 from fusion.finetune import finetune as run_finetune
 from fusion.keyvalue import parse_key_values
@@ -83,6 +83,15 @@ def train(
     patience: Annotated[int | None, typer.Option(
         help=f"Early-stopping patience in epochs (default {T.patience}).")] = None,
     seed: Annotated[int | None, typer.Option(help=f"Seed (default {T.seed}).")] = None,
+    seeds: Annotated[str | None, typer.Option(
+        help="Repeats: train every fold once per seed into one run, e.g. 0,1,2 (OOF / holdout "
+        "= mean over seeds; metrics.json gets per-seed scores and their spread).")] = None,
+    inner_val: Annotated[float | None, typer.Option(
+        help=f"Share of each fold's training rows held out to pick the epoch (early stopping, "
+        f"late's alpha); never the rows the fold predicts (default {T.inner_val}).")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(
+        help=f"Label smoothing of the cross-entropy, e.g. 0.1 (default "
+        f"{T.label_smoothing}).")] = None,
     device: Annotated[str | None, typer.Option(
         help=f"auto | cpu | cuda[:N] (default {T.device}).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (1 is often "
@@ -133,6 +142,8 @@ def train(
 
       fusion train --config runs/hanet --epochs 2 --out runs/hanet-again
 
+      fusion train --store cat.zarr --head concat --seeds 0,1,2 --folds 2 --epochs 2 --label-smoothing 0.1 --out runs/concat-seeds
+
       fusion train --store cat.zarr --head hanet --finetune --init runs/hanet --folds 1 --epochs 1 --max-items 16
     """
     base: dict[str, Any] = {}
@@ -151,12 +162,16 @@ def train(
     head = head or DEFAULT_HEAD
     given = {k: v for k, v in dict(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
-        patience=patience, seed=seed, device=device, layers=layers, folds=folds, fold=fold,
+        patience=patience, seed=seed, seeds=parse_seeds(seeds) if seeds is not None else None,
+        inner_val=inner_val, label_smoothing=label_smoothing, device=device, layers=layers, folds=folds, fold=fold,
         max_ram_gb=max_ram, class_weight=class_weight, threads=threads,
         encoder_lr=encoder_lr, head_lr=head_lr, freeze_layers=freeze_layers,
         grad_accum=grad_accum, precision=precision,
         gradient_checkpointing=gradient_checkpointing, catalog=catalog,
         init=str(init) if init else None, max_items=max_items).items() if v is not None}
+    if seed is not None and seeds is not None:
+        raise TrainError(f"--seed {seed} and --seeds {seeds}: pass one (--seeds 0,1,2 trains "
+                         "repeats, --seed N one run)")
     cls = config_for("finetune" if finetune else "train")
     ft_only = sorted(set(given) - set(TrainConfig.__dataclass_fields__))
     if ft_only and not finetune:
@@ -165,6 +180,8 @@ def train(
     # the --config run's training config when it is of the same kind, else only its options
     earlier = base.get("train", {}) if base.get("kind") == ("finetune" if finetune else "train") \
         else {"options": base.get("train", {}).get("options", {})}
+    if seed is not None:  # one seed given: not the --config run's repeats
+        earlier = {**earlier, "seeds": None}
     cfg = cls.from_dict({**earlier, **given}).override(**parse_key_values(set_))
     s = open_store(store, storage_options=parse_storage_options(storage_option))
     out = out or Path("runs") / Path(head.split(":")[-1]).stem.lower()
@@ -173,6 +190,13 @@ def train(
         run = run_fn(s, head, text=text, image=image, out=out, config=cfg, progress=prog)
     m = run.metrics
     h = m.get("holdout") or {}
+    sp = m.get("spread") or {}
+    if len(m.get("seeds") or []) > 1:
+        hs = sp.get("holdout") or {}
+        console.print(f"{len(m['seeds'])} seeds: OOF macro-F1 {sp['macro_f1']['mean']:.4f} ± "
+                      f"{sp['macro_f1']['std']:.4f}"
+                      + (f" | holdout {hs['macro_f1']['mean']:.4f} ± {hs['macro_f1']['std']:.4f}"
+                         if hs else "") + " (mean ± sd over seeds; probabilities averaged)")
     console.print(f"{run.name}: OOF macro-F1 {m['macro_f1']:.4f} acc {m['accuracy']:.4f} | "
                   f"holdout macro-F1 {h.get('macro_f1', float('nan')):.4f} acc "
                   f"{h.get('accuracy', float('nan')):.4f} | {m['train_seconds']:.1f}s "
@@ -195,8 +219,8 @@ class EpochProgress:
         self.bar.stop()
 
     def __call__(self, ev: dict[str, Any]) -> None:
-        desc = (f"fold {ev['fold']} epoch {ev['epoch'] + 1} loss {ev['loss']:.3f} "
-                f"val F1 {ev.get('val_macro_f1', float('nan')):.3f}")
+        desc = (f"seed {ev.get('seed', 0)} fold {ev['fold']} epoch {ev['epoch'] + 1} loss {ev['loss']:.3f} "
+                f"inner-val F1 {ev.get('val_macro_f1', float('nan')):.3f}")
         if self.task is None:
             self.task = self.bar.add_task(desc, total=None)
         self.bar.update(self.task, description=desc)

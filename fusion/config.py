@@ -12,7 +12,8 @@ from typing import Any, Self
 
 from .errors import TrainError
 
-__all__ = ["DEFAULT_HEAD", "TrainConfig", "FinetuneConfig", "config_for"]
+__all__ = ["DEFAULT_HEAD", "TrainConfig", "FinetuneConfig", "config_for", "check_seeds",
+           "parse_seeds"]
 
 DEFAULT_HEAD = "concat"  # the head `fusion train` and `fusion.train` use when none is named
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -29,6 +30,9 @@ class TrainConfig:
     warmup: float = 0.1  # share of the steps with a linear warm-up
     patience: int = 6  # epochs without a better validation macro-F1 before stopping
     seed: int = 0
+    seeds: tuple[int, ...] | None = None  # repeats: train every fold once per seed (None: seed)
+    inner_val: float = 0.1  # share of each fold's training rows held out for model selection
+    label_smoothing: float = 0.0  # passed to the head's loss (cross-entropy)
     device: str = "auto"
     layers: str | None = None  # cached text layers to feed (None = all cached)
     folds: int | None = None  # train the first N store folds (None = all)
@@ -38,6 +42,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     threads: int | None = None  # torch intra-op threads on CPU (None = torch's default)
     options: dict[str, Any] = field(default_factory=dict)  # head options (--set key=value)
+
+    def __post_init__(self) -> None:
+        if self.seeds is not None and not isinstance(self.seeds, tuple):  # JSON gives a list
+            object.__setattr__(self, "seeds", tuple(self.seeds))
+
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        """The seeds a run trains: ``seeds``, or ``(seed,)`` without repeats."""
+        return self.seeds if self.seeds is not None else (self.seed,)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +78,14 @@ class TrainConfig:
             raise TrainError(f"--lr must be > 0, got {self.lr}")
         if self.threads is not None and self.threads < 1:
             raise TrainError(f"--threads must be >= 1, got {self.threads}")
+        if not 0 < self.inner_val < 1:
+            raise TrainError(f"--inner-val must be in (0, 1), got {self.inner_val}; it is the "
+                             "share of each fold's training rows used to pick the epoch, e.g. 0.1")
+        if not 0 <= self.label_smoothing < 1:
+            raise TrainError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}; "
+                             "e.g. 0.1")
+        if self.seeds is not None:
+            check_seeds(self.seeds)
 
 
 @dataclass(frozen=True)
@@ -93,6 +114,33 @@ class FinetuneConfig(TrainConfig):
             raise TrainError(f"--grad-accum must be >= 1, got {self.grad_accum}")
         if self.precision not in PRECISIONS:
             raise TrainError(f"--precision must be fp32, fp16 or bf16, got {self.precision!r}")
+
+
+def check_seeds(seeds: Any) -> tuple[int, ...]:
+    """``seeds`` as a tuple of distinct ints, or :class:`TrainError` naming the value."""
+    seeds = tuple(seeds)
+    if not seeds:
+        raise TrainError("--seeds is empty; pass distinct integers such as --seeds 0,1,2")
+    if any(isinstance(x, bool) or not isinstance(x, int) for x in seeds):
+        raise TrainError(f"--seeds {list(seeds)} must be integers, e.g. --seeds 0,1,2")
+    dup = sorted({x for x in seeds if seeds.count(x) > 1})
+    if dup:
+        raise TrainError(f"--seeds {','.join(map(str, seeds))} repeats seed {dup[0]}; each repeat "
+                         "needs its own seed, e.g. --seeds 0,1,2")
+    return seeds
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)``; one line naming the value when it is not that."""
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip():
+        return check_seeds(())
+    try:
+        seeds = [int(p) for p in parts]
+    except ValueError:
+        raise TrainError(f"--seeds {text!r} is not a comma-separated list of integers; pass "
+                         "e.g. --seeds 0,1,2") from None
+    return check_seeds(seeds)
 
 
 def config_for(kind: str) -> type[TrainConfig]:

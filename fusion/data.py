@@ -6,6 +6,7 @@ check that can fail runs here, so a bad input never leaves a half-trained run be
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from .device import resolve_device
 from .errors import TrainError
 from .heads import create_head, resolve_head, spec_of
 
-__all__ = ["Setup", "prepare", "pick_features", "cached_batches", "class_weights"]
+__all__ = ["Setup", "prepare", "pick_features", "cached_batches", "class_weights", "inner_split"]
 
 
 @dataclass
@@ -98,6 +99,11 @@ def _check_classes(labels: np.ndarray, folds: np.ndarray, classes: list[Any], k:
                          "re-create the store with fewer --folds")
 
 
+def _takes(fn: Any, name: str) -> bool:
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def prepare(store, head: Any, text: str | None, image: str | None, cfg: TrainConfig) -> Setup:
     """Every check that can fail, before any work: config, labels, feature sets, folds, head
     options."""
@@ -127,6 +133,10 @@ def prepare(store, head: Any, text: str | None, image: str | None, cfg: TrainCon
                 num_classes=len(classes), text_layers=text_layers)
     probe = create_head(head, **dims, **cfg.options)  # validates options before any work
     needs = frozenset(getattr(probe, "needs", ()))
+    if cfg.label_smoothing and not _takes(probe.loss, "label_smoothing"):
+        raise TrainError(f"--label-smoothing {cfg.label_smoothing}: head {spec_of(head_cls)!r} "
+                         "overrides loss() without a label_smoothing argument; add "
+                         "`label_smoothing: float = 0.0` to its loss or drop the flag")
     for mod, fs in (("text", tfs), ("image", ifs)):
         if fs is not None and f"{mod}_pooled" in needs and fs.pooled_dim != fs.dim:
             raise TrainError(
@@ -152,10 +162,45 @@ def cached_batches(s: Setup, rows: np.ndarray, *, shuffle: bool = False, seed: i
         yield Batch(**d)
 
 
-def class_weights(s: Setup) -> torch.Tensor | None:
-    """Balanced class weights over the trainable rows with ``class_weight``, else None."""
+def class_weights(s: Setup, rows: np.ndarray) -> torch.Tensor | None:
+    """Balanced class weights over ``rows`` (the rows a fold model fits) with
+    ``class_weight``, else None. Never counted over the rows the model predicts."""
     if not s.cfg.class_weight:
         return None
-    counts = np.bincount(s.labels[s.folds >= 0], minlength=len(s.classes))
-    return torch.tensor(len(s.labels) / (len(s.classes) * np.maximum(counts, 1)),
+    counts = np.bincount(s.labels[rows], minlength=len(s.classes))
+    return torch.tensor(len(rows) / (len(s.classes) * np.maximum(counts, 1)),
                         dtype=torch.float32, device=s.device)
+
+
+def inner_split(labels: np.ndarray, rows: np.ndarray, share: float, seed: int, fold: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, inner validation rows) carved from a fold's training ``rows``.
+
+    The inner rows are what every choice made while fitting the fold looks at (early stopping,
+    the best epoch, ``late``'s alpha), so the rows the fold predicts are never used to select.
+    ``max(1, round(share * len(rows)))`` rows, stratified by class (largest remainder; a class
+    always keeps at least one fit row), drawn with a generator seeded by ``(seed, fold)``.
+    Both outputs are sorted store rows.
+    """
+    rows = np.asarray(rows, np.int64)
+    n = len(rows)
+    if n < 2:
+        raise TrainError(f"fold {fold} has {n} training row(s); an inner validation split needs "
+                         "at least 2: use fewer --folds")
+    n_inner = min(n - 1, max(1, int(round(share * n))))
+    y = labels[rows]
+    classes, counts = np.unique(y, return_counts=True)
+    exact = n_inner * counts / n
+    take = np.minimum(np.floor(exact), counts - 1).astype(np.int64)
+    for c in np.argsort(-(exact - take), kind="stable"):  # largest remainders first
+        if take.sum() >= n_inner:
+            break
+        if take[c] < counts[c] - 1:
+            take[c] += 1
+    rng = np.random.default_rng([seed % 2**32, fold])
+    inner = np.concatenate([rng.permutation(rows[y == c])[:t] for c, t in zip(classes, take,
+                                                                              strict=True)])
+    if not len(inner):  # every class has a single row: no stratified split exists
+        inner = rng.choice(rows, n_inner, replace=False)
+    inner = np.sort(inner)
+    return np.setdiff1d(rows, inner, assume_unique=True), inner

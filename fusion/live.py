@@ -77,8 +77,9 @@ class LiveModel(nn.Module):
         self._last = self.features(raw)
         return self.head(self._last)
 
-    def loss(self, raw: RawBatch, logits: torch.Tensor, class_weight=None) -> torch.Tensor:
-        return self.head.loss(self._last, logits, class_weight)
+    def loss(self, raw: RawBatch, logits: torch.Tensor, class_weight=None, **kw: Any
+             ) -> torch.Tensor:
+        return self.head.loss(self._last, logits, class_weight, **kw)
 
     def train(self, mode: bool = True) -> LiveModel:
         super().train(mode)

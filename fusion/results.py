@@ -1,9 +1,12 @@
 """What a k-fold training run keeps, fold by fold, and the run directory it becomes.
 
 :class:`FoldResults` gathers the out-of-fold probabilities (each row predicted by the model of
-its own fold, which never trained on it), the fold-mean holdout probabilities, per-fold metrics
-and weights; :meth:`FoldResults.write` hands them to :func:`fusion.rundir.write_run`, the one
-run writer, which computes the scores (:mod:`fusion.metrics`).
+its own fold, which never trained on it nor selected an epoch on it), the fold-mean holdout
+probabilities, per-fold metrics and weights, once per seed; :meth:`FoldResults.write` averages
+the seeds and hands the result to :func:`fusion.rundir.write_run`, the one run writer, which
+computes the scores (:mod:`fusion.metrics`). Each seed's own scores and their spread go to
+``metrics.json`` (``seeds``, ``spread``), the inner validation rows of each (seed, fold) to
+``rows.npz`` (``seed{s}_fold{f}_inner``: a row is in the inner split of several folds).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .loop import EarlyStopping, predict
 from .metrics import classification_metrics
 from .rundir import Run, RunWriter, write_run
 
-__all__ = ["FoldResults", "run_config"]
+__all__ = ["FoldResults", "run_config", "spread"]
 
 
 def run_config(s: Setup, *, kind: str, name: str | None, out: str | os.PathLike | None,
@@ -36,6 +39,9 @@ def run_config(s: Setup, *, kind: str, name: str | None, out: str | os.PathLike 
         "head": s.head_spec,
         "head_config": s.probe.config,
         "train": s.cfg.to_dict(),
+        "seeds": list(s.cfg.seed_list),
+        "selection": {"inner_val": s.cfg.inner_val, "stratified": True,
+                      "seeded_by": ["seed", "fold"], "rows": "rows.npz:seed{s}_fold{f}_inner"},
         "store": {"url": s.store.url, "fingerprint": s.store.fingerprint,
                   "folds_fingerprint": s.store.folds_fingerprint},
         "classes": s.classes,
@@ -51,21 +57,35 @@ def run_config(s: Setup, *, kind: str, name: str | None, out: str | os.PathLike 
     }
 
 
+def spread(values: list[float | None]) -> dict[str, float | None]:
+    """``{"mean", "std"}`` of per-seed scores (sample std, ddof=1; 0.0 for one seed)."""
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if not len(v):
+        return {"mean": None, "std": None}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+
 class FoldResults:
-    """Predictions, metrics and weights of each fold, until the run is written.
+    """Predictions, metrics and weights of each (seed, fold), until the run is written.
 
     Use as a context manager: weights are staged in a temporary directory next to ``out``
-    (nothing is staged when ``out`` is None) and moved into the run by :meth:`write`.
+    (nothing is staged when ``out`` is None) and moved into the run by :meth:`write`. Call
+    :meth:`end_seed` after the last fold of each seed.
     """
 
     def __init__(self, setup: Setup, out: str | os.PathLike | None):
         self.setup, self.out = setup, out
-        k = len(setup.classes)
-        self.oof = np.zeros((len(setup.folds), k), np.float32)
-        self.oof_mask = np.zeros(len(setup.folds), bool)
+        k, n = len(setup.classes), len(setup.folds)
+        self.seeds = list(setup.cfg.seed_list)
+        self.oof = np.zeros((n, k), np.float32)  # the current seed's
+        self.oof_sum = np.zeros((n, k), np.float64)  # over finished seeds
+        self.oof_mask = np.zeros(n, bool)
         self.hold_rows = setup.hold_rows
-        self.hold_sum = np.zeros((len(self.hold_rows), k), np.float64)
+        self.hold = np.zeros((len(self.hold_rows), k), np.float64)  # current seed, fold sum
+        self.hold_sum = np.zeros((len(self.hold_rows), k), np.float64)  # mean per seed, summed
+        self.inner: dict[str, np.ndarray] = {}  # "seed{s}_fold{f}_inner" -> store rows
         self.fold_metrics: list[dict[str, Any]] = []
+        self.seed_metrics: list[dict[str, Any]] = []
         self.epoch_times: list[float] = []
         self._stage: tempfile.TemporaryDirectory | None = None
         if out is not None:
@@ -81,52 +101,99 @@ class FoldResults:
         if self._stage is not None:
             self._stage.cleanup()
 
+    def weights_name(self, seed: int, fold: int) -> str:
+        """``fold{i}``, or ``seed{s}/fold{i}`` when the run has several seeds."""
+        return f"fold{fold}" if len(self.seeds) == 1 else f"seed{seed}/fold{fold}"
+
     def add(self, fold: int, model: torch.nn.Module,
             batches: Callable[[np.ndarray], Iterable[Any]], va_rows: np.ndarray,
-            stop: EarlyStopping, fit_end: dict[str, Any], **extra: Any) -> None:
-        """Predict fold ``fold``'s validation rows (out-of-fold) and the holdout with ``model``
-        (the best epoch's weights), and record the fold."""
+            stop: EarlyStopping, fit_end: dict[str, Any], *, seed: int, n_fit: int,
+            inner_rows: np.ndarray, **extra: Any) -> None:
+        """Predict fold ``fold``'s rows (out-of-fold) and the holdout with ``model`` (the
+        weights of the epoch chosen on ``inner_rows``), and record the fold."""
         s = self.setup
         vp, vr = predict(model, batches(va_rows), s.device)
         self.oof[vr], self.oof_mask[vr] = vp, True
+        self.inner[f"seed{seed}_fold{fold}_inner"] = np.asarray(inner_rows, np.int64)
         if len(self.hold_rows):
             hp, hr = predict(model, batches(self.hold_rows), s.device)
-            self.hold_sum[np.searchsorted(self.hold_rows, hr)] += hp
+            self.hold[np.searchsorted(self.hold_rows, hr)] += hp
         fm = classification_metrics(s.labels[vr], vp)
         self.epoch_times += stop.epoch_times
-        self.fold_metrics.append({"fold": fold, "best_epoch": stop.best_epoch,
-                                  "epochs_run": len(stop.history),
+        self.fold_metrics.append({"seed": seed, "fold": fold, "best_epoch": stop.best_epoch,
+                                  "epochs_run": len(stop.history), "n_fit": int(n_fit),
+                                  "n_inner": int(len(inner_rows)),
                                   "accuracy": fm["accuracy"], "macro_f1": fm["macro_f1"],
                                   "on_fit_end": fit_end, "history": stop.history, **extra})
+
+    def end_seed(self, seed: int) -> None:
+        """Close seed ``seed``: score its own OOF / holdout, add them to the seed means."""
+        s = self.setup
+        rows = np.flatnonzero(self.oof_mask)
+        hold = self._normalised(self.hold / max(1, len(s.fold_ids)))
+        m = classification_metrics(s.labels[rows], self.oof[rows])
+        h = classification_metrics(s.labels[self.hold_rows], hold) if len(hold) else None
+        keep = ("accuracy", "macro_f1", "n")
+        self.seed_metrics.append({"seed": seed, **{k: m[k] for k in keep},
+                                  "holdout": {k: h[k] for k in keep} if h else None})
+        self.oof_sum += self.oof
+        self.hold_sum += hold
+        self.oof[:] = 0
+        self.hold[:] = 0
+
+    @staticmethod
+    def _normalised(p: np.ndarray) -> np.ndarray:
+        p = p.astype(np.float32)
+        if len(p):
+            p /= p.sum(1, keepdims=True)
+        return p
 
     def save_weights(self, name: str, module: torch.nn.Module) -> None:
         """Stage ``weights/{name}.safetensors`` for the run (no-op without ``out``)."""
         if self._stage is None:
             return
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        save_file(state, os.path.join(self._stage.name, f"{name}.safetensors"))
+        f = Path(self._stage.name) / f"{name}.safetensors"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, f)
 
-    def _move_weights(self, w: RunWriter) -> None:
+    def _extra_files(self, w: RunWriter, oof_rows: np.ndarray) -> None:
+        s = self.setup
+        np.savez(w.file("rows.npz"), oof_rows=oof_rows, holdout_rows=self.hold_rows,
+                 labels=s.labels, folds=s.folds, seeds=np.asarray(self.seeds, np.int64),
+                 **self.inner)
         if self._stage is None:
             return
-        for f in sorted(Path(self._stage.name).iterdir()):
-            shutil.move(f, w.file(f"weights/{f.name}"))
+        stage = Path(self._stage.name)
+        for f in sorted(stage.rglob("*.safetensors")):
+            shutil.move(f, w.file(f"weights/{f.relative_to(stage).as_posix()}"))
 
     def write(self, *, kind: str, train_seconds: float, name: str | None,
               extra_config: dict[str, Any] | None = None) -> Run:
-        """The run directory (or, without ``out``, the run in memory)."""
+        """The run directory (or, without ``out``, the run in memory): OOF and holdout
+        probabilities are the mean over the seeds."""
         s = self.setup
+        if len(self.seed_metrics) != len(self.seeds):
+            raise RuntimeError("FoldResults.write before end_seed of every seed")
         rows = np.flatnonzero(self.oof_mask)
-        hold = (self.hold_sum / max(1, len(s.fold_ids))).astype(np.float32)
-        if len(hold):
-            hold /= hold.sum(1, keepdims=True)
+        oof = (self.oof_sum[rows] / len(self.seeds)).astype(np.float32)
+        hold = self._normalised(self.hold_sum / len(self.seeds))
+        sm = self.seed_metrics
+        has_hold = all(x["holdout"] for x in sm)
         metrics = {"head": s.head_spec, "kind": kind, "folds": self.fold_metrics,
+                   "seeds": sm,
+                   "spread": {
+                       "macro_f1": spread([x["macro_f1"] for x in sm]),
+                       "accuracy": spread([x["accuracy"] for x in sm]),
+                       "holdout": ({key: spread([x["holdout"][key] for x in sm])
+                                    for key in ("macro_f1", "accuracy")} if has_hold else None)},
                    "train_seconds": train_seconds,
                    "epoch_seconds": float(np.mean(self.epoch_times)) if self.epoch_times else 0.0,
                    "n_parameters": int(sum(p.numel() for p in s.probe.parameters())),
                    "device": str(s.device)}
         return write_run(self.out, config=run_config(s, kind=kind, name=name, out=self.out,
                                                      extra=extra_config),
-                         metrics=metrics, oof=self.oof[rows], oof_rows=rows, holdout=hold,
+                         metrics=metrics, oof=oof, oof_rows=rows, holdout=hold,
                          holdout_rows=self.hold_rows, ids=s.store.ids, labels=s.labels,
-                         folds=s.folds, classes=s.classes, extra_files=self._move_weights)
+                         folds=s.folds, classes=s.classes,
+                         extra_files=lambda w: self._extra_files(w, rows))

@@ -387,3 +387,161 @@ def test_out_of_fold_rows_are_scored_by_a_model_that_never_trained_on_them(noise
     # a fold model that also fits the rows it predicts memorises them (accuracy near 1)
     assert run.metrics["accuracy"] < chance + 0.15, run.metrics["accuracy"]
     assert run.metrics["holdout"]["accuracy"] < chance + 0.15
+
+
+# -- leak-free selection (issue 12) ----------------------------------------------------------------
+
+def _relabelled_copy(store, dst: Path, rows: np.ndarray) -> es.Store:
+    """A copy of ``store`` whose labels on ``rows`` are shifted to the next class (the folds,
+    ids and features are unchanged: the labels array is rewritten in place)."""
+    import shutil
+
+    import zarr
+
+    shutil.copytree(store.url, dst)
+    arr = zarr.open_array(str(dst / "labels"), mode="r+")
+    labels = arr[:]
+    labels[rows] = (labels[rows] + 1) % len(store.classes)
+    arr[:] = labels
+    return es.open_store(dst)
+
+
+SELECT = {"epochs": 8, "batch_size": 32, "lr": 3e-3, "patience": 2, "hidden": 16}
+
+
+def test_relabelling_a_fold_leaves_its_out_of_fold_probabilities_bit_identical(comp_store,
+                                                                               tmp_path):
+    """Nothing fitted or chosen for fold f looks at fold f's labels (early stopping, best epoch,
+    late's alpha use an inner split of the other folds), so relabelling fold f's rows leaves
+    fold f's OOF probabilities bit-identical; every other fold trained on them and changes."""
+    f = 1
+    rows = np.flatnonzero(comp_store.folds == f)
+    other = _relabelled_copy(comp_store, tmp_path / "relabelled.zarr", rows)
+    kw = {**SELECT, "folds": 3}
+    for head, extra in (("text", {}), ("late", {"class_weight": True})):
+        a = fusion.train(comp_store, head, **kw, **extra)
+        b = fusion.train(other, head, **kw, **extra)
+        np.testing.assert_array_equal(a.oof_rows, b.oof_rows)
+        in_f = comp_store.folds[a.oof_rows] == f
+        assert np.array_equal(a.oof[in_f], b.oof[in_f]), head  # bit-identical
+        for g in (0, 2):
+            in_g = comp_store.folds[a.oof_rows] == g
+            assert not np.array_equal(a.oof[in_g], b.oof[in_g]), (head, g)
+
+
+def test_inner_split_is_stratified_seeded_and_inside_the_training_rows():
+    from fusion.data import inner_split
+
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat(np.arange(4), [400, 200, 100, 10]))
+    rows = np.sort(rng.choice(len(labels), 600, replace=False))
+    fit, inner = inner_split(labels, rows, 0.1, 0, 2)
+    assert len(inner) == 60 and np.array_equal(np.sort(np.concatenate([fit, inner])), rows)
+    assert not np.intersect1d(fit, inner).size and np.all(np.diff(inner) > 0)
+    want = 60 * np.bincount(labels[rows], minlength=4) / 600
+    assert np.all(np.abs(np.bincount(labels[inner], minlength=4) - want) < 1)  # stratified
+    assert np.array_equal(inner, inner_split(labels, rows, 0.1, 0, 2)[1])  # seeded
+    assert not np.array_equal(inner, inner_split(labels, rows, 0.1, 1, 2)[1])  # by seed
+    assert not np.array_equal(inner, inner_split(labels, rows, 0.1, 0, 3)[1])  # and by fold
+    # every class keeps a fit row, even one whose share rounds up to all of it
+    fit, inner = inner_split(np.array([0] * 8 + [1]), np.arange(9), 0.5, 0, 0)
+    assert 8 in fit and len(inner) == 4
+
+
+SEEDED = {"folds": 2, "epochs": 3, "batch_size": 32, "lr": 3e-3, "dim": 16, "hidden": 16}
+
+
+def test_seeds_train_repeats_into_one_run_with_mean_probabilities_and_spread(comp_store,
+                                                                              tmp_path):
+    run = fusion.train(comp_store, "concat", out=tmp_path / "rep", seeds=[0, 1, 2], **SEEDED)
+    single = [fusion.train(comp_store, "concat", seed=s, **SEEDED) for s in (0, 1, 2)]
+    np.testing.assert_allclose(run.oof, np.mean([r.oof for r in single], 0), atol=1e-6)
+    hold = np.mean([r.holdout for r in single], 0)
+    np.testing.assert_allclose(run.holdout, hold / hold.sum(1, keepdims=True), atol=1e-6)
+    m = run.metrics
+    assert [x["seed"] for x in m["seeds"]] == [0, 1, 2]
+    for x, r in zip(m["seeds"], single, strict=True):  # each seed scores as its own run would
+        assert x["macro_f1"] == pytest.approx(r.metrics["macro_f1"], abs=1e-12)
+        assert x["holdout"]["accuracy"] == pytest.approx(r.metrics["holdout"]["accuracy"],
+                                                         abs=1e-12)
+    f1 = [r.metrics["holdout"]["macro_f1"] for r in single]
+    assert m["spread"]["holdout"]["macro_f1"] == pytest.approx(
+        {"mean": np.mean(f1), "std": np.std(f1, ddof=1)}, abs=1e-12)
+    assert m["spread"]["macro_f1"]["std"] > 0
+    assert [(x["seed"], x["fold"]) for x in m["folds"]] == [(s, f) for s in (0, 1, 2)
+                                                            for f in (0, 1)]
+    for s in (0, 1, 2):
+        for f in (0, 1):
+            assert (run.path / f"weights/seed{s}/fold{f}.safetensors").exists()
+    assert not (run.path / "weights/fold0.safetensors").exists()
+    assert run.config["seeds"] == [0, 1, 2] and run.config["train"]["seeds"] == [0, 1, 2]
+    assert run.config["selection"]["inner_val"] == 0.1
+
+
+def test_rows_npz_records_each_folds_inner_split_outside_the_fold(comp_store, tmp_path):
+    run = fusion.train(comp_store, "concat", out=tmp_path / "r", seeds=[3, 4], **SEEDED)
+    rows = np.load(run.path / "rows.npz")
+    folds = comp_store.folds
+    assert list(rows["seeds"]) == [3, 4]
+    np.testing.assert_array_equal(rows["folds"], folds)
+    np.testing.assert_array_equal(rows["oof_rows"], run.oof_rows)
+    for i, seed in enumerate((3, 4)):
+        for f in (0, 1):
+            inner = rows[f"seed{seed}_fold{f}_inner"]
+            train = np.flatnonzero((folds >= 0) & (folds != f))
+            assert np.isin(inner, train).all()  # never the fold's own rows, nor the holdout
+            assert len(inner) == round(0.1 * len(train))
+            n_fit = run.metrics["folds"][2 * i + f]["n_fit"]
+            assert n_fit == len(train) - len(inner)
+    assert not np.array_equal(rows["seed3_fold0_inner"], rows["seed4_fold0_inner"])
+
+
+def test_label_smoothing_reaches_the_loss(comp_store):
+    kw = {"fold": 0, "epochs": 15, "batch_size": 32, "lr": 1e-2, "patience": 15, "dim": 16,
+          "hidden": 16}
+    plain = fusion.train(comp_store, "concat", **kw)
+    smooth = fusion.train(comp_store, "concat", label_smoothing=0.5, **kw)
+    assert smooth.config["train"]["label_smoothing"] == 0.5
+    # smoothed targets (top class 0.5 + 0.5/6) cap the confidence the model learns
+    assert plain.oof.max(1).mean() > 0.9 and smooth.oof.max(1).mean() < 0.6
+    # late's own loss (two cross-entropies) takes it too
+    late = [fusion.train(comp_store, "late", label_smoothing=ls, fold=0, epochs=2, hidden=16)
+            for ls in (0.0, 0.5)]
+    assert not np.array_equal(late[0].oof, late[1].oof)
+
+
+def test_label_smoothing_with_a_head_whose_loss_lacks_it_is_refused(comp_store):
+    ns: dict = {}
+    exec(USER_HEAD + textwrap.dedent("""
+        class OwnLoss(GatedSum):
+            def loss(self, batch, logits, class_weight=None):
+                return super().loss(batch, logits, class_weight)
+    """), ns)
+    with pytest.raises(fusion.TrainError, match="overrides loss.. without a label_smoothing"):
+        fusion.train(comp_store, ns["OwnLoss"], fold=0, epochs=1, label_smoothing=0.1)
+    fusion.train(comp_store, ns["OwnLoss"], fold=0, epochs=1)  # without the flag it trains
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--seeds", "0,1,0"], "repeats seed 0"),
+    (["--seeds", ""], "--seeds is empty"),
+    (["--seeds", "0,a"], "is not a comma-separated list of integers"),
+    (["--seeds", "0,1", "--seed", "2"], "pass one"),
+    (["--inner-val", "0"], "--inner-val must be in (0, 1), got 0.0"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0"),
+])
+def test_bad_seeds_inner_val_or_smoothing_one_line_exit_2(comp_store, tmp_path, args, msg):
+    res = runner.invoke(app, ["train", "--store", comp_store.url, "--head", "text", *args,
+                              "--out", str(tmp_path / "r"), "-q"])
+    assert res.exit_code == 2 and msg in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    _no_run(tmp_path / "r")
+
+
+def test_cli_seeds_prints_the_spread(comp_store, tmp_path):
+    res = runner.invoke(app, ["train", "--store", comp_store.url, "--head", "text", "--seeds",
+                              "0,1", "--folds", "1", "--epochs", "1", "--out",
+                              str(tmp_path / "r"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "2 seeds: OOF macro-F1" in res.output and "±" in res.output
+    assert fusion.load_run(tmp_path / "r").config["seeds"] == [0, 1]

@@ -112,9 +112,12 @@ class FusionHead(nn.Module):
         self.internals = {}
         return self.forward_head(self.forward_features(batch))
 
-    def loss(self, batch: Batch, logits: Tensor, class_weight: Tensor | None = None) -> Tensor:
-        """Cross-entropy of ``logits`` against ``batch.labels`` (mean over the batch)."""
-        return F.cross_entropy(logits, self._labels(batch), weight=class_weight)
+    def loss(self, batch: Batch, logits: Tensor, class_weight: Tensor | None = None,
+             label_smoothing: float = 0.0) -> Tensor:
+        """Cross-entropy of ``logits`` against ``batch.labels`` (mean over the batch).
+        Training passes ``label_smoothing`` only when it is not 0 (`--label-smoothing`)."""
+        return F.cross_entropy(logits, self._labels(batch), weight=class_weight,
+                               label_smoothing=label_smoothing)
 
     def on_fit_end(self, val_batches: Callable[[], Iterable[Batch]]) -> dict[str, Any]:
         """Hook called once after training with a fresh iterator factory over validation

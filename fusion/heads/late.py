@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score
 from torch import Tensor
 
 from fusion.batch import Batch
@@ -16,6 +15,7 @@ from fusion.errors import HeadError
 from fusion.heads.base import FusionHead, check_int
 from fusion.heads.registry import register_head
 from fusion.heads.unimodal import ImageHead, TextHead
+from fusion.metrics import macro_f1
 
 __all__ = ["LateHead"]
 
@@ -27,7 +27,8 @@ class LateHead(FusionHead):
     Each half is a ``text``/``image`` head trained with its own cross-entropy (the loss is the
     sum), so neither half learns to lean on the other. ``alpha`` is a buffer (saved with the
     weights), 0.5 until :meth:`on_fit_end` picks the value on an ``alpha_grid``-point grid over
-    [0, 1] that maximises validation macro-F1 (ties: lower validation log-loss).
+    [0, 1] that maximises validation macro-F1 (ties: lower validation log-loss). `fusion train`
+    passes the fold's inner validation rows, never the rows the fold predicts.
     """
 
     needs = TextHead.needs | ImageHead.needs
@@ -83,7 +84,8 @@ class LateHead(FusionHead):
         self._last = (logits, parts) if torch.is_grad_enabled() else None
         return logits
 
-    def loss(self, batch: Batch, logits: Tensor, class_weight: Tensor | None = None) -> Tensor:
+    def loss(self, batch: Batch, logits: Tensor, class_weight: Tensor | None = None,
+             label_smoothing: float = 0.0) -> Tensor:
         """CE(text half) + CE(image half); ``logits`` must come from this head's last forward
         (otherwise both halves are recomputed)."""
         parts = self._last[1] if self._last is not None and self._last[0] is logits else None
@@ -92,9 +94,9 @@ class LateHead(FusionHead):
             parts = self.forward_features(batch)
         labels = self._labels(batch)
         text, image = parts.split(self.num_classes, dim=-1)
-        return F.cross_entropy(text, labels, weight=class_weight) + F.cross_entropy(
-            image, labels, weight=class_weight
-        )
+        return F.cross_entropy(
+            text, labels, weight=class_weight, label_smoothing=label_smoothing
+        ) + F.cross_entropy(image, labels, weight=class_weight, label_smoothing=label_smoothing)
 
     @torch.no_grad()
     def on_fit_end(self, val_batches: Callable[[], Iterable[Batch]]) -> dict[str, Any]:
@@ -115,7 +117,7 @@ class LateHead(FusionHead):
         best = (-1.0, -math.inf, 0.5)  # (macro-F1, -log-loss, alpha)
         for alpha in torch.linspace(0.0, 1.0, self.alpha_grid, dtype=torch.float64):
             mixed = _mix(lt, li, alpha)  # (N, K) log-probabilities
-            f1 = f1_score(y.numpy(), mixed.argmax(-1).numpy(), average="macro", zero_division=0)
+            f1 = macro_f1(y.numpy(), mixed.argmax(-1).numpy(), self.num_classes)
             nll = float(F.nll_loss(mixed, y))
             if (f1, -nll) > best[:2]:
                 best = (float(f1), -nll, float(alpha))
