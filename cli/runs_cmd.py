@@ -12,6 +12,7 @@ from rich.table import Table
 
 from fusion.bootstrap import DEFAULT_RESAMPLES
 from fusion.errors import RunDirError
+from fusion.html_report import html_report
 from fusion.leaderboard import compare as rank_runs
 from fusion.leaderboard import interval_text, leaderboard_markdown, load_runs, verdict
 from fusion.report import report as run_report
@@ -89,20 +90,41 @@ def compare(
 
 @handle_errors
 def report(
-    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (one, or several with "
+                                               "--html).")],
     text_run: Annotated[Path | None, typer.Option("--text-run", help="Text-only run for the "
                                                   "complementarity table.")] = None,
     image_run: Annotated[Path | None, typer.Option("--image-run", help="Image-only run.")]
     = None,
     out: Annotated[Path | None, typer.Option(help="Where to write PNGs (default: the run "
                                              "directory).")] = None,
+    html: Annotated[Path | None, typer.Option(
+        "--html", help="Write one self-contained HTML page for all the runs (leaderboard with "
+        "intervals, complementarity, per-class F1, confused pairs, attributions, configs).")]
+    = None,
+    top: Annotated[int, typer.Option(help="Confused class pairs shown per run (--html).")]
+    = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the leaderboard's bootstrap (--html).")]
+    = 0,
     json_out: JsonFlag = False,
 ) -> None:
     """Metrics, confusion matrix and per-class F1 PNGs; the text-vs-image complementarity
     table (oracle bound of fusion) with --text-run/--image-run; contributions for stacks.
+    With --html, one self-contained page (no network needed to view it) for several runs.
 
     Example: fusion report runs/hanet --text-run runs/text --image-run runs/image
+
+    Example: fusion report runs/text runs/image runs/hanet runs/coattention runs/stack-lgbm --html report.html
     """
+    if html is not None:
+        path = html_report(runs, html, text_run=text_run, image_run=image_run, top=top,
+                           seed=seed)
+        console.print(f"wrote {escape(str(path))}")
+        return
+    if len(runs) != 1:
+        raise RunDirError(f"{len(runs)} runs given without --html; the PNG report takes one "
+                          "run: pass --html report.html for one page over several runs")
+    run = runs[0]
     res = run_report(run, out_dir=out, text_run=text_run, image_run=image_run)
     if json_out:
         console.print_json(json.dumps(res, default=str))
