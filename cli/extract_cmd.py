@@ -89,6 +89,9 @@ def extract(
                          f"(default {_D.image_col}).")] = None,
     label_col: Annotated[str | None, typer.Option(help="Label column, '' for none "
                          f"(default {_D.label_col}).")] = None,
+    group_col: Annotated[str | None, typer.Option(help="Group column (new store only): items "
+                         "with equal values (copies of one product) share one fold and the "
+                         "holdout together (default: none).")] = None,
     layers: Annotated[str | None, typer.Option(help="Hidden states to keep: -1 | -4,-3,-2,-1 | "
                       f"all (0 = embeddings) (default {_D.layers}).")] = None,
     max_length: Annotated[int | None, typer.Option(help="Max tokens per text "
@@ -136,6 +139,8 @@ def extract(
 
       embedstore extract data/catalog.csv --store cat.zarr --image timm:vit_tiny_patch16_224@random --image-name vit
 
+      embedstore extract data/catalog.csv --store grouped.zarr --group-col title --text hf:$(embedstore weights path minilm)
+
       embedstore extract data/catalog.csv --store s3://bucket/cat.zarr -S endpoint_url=http://127.0.0.1:9000 --text hf:$(embedstore weights path minilm) --resume
 
       torchrun --standalone --nproc-per-node 4 $(which embedstore) extract data/catalog.csv --store cat.zarr --text hf:$(embedstore weights path minilm) --text-name minilm-ddp
@@ -152,7 +157,7 @@ def extract(
                                                 if c.strip())
     cfg = ExtractConfig.from_options(
         text=text, image=image, id_col=id_col, text_cols=cols, image_col=image_col,
-        label_col=label_col, layers=layers, max_length=max_length, image_size=image_size,
+        label_col=label_col, group_col=group_col, layers=layers, max_length=max_length, image_size=image_size,
         batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
         text_name=text_name, image_name=image_name, folds=folds, seed=seed, holdout=holdout,
         resume=resume, overwrite=overwrite, max_error_rate=max_error_rate,

@@ -47,6 +47,10 @@ def info(store: StoreArg, json_out: JsonFlag = False, storage_option: StorageOpt
     console.print(f"[bold]{data['url']}[/]  format {data['format']}  {data['n_items']} items  "
                   f"{data['n_classes'] or 0} classes  folds k={data['folds']['k']} "
                   f"holdout={data['folds']['holdout']} seed={data['folds']['seed']}")
+    if data["grouping"] is not None:
+        g = data["grouping"]
+        console.print(f"grouped folds: {g['n_groups']} groups from column {g['group_col']!r} "
+                      f"(largest: {g['largest_group']} items)", markup=False)
     t = Table("feature set", "modality", "shape", "dtype", "layers", "status", "done", "errors",
               "encoder")
     for name, f in data["features"].items():

@@ -42,12 +42,13 @@ class Catalog:
     images: list[str | None] | None  # absolute paths or URLs; None = missing value
     labels: list[Any] | None
     fingerprint: str
+    groups: list[str] | None = None  # --group-col: items of one group share a fold
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def _read_frame(path: str, id_col: str):
+def _read_frame(path: str, str_cols: dict[str, type]):
     import pandas as pd
 
     low = path.lower()
@@ -58,7 +59,7 @@ def _read_frame(path: str, id_col: str):
             return pd.read_json(path, lines=True, dtype=False, encoding_errors="replace")
         if low.endswith((".csv", ".tsv", ".csv.gz")):
             return pd.read_csv(path, sep="\t" if low.endswith(".tsv") else ",",
-                               dtype={id_col: str}, keep_default_na=True,
+                               dtype=str_cols, keep_default_na=True,
                                encoding_errors="replace")
     except FileNotFoundError:
         raise CatalogError(f"catalog {path!r} does not exist; check the path") from None
@@ -70,23 +71,25 @@ def _read_frame(path: str, id_col: str):
 def read_catalog(path: str | os.PathLike, *, id_col: str = "id",
                  text_cols: Sequence[str] | None = ("title", "description"),
                  image_col: str | None = "image", label_col: str | None = "label",
-                 need_text: bool = True, need_image: bool = True) -> Catalog:
+                 need_text: bool = True, need_image: bool = True,
+                 group_col: str | None = None) -> Catalog:
     """Load and validate a catalog. Every problem is a :class:`CatalogError` raised before any
-    encoding starts."""
+    encoding starts. ``group_col``: the column whose equal values must share a fold."""
     path = os.fspath(path)
     if "://" not in path and not os.path.exists(path):
         raise CatalogError(f"catalog {path!r} does not exist; check the path")
-    df = _read_frame(path, id_col)
+    df = _read_frame(path, {c: str for c in (id_col, group_col) if c})
     if len(df) == 0:
         raise CatalogError(f"catalog {path!r} has no rows")
     cols = list(df.columns)
     wanted = [id_col] + (list(text_cols or []) if need_text else [])
     wanted += [image_col] if need_image and image_col else []
     wanted += [label_col] if label_col else []
+    wanted += [group_col] if group_col else []
     missing = [c for c in wanted if c not in cols]
     if missing:
         raise CatalogError(f"catalog {path!r} lacks column(s) {missing}; it has {cols}. Name them "
-                           "with --id-col/--text-cols/--image-col/--label-col")
+                           "with --id-col/--text-cols/--image-col/--label-col/--group-col")
     raw_ids = df[id_col].tolist()
     if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in raw_ids):
         raise CatalogError(f"catalog {path!r}: column {id_col!r} has missing ids; every row "
@@ -129,8 +132,21 @@ def read_catalog(path: str | os.PathLike, *, id_col: str = "id",
             raise CatalogError(f"catalog {path!r}: label column {label_col!r} has a single class "
                                f"{labels[0]!r}; a classifier needs >= 2 (omit --label-col to "
                                "store no labels)")
+    groups = _groups(df, group_col, ids, path) if group_col else None
     h = hashlib.sha256()
     for i in ids:
         h.update(i.encode() + b"\0")
     return Catalog(path=path, ids=ids, texts=texts, images=images, labels=labels,
-                   fingerprint=h.hexdigest()[:16])
+                   fingerprint=h.hexdigest()[:16], groups=groups)
+
+
+def _groups(df, group_col: str, ids: list[str], path: str) -> list[str]:
+    """The group column as strings; an empty cell is refused (it would silently be a group)."""
+    values = df[group_col].tolist()
+    bad = [ids[i] for i, v in enumerate(values)
+           if v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == ""]
+    if bad:
+        raise CatalogError(f"catalog {path!r}: group column {group_col!r} is empty in {len(bad)} "
+                           f"rows (first: {bad[:3]}); fill them (an item with no copies can use "
+                           "its own id) or omit --group-col")
+    return [str(v.item() if isinstance(v, np.generic) else v) for v in values]

@@ -11,7 +11,12 @@ from typing import Any
 
 import numpy as np
 import zarr
-from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+from sklearn.model_selection import (
+    KFold,
+    StratifiedGroupKFold,
+    StratifiedKFold,
+    train_test_split,
+)
 
 from . import _storage
 from .errors import EmbedStoreError, InvalidInputError, StoreExistsError, StoreIOError
@@ -29,23 +34,26 @@ from .store import Store, protocol_read_only, store_exists
 from .version import __version__
 from .zarrio import Location, create_arrays
 
-__all__ = ["create_store", "make_folds"]
+__all__ = ["create_store", "group_holdout", "grouped_folds", "make_folds"]
 
 _ROOT_NAMES = (*ROOT_ARRAYS, "features", "zarr.json")
 
 
 def make_folds(labels: np.ndarray | None, n: int, *, k: int = 5, seed: int = 0,
-               holdout: float = 0.2) -> tuple[np.ndarray, bool]:
+               holdout: float = 0.2, groups: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
     """Canonical fold per item: 0..k-1, or -1 for the holdout share.
 
     Stratified (scikit-learn) when labels are given and every class has enough items; otherwise
-    a seeded shuffle. Returns ``(folds int8 [N], stratified)``.
+    a seeded shuffle. With ``groups`` (a group code per item) every group lands in one fold or
+    wholly in the holdout (:func:`grouped_folds`). Returns ``(folds int8 [N], stratified)``.
     """
     if k < 2:
         raise InvalidInputError(f"folds must be >= 2, got {k}; pass --folds 5 (or any k >= 2)")
     if not 0 <= holdout < 1:
         raise InvalidInputError(f"holdout must be in [0, 1), got {holdout}; pass e.g. "
                                 "--holdout 0.2")
+    if groups is not None:
+        return grouped_folds(labels, np.asarray(groups), k=k, seed=seed, holdout=holdout)
     idx = np.arange(n)
     folds = np.full(n, -1, dtype=np.int8)
     stratified = False
@@ -80,6 +88,84 @@ def make_folds(labels: np.ndarray | None, n: int, *, k: int = 5, seed: int = 0,
     for f, (_, test) in enumerate(parts):
         folds[train_idx[test]] = f
     return folds, stratified
+
+
+def grouped_folds(labels: np.ndarray | None, groups: np.ndarray, *, k: int, seed: int,
+                  holdout: float) -> tuple[np.ndarray, bool]:
+    """Folds that never split a group: a group-aware holdout (:func:`group_holdout`), then
+    scikit-learn's ``StratifiedGroupKFold`` over the other items (stratified when every class
+    has >= k trainable items, else groups only). Returns ``(folds int8 [N], stratified)``."""
+    codes = np.unique(groups, return_inverse=True)[1].reshape(-1)
+    y = np.zeros(len(codes), np.int64) if labels is None else np.asarray(labels, np.int64)
+    folds = np.full(len(codes), -1, dtype=np.int8)
+    train_idx = np.flatnonzero(~group_holdout(y, codes, holdout, seed))
+    n_groups = len(np.unique(codes[train_idx]))
+    if n_groups < k:
+        raise InvalidInputError(f"{n_groups} groups of trainable items cannot be split into {k} "
+                                "folds; lower --folds or --holdout, or group by a finer column")
+    counts = np.bincount(y[train_idx])
+    counts = counts[counts > 0]
+    stratified = bool(labels is not None and len(counts) > 1 and counts.min() >= k)
+    target = y[train_idx] if stratified else np.zeros(len(train_idx), np.int64)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for f, (_, test) in enumerate(splitter.split(train_idx, target, codes[train_idx])):
+        folds[train_idx[test]] = f
+    empty = sorted(set(range(k)) - set(np.unique(folds[train_idx]).tolist()))
+    if empty:
+        raise InvalidInputError(f"grouping leaves fold(s) {empty} empty ({n_groups} groups "
+                                f"for {k} folds); lower --folds or group by a finer column")
+    return folds, stratified
+
+
+def group_holdout(y: np.ndarray, codes: np.ndarray, holdout: float, seed: int) -> np.ndarray:
+    """A holdout mask made of whole groups, stratified best-effort (the share is approximate).
+
+    Each group counts for its majority class (ties: the lowest class code). Per class, the
+    groups are taken in a seeded random order while the class's held-out items stay within
+    ``holdout`` x its items, plus the first group past that budget when it lands nearer to it.
+    """
+    hold = np.zeros(len(codes), dtype=bool)
+    if holdout <= 0:
+        return hold
+    n_groups, n_cls = int(codes.max()) + 1, int(y.max()) + 1
+    size = np.bincount(codes, minlength=n_groups)
+    pairs, cnt = np.unique(codes.astype(np.int64) * n_cls + y, return_counts=True)
+    g, c = pairs // n_cls, pairs % n_cls
+    order = np.lexsort((-cnt, g))  # by group, then most frequent class first
+    first = np.r_[True, g[order][1:] != g[order][:-1]]
+    major = np.empty(n_groups, np.int64)
+    major[g[order][first]] = c[order][first]
+    perm = np.random.default_rng(seed).permutation(n_groups)
+    perm = perm[np.argsort(major[perm], kind="stable")]  # by class, random inside a class
+    starts = np.searchsorted(major[perm], np.arange(n_cls + 1))
+    taken = []
+    for cls in range(n_cls):
+        gs = perm[starts[cls]:starts[cls + 1]]
+        if len(gs) == 0:
+            continue
+        cum = np.cumsum(size[gs])
+        budget = holdout * cum[-1]
+        m = int(np.searchsorted(cum, budget, side="right"))  # groups within the budget
+        below = cum[m - 1] if m else 0
+        if m < len(gs) and cum[m] - budget < budget - below:
+            m += 1
+        taken.append(gs[:m])
+    if taken:
+        hold[np.isin(codes, np.concatenate(taken))] = True
+    return hold
+
+
+def _check_groups(groups: Sequence[Any], n: int) -> np.ndarray:
+    groups = list(groups)
+    if len(groups) != n:
+        raise InvalidInputError(f"groups has {len(groups)} values but there are {n} ids; "
+                                "pass one group per id")
+    bad = [i for i, v in enumerate(groups)
+           if v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == ""]
+    if bad:
+        raise InvalidInputError(f"{len(bad)} items have an empty group (first: item {bad[0]}); "
+                                "give every item a group (its own id when it has no copies)")
+    return np.asarray([str(v) for v in groups], dtype=object)
 
 
 def _check_ids(ids: Sequence[Any]) -> np.ndarray:
@@ -126,8 +212,13 @@ def _encode_labels(labels: Sequence[Any], n: int, classes: Sequence[Any] | None)
 def create_store(url: str | os.PathLike, ids: Sequence[Any], labels: Sequence[Any] | None = None,
                  *, classes: Sequence[Any] | None = None, folds: int = 5, seed: int = 0,
                  holdout: float = 0.2, source: str | None = None,
-                 storage_options: dict | None = None, overwrite: bool = False) -> Store:
+                 storage_options: dict | None = None, overwrite: bool = False,
+                 groups: Sequence[Any] | None = None, group_col: str | None = None) -> Store:
     """Create a store for a dataset: ids (unique), optional labels, canonical stratified folds.
+
+    ``groups`` (one value per id, e.g. a product family): no group is split across folds or
+    between the folds and the holdout; stored as the ``groups`` array, with ``folds.grouped``
+    and ``folds.group_col`` (the column it came from, or None) in the root attributes.
 
     Nothing is written unless every input is valid. The root ``zarr.json`` first holds a
     ``creating`` marker (claimed exclusively) and gets its full attributes only after every
@@ -148,15 +239,21 @@ def create_store(url: str | os.PathLike, ids: Sequence[Any], labels: Sequence[An
     codes = None
     if labels is not None:
         codes, classes = _encode_labels(labels, n, classes)
-    fold_arr, stratified = make_folds(codes, n, k=folds, seed=seed, holdout=holdout)
+    group_arr = None if groups is None else _check_groups(groups, n)
+    fold_arr, stratified = make_folds(codes, n, k=folds, seed=seed, holdout=holdout,
+                                      groups=None if group_arr is None else group_arr.astype(str))
     fingerprint = fingerprint_ids(ids_arr, codes)
-    fold_opts = {"k": folds, "seed": seed, "holdout": holdout}
+    fold_opts: dict[str, Any] = {"k": folds, "seed": seed, "holdout": holdout}
+    if group_arr is not None:
+        fold_opts.update(grouped=True, group_col=group_col,
+                         groups_fingerprint=fingerprint_ids(group_arr, None))
     _claim_root(url, storage_options, creating_marker(fingerprint, fold_opts), overwrite)
     loc = Location(url, storage_options, read_only=False)
     try:
         root = loc.open_group("", mode="r+")
-        create_arrays(root, dataset_arrays(n, codes is not None),
-                      {"ids": ids_arr.astype(str), "labels": codes, "folds": fold_arr},
+        create_arrays(root, dataset_arrays(n, codes is not None, group_arr is not None),
+                      {"ids": ids_arr.astype(str), "labels": codes, "folds": fold_arr,
+                       "groups": None if group_arr is None else group_arr.astype(str)},
                       overwrite=True)
         if "features" not in root.group_keys():
             root.create_group("features")

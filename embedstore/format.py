@@ -56,7 +56,7 @@ DEFAULT_BLOCK_ROWS = 1024  # rows per write unit (must be a power of two)
 MODALITIES = ("text", "image")
 TEXT_ARRAYS = ("tokens", "offsets", "lengths", "pooled", "done", "errors")
 IMAGE_ARRAYS = ("regions", "pooled", "done", "errors")
-ROOT_ARRAYS = ("ids", "labels", "folds")
+ROOT_ARRAYS = ("ids", "labels", "folds", "groups")  # labels: when classes; groups: when grouped
 _ARRAYS = {"text": TEXT_ARRAYS, "image": IMAGE_ARRAYS}
 _TOKEN_CHUNK_BYTES = 512 * 1024
 _REGION_CHUNK_BYTES = 4 * 1024 * 1024
@@ -124,12 +124,14 @@ def root_meta(*, n_items: int, versions: dict, source: str | None, fingerprint: 
     }
 
 
-def dataset_arrays(n: int, has_labels: bool) -> dict[str, ArraySpec]:
-    """The root arrays of a store of ``n`` items."""
+def dataset_arrays(n: int, has_labels: bool, has_groups: bool = False) -> dict[str, ArraySpec]:
+    """The root arrays of a store of ``n`` items (``groups``: strings, laid out like ``ids``)."""
     out = {"ids": ArraySpec((n,), str, (min(n, _IDS_CHUNK),))}
     if has_labels:
         out["labels"] = ArraySpec((n,), "int32", (min(n, _SMALL_CHUNK),))
     out["folds"] = ArraySpec((n,), "int8", (min(n, _SMALL_CHUNK),))
+    if has_groups:
+        out["groups"] = ArraySpec((n,), str, (min(n, _IDS_CHUNK),))
     return out
 
 
@@ -226,6 +228,10 @@ def parse_root_attrs(attrs: dict, url: str = "") -> dict:
     folds = _field(meta, "folds", dict, where)
     for key, typ in (("k", int), ("seed", int), ("holdout", (int, float))):
         _field(folds, key, typ, f"{where} folds")
+    if folds.get("grouped") is not None:  # optional: folds made by groups (docs/format.md §2)
+        _field(folds, "grouped", bool, f"{where} folds")
+    if folds.get("group_col") is not None:
+        _field(folds, "group_col", str, f"{where} folds")
     classes = meta.get("classes")
     if classes is not None and not isinstance(classes, list):
         raise StoreFormatError(f"{where}: field 'classes' must be a list or null, found "

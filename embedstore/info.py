@@ -4,9 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .errors import EmbedStoreError
 
-__all__ = ["store_info"]
+__all__ = ["grouping_info", "store_info"]
+
+
+def grouping_info(store) -> dict[str, Any] | None:
+    """How the folds were grouped: ``{group_col, n_groups, largest_group}`` (None: no groups)."""
+    groups = store.groups
+    if groups is None:
+        return None
+    counts = np.unique(groups, return_counts=True)[1]
+    return {"group_col": store.fold_info.get("group_col"), "n_groups": int(len(counts)),
+            "largest_group": int(counts.max()) if len(counts) else 0}
 
 
 def store_info(store) -> dict[str, Any]:
@@ -43,6 +55,7 @@ def store_info(store) -> dict[str, Any]:
         "classes": store.classes,
         "n_classes": None if store.classes is None else len(store.classes),
         "folds": store.fold_info,
+        "grouping": grouping_info(store),
         "dataset": store.meta.get("dataset"),
         "created": store.meta.get("created"),
         "features": feats,

@@ -138,6 +138,11 @@ class Store:
         return self._array("folds")
 
     @property
+    def groups(self) -> np.ndarray | None:
+        """The group of each item (strings) when the folds were made by groups, else None."""
+        return self._array("groups") if self.meta["folds"].get("grouped") else None
+
+    @property
     def fold_info(self) -> dict:
         return dict(self.meta["folds"])
 

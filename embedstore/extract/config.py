@@ -22,6 +22,7 @@ class ExtractConfig:
     text_cols: tuple[str, ...] = ("title", "description")
     image_col: str = "image"
     label_col: str | None = "label"
+    group_col: str | None = None  # new store only: equal values share a fold (docs/extract.md)
     layers: str = "-1"
     max_length: int = 256
     image_size: int | None = None

@@ -50,7 +50,8 @@ def extract(catalog: str | os.PathLike, store_url: str | os.PathLike,
     store_url = os.fspath(store_url)
     cat = read_catalog(catalog, id_col=config.id_col, text_cols=config.text_cols,
                        image_col=config.image_col, label_col=config.label_col,
-                       need_text=bool(config.text), need_image=bool(config.image))
+                       need_text=bool(config.text), need_image=bool(config.image),
+                       group_col=config.group_col or None)
     with Ranks(resolve_device(config.device)) as ranks:
         return _run(cat, store_url, config, ranks, progress)
 
@@ -64,6 +65,7 @@ def _run(cat: Catalog, url: str, config: ExtractConfig, ranks: Ranks,
         existing = None
     if existing is not None:
         check_ids(existing, cat, url)
+        _check_grouping(existing, cat, config, url)
     if config.num_workers and config.text:
         # workers are forked after the token-count pass: keep the Rust tokenizer from
         # starting its thread pool (it would warn on stderr and disable itself in every worker)
@@ -87,7 +89,8 @@ def _run(cat: Catalog, url: str, config: ExtractConfig, ranks: Ranks,
     def create() -> None:
         if existing is None:
             create_store(url, cat.ids, cat.labels, folds=config.folds, seed=config.seed,
-                         holdout=config.holdout, source=cat.path, storage_options=so)
+                         holdout=config.holdout, source=cat.path, storage_options=so,
+                         groups=cat.groups, group_col=config.group_col or None)
 
     ranks.barrier()  # every rank has looked at the store before rank 0 creates it
     ranks.on_rank0(create)
@@ -107,6 +110,24 @@ def _run(cat: Catalog, url: str, config: ExtractConfig, ranks: Ranks,
         err.results = results  # type: ignore[attr-defined]
         raise err
     return results
+
+
+def _check_grouping(store: Store, cat: Catalog, config: ExtractConfig, url: str) -> None:
+    """``--group-col`` into an existing store: its folds were fixed at creation, so the
+    catalog's groups must be the ones they were made with (never silently ignored)."""
+    if not config.group_col:
+        return
+    theirs = store.fold_info.get("group_col") if store.fold_info.get("grouped") else None
+    if theirs != config.group_col:
+        made = f"by groups from {theirs!r}" if theirs else "without groups"
+        raise InvalidInputError(f"store {url!r} was created {made}, not --group-col "
+                                f"{config.group_col!r}; folds are fixed when a store is created: "
+                                "drop --group-col or create a new store")
+    same = store.groups is not None and store.groups.tolist() == list(cat.groups or [])
+    if not same:
+        raise InvalidInputError(f"catalog column {config.group_col!r} differs from the groups "
+                                f"store {url!r} was created with; drop --group-col or create a "
+                                "new store")
 
 
 def _extract_one(store: Store, cat: Catalog, modality: str, name: str, enc,
