@@ -84,7 +84,10 @@ __all__ = [
     "P_NO_DESCRIPTION",
     "TEXT_WEAK_KINDS",
     "Family",
+    "LONG_TAIL_HEAD",
+    "LONG_TAIL_RATIO",
     "class_labels",
+    "class_sizes",
     "main",
     "make_catalog",
 ]
@@ -338,17 +341,40 @@ def class_labels(n_classes: int = 24) -> list[str]:
     return out
 
 
+LONG_TAIL_HEAD = 3  # classes with LONG_TAIL_RATIO x the items of the rest (--long-tail)
+LONG_TAIL_RATIO = 10
+
+
+def class_sizes(n: int, n_classes: int) -> np.ndarray:
+    """Items per class in ``--long-tail`` mode: classes ``linspace(0, K, LONG_TAIL_HEAD)``
+    (one per few families, e.g. 0, 8, 16 of 24) weigh ``LONG_TAIL_RATIO``, the others 1; ``n``
+    split by largest remainder, every class keeping at least one item. Sums to ``n``."""
+    head = np.linspace(0, n_classes, min(LONG_TAIL_HEAD, n_classes - 1), endpoint=False)
+    w = np.ones(n_classes)
+    w[head.astype(int)] = LONG_TAIL_RATIO
+    exact = n * w / w.sum()
+    sizes = np.maximum(1, np.floor(exact)).astype(np.int64)
+    for k in np.argsort(-(exact - sizes), kind="stable")[: max(0, n - int(sizes.sum()))]:
+        sizes[k] += 1
+    while sizes.sum() > n:  # tiny n: the ones given to empty classes come from the largest
+        sizes[np.argmax(sizes)] -= 1
+    return sizes
+
+
 def make_catalog(
     out_dir: str | Path,
     n: int = 2000,
     seed: int = 0,
     n_classes: int = 24,
     image_size: int = 128,
+    long_tail: bool = False,
 ) -> Path:
     """Write ``n`` items (csv + PNGs) under ``out_dir`` and return the path of catalog.csv.
 
     Classes are balanced (sizes differ by at most one) and every class is present, so ``n``
-    must be at least ``n_classes``. Each item is drawn from its own seed stream; files of an
+    must be at least ``n_classes``. With ``long_tail``, :data:`LONG_TAIL_HEAD` classes spread
+    over the families (:func:`class_sizes`) get :data:`LONG_TAIL_RATIO` times the items of each
+    other class: the imbalance ``--class-weight`` and ``--label-smoothing`` are for. Each item is drawn from its own seed stream; files of an
     earlier run in ``out_dir`` are overwritten (images beyond the new ``n`` are left alone).
     """
     _check_int("n_classes", n_classes, 2, MAX_CLASSES)
@@ -359,7 +385,10 @@ def make_catalog(
     (out / "images").mkdir(parents=True, exist_ok=True)
     labels = class_labels(n_classes)
     label_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
-    ys = label_rng.permutation(np.arange(n) % n_classes)  # balanced, every class present
+    if long_tail:
+        ys = label_rng.permutation(np.repeat(np.arange(n_classes), class_sizes(n, n_classes)))
+    else:
+        ys = label_rng.permutation(np.arange(n) % n_classes)  # balanced, every class present
     item_seeds = np.random.SeedSequence([seed, 1])  # item i: child i of this root
     rows = []
     for i in range(n):
@@ -655,10 +684,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--classes", type=int, default=24, help=f"classes, 2..{MAX_CLASSES}")
     p.add_argument("--image-size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--long-tail", action="store_true",
+                   help=f"imbalanced classes: {LONG_TAIL_HEAD} classes get {LONG_TAIL_RATIO}x "
+                   "the items of each other class (default: balanced)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        path = make_catalog(args.out, args.n, args.seed, args.classes, args.image_size)
+        path = make_catalog(args.out, args.n, args.seed, args.classes, args.image_size,
+                            long_tail=args.long_tail)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -239,3 +239,19 @@ def test_cli_reports_a_bad_argument_in_one_line_with_exit_code_2(tmp_path):
         "error: n must be an integer in [24, 10000000], got 5; pass one in range"
     )
     assert "Traceback" not in proc.stderr
+
+
+def test_long_tail_gives_a_few_classes_ten_times_the_items(tmp_path):
+    rows = _rows(mc.make_catalog(tmp_path, n=204, seed=0, n_classes=24, image_size=32,
+                                 long_tail=True))
+    counts = {}
+    for r in rows:
+        counts[r["label"]] = counts.get(r["label"], 0) + 1
+    sizes = sorted(counts.values(), reverse=True)
+    assert len(rows) == 204 and len(counts) == 24  # every class present
+    assert sizes[:3] == [40, 40, 40] and set(sizes[3:]) == {4}  # 3 head classes, 10x
+    heads = sorted((lab for lab, c in counts.items() if c == 40),
+                   key=mc.class_labels(24).index)
+    assert [mc.class_labels(24).index(h) for h in heads] == [0, 8, 16]  # spread over families
+    balanced = _rows(mc.make_catalog(tmp_path / "b", n=48, seed=0, image_size=32))
+    assert {sum(r["label"] == lab for r in balanced) for lab in mc.class_labels(24)} == {2}
