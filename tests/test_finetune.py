@@ -206,3 +206,23 @@ def test_moved_weights_name_field_and_flag(tmp_path):
     w.unlink()
     with pytest.raises(ProvenanceError, match="encoder.spec=.*cannot be rebuilt.*--spec"):
         encoder_from_feature(s.features["tf-efficientnet-lite0"])
+
+
+def test_finetune_selects_on_the_inner_split_never_on_the_fold_it_predicts(tiny, tmp_path):
+    """As for cached training: relabelling fold 0's rows leaves fold 0's out-of-fold
+    probabilities bit-identical (its epoch is chosen on an inner split of fold 1's rows), while
+    fold 1's model, fitted on fold 0's rows, changes."""
+    from .test_train import _relabelled_copy
+
+    store = tiny["store"]
+    rows = np.flatnonzero(store.folds == 0)
+    other = _relabelled_copy(store, tmp_path / "relabelled.zarr", rows)
+    kw = dict(epochs=3, patience=1, batch_size=8, lr=1e-2, dim=16, hidden=16)
+    a = finetune(store, "concat", out=tmp_path / "a", **kw)
+    b = finetune(other, "concat", **kw)
+    in_0 = store.folds[a.oof_rows] == 0
+    assert np.array_equal(a.oof[in_0], b.oof[in_0])
+    assert not np.array_equal(a.oof[~in_0], b.oof[~in_0])
+    inner = np.load(a.path / "rows.npz")["seed0_fold0_inner"]
+    assert len(inner) and (store.folds[inner] == 1).all()
+    assert [f["n_inner"] for f in a.metrics["folds"]] == [len(inner), 1]
