@@ -34,7 +34,8 @@ from .store import Store, protocol_read_only, store_exists
 from .version import __version__
 from .zarrio import Location, create_arrays
 
-__all__ = ["create_store", "group_holdout", "grouped_folds", "make_folds"]
+__all__ = ["SKLEARN_MAX_GROUPS", "create_store", "group_holdout", "grouped_folds", "majority_class",
+           "make_folds", "round_robin_folds"]
 
 _ROOT_NAMES = (*ROOT_ARRAYS, "features", "zarr.json")
 
@@ -90,11 +91,15 @@ def make_folds(labels: np.ndarray | None, n: int, *, k: int = 5, seed: int = 0,
     return folds, stratified
 
 
+SKLEARN_MAX_GROUPS = 20_000  # StratifiedGroupKFold loops over groups in Python (~1 ms each)
+
+
 def grouped_folds(labels: np.ndarray | None, groups: np.ndarray, *, k: int, seed: int,
                   holdout: float) -> tuple[np.ndarray, bool]:
     """Folds that never split a group: a group-aware holdout (:func:`group_holdout`), then
-    scikit-learn's ``StratifiedGroupKFold`` over the other items (stratified when every class
-    has >= k trainable items, else groups only). Returns ``(folds int8 [N], stratified)``."""
+    scikit-learn's ``StratifiedGroupKFold`` over the other items, or :func:`round_robin_folds`
+    above :data:`SKLEARN_MAX_GROUPS` trainable groups. Stratified when every class has >= k
+    trainable items, else by groups only. Returns ``(folds int8 [N], stratified)``."""
     codes = np.unique(groups, return_inverse=True)[1].reshape(-1)
     y = np.zeros(len(codes), np.int64) if labels is None else np.asarray(labels, np.int64)
     folds = np.full(len(codes), -1, dtype=np.int8)
@@ -107,14 +112,47 @@ def grouped_folds(labels: np.ndarray | None, groups: np.ndarray, *, k: int, seed
     counts = counts[counts > 0]
     stratified = bool(labels is not None and len(counts) > 1 and counts.min() >= k)
     target = y[train_idx] if stratified else np.zeros(len(train_idx), np.int64)
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    for f, (_, test) in enumerate(splitter.split(train_idx, target, codes[train_idx])):
-        folds[train_idx[test]] = f
+    if n_groups > SKLEARN_MAX_GROUPS:
+        folds[train_idx] = round_robin_folds(target, codes[train_idx], k, seed)
+    else:
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        for f, (_, test) in enumerate(splitter.split(train_idx, target, codes[train_idx])):
+            folds[train_idx[test]] = f
     empty = sorted(set(range(k)) - set(np.unique(folds[train_idx]).tolist()))
     if empty:
         raise InvalidInputError(f"grouping leaves fold(s) {empty} empty ({n_groups} groups "
                                 f"for {k} folds); lower --folds or group by a finer column")
     return folds, stratified
+
+
+def majority_class(y: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """The most frequent class of each group code (ties: the lowest class), vectorised."""
+    n_cls = int(y.max()) + 1
+    pairs, cnt = np.unique(codes.astype(np.int64) * n_cls + y, return_counts=True)
+    g, c = pairs // n_cls, pairs % n_cls
+    order = np.lexsort((-cnt, g))  # by group, then most frequent class first
+    first = np.r_[True, g[order][1:] != g[order][:-1]]
+    major = np.zeros(int(codes.max()) + 1, np.int64)
+    major[g[order][first]] = c[order][first]
+    return major
+
+
+def _groups_by_class(y: np.ndarray, codes: np.ndarray, seed: int) -> tuple[np.ndarray, ...]:
+    """Group codes sorted by majority class, seeded random order inside a class; returns
+    ``(order, major)``."""
+    major = majority_class(y, codes)
+    perm = np.random.default_rng(seed).permutation(len(major))
+    return perm[np.argsort(major[perm], kind="stable")], major
+
+
+def round_robin_folds(y: np.ndarray, codes: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Folds for many groups in O(N log N): groups sorted by majority class (random inside a
+    class) are dealt to folds 0..k-1 in turn, continuing across classes."""
+    codes = np.unique(codes, return_inverse=True)[1].reshape(-1)
+    order, _ = _groups_by_class(y, codes, seed)
+    fold_of = np.empty(len(order), np.int8)
+    fold_of[order] = np.arange(len(order)) % k
+    return fold_of[codes]
 
 
 def group_holdout(y: np.ndarray, codes: np.ndarray, holdout: float, seed: int) -> np.ndarray:
@@ -127,19 +165,11 @@ def group_holdout(y: np.ndarray, codes: np.ndarray, holdout: float, seed: int) -
     hold = np.zeros(len(codes), dtype=bool)
     if holdout <= 0:
         return hold
-    n_groups, n_cls = int(codes.max()) + 1, int(y.max()) + 1
-    size = np.bincount(codes, minlength=n_groups)
-    pairs, cnt = np.unique(codes.astype(np.int64) * n_cls + y, return_counts=True)
-    g, c = pairs // n_cls, pairs % n_cls
-    order = np.lexsort((-cnt, g))  # by group, then most frequent class first
-    first = np.r_[True, g[order][1:] != g[order][:-1]]
-    major = np.empty(n_groups, np.int64)
-    major[g[order][first]] = c[order][first]
-    perm = np.random.default_rng(seed).permutation(n_groups)
-    perm = perm[np.argsort(major[perm], kind="stable")]  # by class, random inside a class
-    starts = np.searchsorted(major[perm], np.arange(n_cls + 1))
+    size = np.bincount(codes)
+    perm, major = _groups_by_class(y, codes, seed)
+    starts = np.searchsorted(major[perm], np.arange(int(y.max()) + 2))
     taken = []
-    for cls in range(n_cls):
+    for cls in range(len(starts) - 1):
         gs = perm[starts[cls]:starts[cls + 1]]
         if len(gs) == 0:
             continue

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import embedstore.create
 from cli.embedstore_app import app
 from embedstore import create_store, open_store
 from embedstore.errors import InvalidInputError
@@ -59,12 +60,18 @@ def test_three_copies_per_group_never_cross_a_fold_or_the_holdout(tmp_path, seed
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_grouped_folds_keep_the_class_proportions_of_small_groups(tmp_path, seed):
+@pytest.mark.parametrize("method", ["StratifiedGroupKFold", "round robin"])
+def test_grouped_folds_keep_the_class_proportions_of_small_groups(tmp_path, monkeypatch, seed,
+                                                                  method):
+    """Both fold makers: scikit-learn's, and the O(N log N) one for many groups."""
+    if method == "round robin":
+        monkeypatch.setattr(embedstore.create, "SKLEARN_MAX_GROUPS", 10)
     ids, labels, groups = copies_dataset(400, seed=seed)
     create_store(tmp_path / "g.zarr", ids, labels, folds=5, seed=seed, holdout=0.2,
                  groups=groups)
     store = open_store(tmp_path / "g.zarr")
     assert store.fold_info["stratified"] is True
+    assert_no_group_split(store)
     y, folds = store.labels, store.folds
     overall = np.bincount(y, minlength=4) / len(y)
     for f in range(-1, 5):
