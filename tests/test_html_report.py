@@ -69,6 +69,8 @@ def test_confused_pairs_are_the_top_mistakes_not_a_matrix(tmp_path):
     pred[y == 3] = 7  # all 10 items of class 3 -> 7
     pred[np.flatnonzero(y == 5)[:4]] = 1  # 4 of class 5 -> 1
     pred[np.flatnonzero(y == 9)[:2]] = 0
+    for c in range(10, 40):  # 30 more distinct mistakes, one item each
+        pred[np.flatnonzero(y == c)[0]] = (c + 1) % k
     probs = np.eye(k, dtype=np.float32)[pred]
     classes = [f"k{c}" for c in range(k)]
     folds = np.full(n, -1)
@@ -77,12 +79,15 @@ def test_confused_pairs_are_the_top_mistakes_not_a_matrix(tmp_path):
                     metrics={"head": "concat", "kind": "train"}, oof=probs[:0],
                     oof_rows=np.arange(0), holdout=probs, holdout_rows=np.arange(n),
                     ids=list(map(str, range(n))), labels=y, folds=folds, classes=classes)
-    got = confused_pairs(run, "holdout", top=2)
+    got = confused_pairs(run, "holdout", top=3)
     assert got == [{"true": "k3", "predicted": "k7", "count": 10, "share": 1.0},
-                   {"true": "k5", "predicted": "k1", "count": 4, "share": 0.4}]
-    assert len(confused_pairs(run, "holdout", top=10)) == 3  # only real mistakes
-    out = html_report([run], tmp_path / "p.html", resamples=10)
-    assert out.read_text().count("<tr") <= 1 + 1 + 41 + 4  # no 40 x 40 matrix anywhere
+                   {"true": "k5", "predicted": "k1", "count": 4, "share": 0.4},
+                   {"true": "k9", "predicted": "k0", "count": 2, "share": 0.2}]
+    assert len(confused_pairs(run, "holdout", top=100)) == 33  # only real mistakes
+    text = html_report([run], tmp_path / "p.html", resamples=10, top=5).read_text()
+    pairs = text.split("Most confused class pairs", 1)[1].split("</table>", 1)[0]
+    assert pairs.count("<tr>") == 1 + 5  # the top 5, not 33 pairs nor a 40 x 40 matrix
+    assert "<td class=\"l\">k3</td><td class=\"l\">k7</td>" in pairs
 
 
 def test_several_runs_without_html_are_refused_in_one_line(runs):
