@@ -49,7 +49,8 @@ def info(store: StoreArg, json_out: JsonFlag = False, storage_option: StorageOpt
                   f"holdout={data['folds']['holdout']} seed={data['folds']['seed']}")
     if data["grouping"] is not None:
         g = data["grouping"]
-        console.print(f"grouped folds: {g['n_groups']} groups from column {g['group_col']!r} "
+        where = f"column {g['group_col']!r}" if g["group_col"] else "create_store(groups=...)"
+        console.print(f"grouped folds: {g['n_groups']} groups from {where} "
                       f"(largest: {g['largest_group']} items)", markup=False)
     t = Table("feature set", "modality", "shape", "dtype", "layers", "status", "done", "errors",
               "encoder")

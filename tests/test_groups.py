@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 import embedstore.create
 from cli.embedstore_app import app
 from embedstore import create_store, open_store
-from embedstore.errors import InvalidInputError
+from embedstore.errors import InvalidInputError, StoreFormatError
+from embedstore.format import ATTRS_KEY, parse_root_attrs
 
 runner = CliRunner()
 VIT = "timm:vit_tiny_patch16_224@random"  # random-init weights, seeded: no download
@@ -99,6 +100,19 @@ def test_the_dataset_fingerprint_ignores_the_groups(tmp_path):
     plain = create_store(tmp_path / "a.zarr", ids, labels)
     grouped = create_store(tmp_path / "b.zarr", ids, labels, groups=groups)
     assert plain.fingerprint == grouped.fingerprint
+
+
+def test_grouped_attributes_are_validated_and_info_names_an_api_grouping(tmp_path):
+    ids, labels, groups = copies_dataset(40)
+    store = create_store(tmp_path / "g.zarr", ids, labels, groups=groups)  # no group_col
+    meta = dict(store.meta)
+    parse_root_attrs({ATTRS_KEY: meta})
+    for field, bad in (("grouped", "yes"), ("group_col", 3)):
+        broken = {**meta, "folds": {**meta["folds"], field: bad}}
+        with pytest.raises(StoreFormatError, match=f"field {field!r} must be"):
+            parse_root_attrs({ATTRS_KEY: broken})
+    res = runner.invoke(app, ["info", str(tmp_path / "g.zarr")])
+    assert "grouped folds: 40 groups from create_store(groups=...) (largest: 3 items)" in res.output
 
 
 @pytest.mark.parametrize(("groups", "message"), [
