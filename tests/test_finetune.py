@@ -221,6 +221,11 @@ def test_finetune_selects_on_the_inner_split_never_on_the_fold_it_predicts(tiny,
     a = finetune(store, "concat", out=tmp_path / "a", **kw)
     b = finetune(other, "concat", **kw)
     in_0 = store.folds[a.oof_rows] == 0
+    # the selection signal of fold 0 (per-epoch validation scores) does not see fold 0's labels
+    def scores(run):
+        return [(h["val_macro_f1"], h["val_accuracy"]) for h in run.metrics["folds"][0]["history"]]
+
+    assert scores(a) == scores(b)
     assert np.array_equal(a.oof[in_0], b.oof[in_0])
     assert not np.array_equal(a.oof[~in_0], b.oof[~in_0])
     inner = np.load(a.path / "rows.npz")["seed0_fold0_inner"]
