@@ -36,27 +36,17 @@ class LateHead(FusionHead):
     def __init__(
         self,
         *,
-        text_dim: int,
-        image_dim: int,
-        num_classes: int,
-        text_layers: int = 1,
         pool: str = "pooled",
         layer: int = -1,
         hidden: int = 256,
         dropout: float = 0.1,
         alpha_grid: int = 21,
+        **dims: Any,
     ) -> None:
-        super().__init__(
-            text_dim=text_dim, image_dim=image_dim, num_classes=num_classes, text_layers=text_layers
-        )
+        super().__init__(**dims)
         check_int(self.label, 2, alpha_grid=alpha_grid)
-        dims = {"text_dim": text_dim, "image_dim": image_dim, "num_classes": num_classes}
-        self.text = TextHead(
-            **dims, text_layers=text_layers, pool=pool, layer=layer, hidden=hidden, dropout=dropout
-        )
-        self.image = ImageHead(
-            **dims, text_layers=text_layers, pool=pool, hidden=hidden, dropout=dropout
-        )
+        self.text = TextHead(**dims, pool=pool, layer=layer, hidden=hidden, dropout=dropout)
+        self.image = ImageHead(**dims, pool=pool, hidden=hidden, dropout=dropout)
         self.needs = self.text.needs | self.image.needs
         self.alpha_grid = alpha_grid
         self.register_buffer("alpha", torch.tensor(0.5))
