@@ -96,7 +96,9 @@ def verify_store(store, *, fast: bool = False, features: list[str] | None = None
     n = store.n_items
     _check_consolidated(store, rep)
     root = store.group
-    wanted = [("ids", True), ("folds", True), ("labels", store.classes is not None)]
+    grouped = bool(store.fold_info.get("grouped"))
+    wanted = [("ids", True), ("folds", True), ("labels", store.classes is not None),
+              ("groups", grouped)]
     values: dict[str, np.ndarray | None] = {}
     for name, required in wanted:
         try:
@@ -124,6 +126,8 @@ def verify_store(store, *, fast: bool = False, features: list[str] | None = None
         k = store.fold_info["k"]
         if ((folds < -1) | (folds >= k)).any():
             rep.problems.append(f"folds: values outside [-1, {k})")
+    if grouped and folds is not None and values.get("groups") is not None:
+        _check_groups(values["groups"], folds, rep)
     if labels is not None and labels.size and (labels.min() < 0
                                                or labels.max() >= len(store.classes)):
         rep.problems.append(f"labels: codes outside [0, {len(store.classes)})")
@@ -131,6 +135,18 @@ def verify_store(store, *, fast: bool = False, features: list[str] | None = None
     for name in names:
         rep.checked[name] = _verify_feature(store, name, rep, fast)
     return rep
+
+
+def _check_groups(groups: np.ndarray, folds: np.ndarray, rep: VerifyReport) -> None:
+    """A grouped store keeps every group in one fold (or wholly in the holdout)."""
+    codes = np.unique(groups, return_inverse=True)[1].reshape(-1)
+    pairs = np.unique(np.stack([codes, folds.astype(np.int64)]), axis=1)
+    split = np.flatnonzero(np.bincount(pairs[0]) > 1)
+    if split.size:
+        where = np.flatnonzero(codes == split[0])
+        rep.problems.append(
+            f"groups: {split.size} group(s) span several folds, e.g. {groups[where[0]]!r} in folds "
+            f"{sorted(set(folds[where].tolist()))}; re-create the store (--group-col)")
 
 
 def _check_consolidated(store, rep: VerifyReport) -> None:

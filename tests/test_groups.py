@@ -211,3 +211,23 @@ def test_group_col_into_a_store_made_otherwise_is_refused(tmp_path, make_catalog
     _one_error_line(extract(catalog, tmp_path / "other.zarr", "--group-col", "family"),
                     r"catalog column 'family' differs from the groups")
     assert not open_store(tmp_path / "other.zarr").features
+
+
+def test_verify_reports_a_group_that_spans_two_folds(tmp_path):
+    import zarr
+
+    from embedstore.verify import verify_store
+
+    ids, labels, groups = copies_dataset(40, seed=3)
+    url = tmp_path / "g.zarr"
+    create_store(url, ids, labels, folds=3, seed=3, holdout=0.2, groups=groups)
+    assert verify_store(open_store(url)).ok
+    folds = zarr.open_array(str(url / "folds"), mode="r+")
+    f = folds[:]
+    first = np.flatnonzero(np.asarray(groups) == groups[0])  # the three copies of one group
+    f[first[0]] = (int(f[first[1]]) + 1) % 3  # move one copy to another fold
+    folds[:] = f
+    rep = verify_store(open_store(url))
+    assert not rep.ok
+    assert any(p.startswith("groups: 1 group(s) span several folds") and repr(groups[0]) in p
+               for p in rep.problems), rep.problems
