@@ -6,6 +6,7 @@ heads that installed packages advertise in the ``fusion.heads`` entry-point grou
 
 from fusion.heads.base import BATCH_FIELDS, FusionHead
 from fusion.heads.coattention import CoAttentionHead, MaskedBiLSTM
+from fusion.heads.film import FiLMBlock, FiLMHead
 from fusion.heads.gated_xattn import GatedCrossAttentionHead
 from fusion.heads.hanet import HANetHead
 from fusion.heads.late import LateHead
@@ -18,6 +19,9 @@ from fusion.heads.layers import (
     masked_mean,
     masked_softmax,
 )
+from fusion.heads.lowrank import LowRankFusionHead
+from fusion.heads.mlb import MLBHead
+from fusion.heads.mult import CrossModalLayer, MulTHead
 from fusion.heads.registry import (
     create_head,
     head_options,
@@ -27,6 +31,7 @@ from fusion.heads.registry import (
     spec_of,
 )
 from fusion.heads.shallow import AddHead, ConcatHead
+from fusion.heads.tensor import TensorFusionHead
 from fusion.heads.unimodal import ImageHead, TextHead
 
 __all__ = [
@@ -36,15 +41,22 @@ __all__ = [
     "AttentionPool",
     "CoAttentionHead",
     "ConcatHead",
+    "CrossModalLayer",
+    "FiLMBlock",
+    "FiLMHead",
     "FusionHead",
     "GatedCrossAttentionHead",
     "HANetHead",
     "ImageHead",
     "LateHead",
+    "LowRankFusionHead",
+    "MLBHead",
     "MaskedAttention",
     "MaskedBiLSTM",
+    "MulTHead",
     "Pool",
     "ScalarMix",
+    "TensorFusionHead",
     "TextHead",
     "create_head",
     "head_options",

@@ -3,6 +3,7 @@ co-attention, rebuilt from the papers with the reference code's defects fixed (d
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -15,7 +16,12 @@ from fusion.heads.base import FusionHead, check_dropout, check_int, check_layer
 from fusion.heads.layers import ScalarMix, image_patches, masked_softmax, neck, require
 from fusion.heads.registry import register_head
 
-__all__ = ["CoAttentionHead", "MaskedBiLSTM"]
+__all__ = ["ONE_LAYER", "CoAttentionHead", "MaskedBiLSTM"]
+
+ONE_LAYER = (
+    "coattention: the text set caches 1 layer, so the scalar mix is the paper's 'without "
+    "weighted layers' ablation; extract the text with --layers all (or -4,-3,-2,-1) to mix layers"
+)
 
 
 class MaskedBiLSTM(nn.Module):
@@ -83,6 +89,8 @@ class CoAttentionHead(FusionHead):
             raise HeadError(f"lstm_dim={lstm_dim} must be even (two directions of lstm_dim/2)")
         if not mix:
             check_layer(self.label, layer, self.text_layers)
+        elif self.text_layers == 1:
+            warnings.warn(ONE_LAYER, UserWarning, stacklevel=2)
         self.layer = layer
         # mix=False / lstm=False are the paper's "without weighted layers" / "without BiLSTM"
         # ablations (last layer only / a linear layer instead of the BiLSTM).

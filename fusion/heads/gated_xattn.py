@@ -16,6 +16,14 @@ from fusion.heads.registry import register_head
 __all__ = ["GatedCrossAttentionHead"]
 
 
+def _weights_without_empty(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """Weights saved before the ``empty`` token existed load with it at its initial value
+    (zeros), so older run directories stay usable for ``--init``."""
+    key = prefix + "empty"
+    if key not in state_dict:
+        state_dict[key] = torch.zeros_like(module.empty)
+
+
 @register_head("gated-xattn")
 class GatedCrossAttentionHead(FusionHead):
     """h'_i = SA(h, h, h)_i + g_i * SA(h, v, v)_i,  g_i = sigmoid(W1 h_i + W2 v_0 + b).
@@ -25,6 +33,10 @@ class GatedCrossAttentionHead(FusionHead):
     ``image_prefix > 0``, else ``image_pooled`` (JAVE's global image vector). The gate is a scalar
     per token. Pooling is a masked sum over valid tokens (``reduce="mean"`` divides by the
     length), then Dropout -> Linear -> K.
+
+    An empty text (no valid token) is read as one learned token ``empty`` (B-rows of length 0
+    get it at position 0), so the image still reaches its output through the cross-attention
+    and the gate; rows with text are exactly the paper's form.
     """
 
     needs = frozenset({"text_tokens", "text_mask", "image_regions", "image_pooled"})
@@ -49,6 +61,8 @@ class GatedCrossAttentionHead(FusionHead):
         self.cross_attn = MaskedAttention(self.text_dim, self.image_dim, dim, heads)
         self.gate_text = nn.Linear(self.text_dim, 1)  # W1 h_i + b
         self.gate_image = nn.Linear(self.image_dim, 1, bias=False)  # W2 v_0
+        self.empty = nn.Parameter(torch.zeros(self.text_dim))  # the token of an empty text
+        self.register_load_state_dict_pre_hook(_weights_without_empty)
         self.neck = nn.Dropout(dropout)
         self.fc = nn.Linear(dim, self.num_classes)  # W3
 
@@ -58,8 +72,21 @@ class GatedCrossAttentionHead(FusionHead):
             return require(batch, "image_regions", self.label)[:, 0]
         return require(batch, "image_pooled", self.label)
 
-    def forward_features(self, batch: Batch) -> Tensor:
+    def text(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """h (B, T, Dt) and its mask, an empty text replaced by the one token ``empty``."""
         h, mask = text_layer(batch, self.layer, self.label)  # (B, T, Dt), (B, T)
+        if h.shape[1] == 0:  # a batch of empty texts padded to no position at all
+            h, mask = h.new_zeros(h.shape[0], 1, h.shape[2]), mask.new_zeros(mask.shape[0], 1)
+        blank = ~mask.any(dim=1)  # (B,) rows with no valid token
+        if not bool(blank.any()):
+            return h, mask
+        first = torch.zeros_like(mask)
+        first[:, 0] = blank
+        h = torch.where(first[..., None], self.empty.to(h.dtype), h)
+        return h, mask | first
+
+    def forward_features(self, batch: Batch) -> Tensor:
+        h, mask = self.text(batch)  # (B, T, Dt), (B, T)
         v = image_patches(batch, self.label)  # (B, P, Di)
         self_out, self_w = self.self_attn(h, h, key_mask=mask, query_mask=mask)  # (B, T, d)
         cross_out, cross_w = self.cross_attn(h, v, key_mask=None, query_mask=mask)  # (B, T, d)

@@ -15,6 +15,12 @@ from fusion.heads.registry import register_head
 __all__ = ["HANetHead"]
 
 MODES = ("hybrid", "keyless", "keybased")
+HYBRIDS = ("joint", "paper")
+
+
+def _d_net(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
+    """A hybrid network D: one hidden layer (the paper's N = 1)."""
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, outputs))
 
 
 @register_head("hanet")
@@ -36,6 +42,13 @@ class HANetHead(FusionHead):
     (a convex combination) is the variant public write-ups describe; on complementary
     modalities it throws away the down-weighted stream (see docs/heads.md).
     ``mode="keyless"``/``"keybased"`` feed D only s_l / s_b (the paper's ablations).
+
+    ``hybrid="paper"`` is the paper's eqs. 3, 5 and 7 as written: each score pair is softmaxed
+    over the two streams first, and one network per stream maps that stream's two weights to its
+    weight (no softmax after D); the ablation modes use the softmax weights with no D at all:
+
+        s_l = softmax([w_t.v_t + b_t, w_i.v_i + b_i]),  s_b = softmax(s_b raw)   (B, 2) each
+        alpha_t = D_t([s_l,t ; s_b,t]),  alpha_i = D_i([s_l,i ; s_b,i])           (B,) each
     """
 
     needs = frozenset({"text_pooled", "text_tokens", "text_mask", "image_pooled", "image_regions"})
@@ -52,6 +65,7 @@ class HANetHead(FusionHead):
         mode: str = "hybrid",
         fuse: str = "concat",
         fc_hidden: int = 256,
+        hybrid: str = "joint",
         **dims: Any,
     ) -> None:
         super().__init__(**dims)
@@ -60,7 +74,8 @@ class HANetHead(FusionHead):
         check_choice(self.label, "mode", mode, MODES)
         check_choice(self.label, "fuse", fuse, ("concat", "sum"))
         check_int(self.label, 0, fc_hidden=fc_hidden)
-        self.fuse = fuse
+        check_choice(self.label, "hybrid", hybrid, HYBRIDS)
+        self.fuse, self.hybrid_form = fuse, hybrid
         if pool != "pooled":
             check_layer(self.label, layer, self.text_layers)
         self.mode = mode
@@ -77,10 +92,13 @@ class HANetHead(FusionHead):
             self.text_query = nn.Linear(dim, key_dim, bias=False)
             self.image_key = nn.Linear(dim, key_dim, bias=False)
             self.image_query = nn.Linear(dim, key_dim, bias=False)
-        # D sees the raw scores; the only softmax is the one over the two streams after it.
-        self.hybrid = nn.Sequential(
-            nn.Linear(4 if mode == "hybrid" else 2, hidden), nn.GELU(), nn.Linear(hidden, 2)
-        )
+        if hybrid == "joint":
+            # D sees the raw scores; the only softmax is the one over the two streams after it.
+            self.hybrid = _d_net(4 if mode == "hybrid" else 2, hidden, 2)
+        elif mode == "hybrid":
+            # eq. 7: one D per stream, on that stream's two softmax weights.
+            self.hybrid_text = _d_net(2, hidden, 1)
+            self.hybrid_image = _d_net(2, hidden, 1)
         self.neck, width = neck(2 * dim if fuse == "concat" else dim, fc_hidden, dropout)
         self.fc = nn.Linear(width, self.num_classes)
 
@@ -96,6 +114,21 @@ class HANetHead(FusionHead):
             parts.append(s_b / k_t.shape[-1] ** 0.5)
         return torch.cat(parts, dim=-1)
 
+    def paper_weights(self, scores: Tensor) -> Tensor:
+        """eqs. 3, 5, 7: softmax each score pair over the streams, then D_t / D_i per stream
+        (hybrid mode) or the softmax weights themselves (keyless / keybased: no D)."""
+        everywhere = torch.ones(scores.shape[0], 2, dtype=torch.bool, device=scores.device)
+        pairs = [torch.softmax(pair, dim=-1) for pair in scores.split(2, dim=-1)]  # (B, 2) each
+        names = {"hybrid": ("keyless", "keybased"), "keyless": ("keyless",),
+                 "keybased": ("keybased",)}[self.mode]
+        for name, pair in zip(names, pairs, strict=True):
+            self.expose(name, pair, everywhere)
+        if self.mode != "hybrid":
+            return pairs[0]
+        s_l, s_b = pairs
+        return torch.cat([self.hybrid_text(torch.stack([s_l[:, 0], s_b[:, 0]], dim=-1)),
+                          self.hybrid_image(torch.stack([s_l[:, 1], s_b[:, 1]], dim=-1))], dim=-1)
+
     def forward_features(self, batch: Batch) -> Tensor:
         t, t_attn = self.text_pool(batch)  # (B, Dt)
         i, i_attn = self.image_pool(batch)  # (B, Di)
@@ -104,8 +137,12 @@ class HANetHead(FusionHead):
         if i_attn is not None:
             self.expose("image", *i_attn)
         v_t, v_i = self.text_proj(t), self.image_proj(i)  # (B, d) each
-        alpha = torch.softmax(self.hybrid(self.scores(v_t, v_i)), dim=-1)  # (B, 2)
-        self.expose("streams", alpha, torch.ones_like(alpha, dtype=torch.bool))
+        if self.hybrid_form == "joint":
+            alpha = torch.softmax(self.hybrid(self.scores(v_t, v_i)), dim=-1)  # (B, 2)
+            self.expose("streams", alpha, torch.ones_like(alpha, dtype=torch.bool))
+        else:
+            alpha = self.paper_weights(self.scores(v_t, v_i))
+            self.internals["streams"] = alpha.detach()
         self.internals.update(v_text=v_t.detach(), v_image=v_i.detach())
         if self.fuse == "concat":
             return torch.cat([alpha[:, :1] * v_t, alpha[:, 1:] * v_i], dim=-1)  # (B, 2d)
