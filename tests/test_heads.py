@@ -29,7 +29,8 @@ from fusion.heads import (
 )
 
 DIMS = {"text_dim": 16, "image_dim": 12, "num_classes": 5, "text_layers": 2}
-BUILTIN = ["add", "coattention", "concat", "gated-xattn", "hanet", "image", "late", "text"]
+BUILTIN = ["add", "coattention", "concat", "film", "gated-xattn", "hanet", "image", "late", "lmf",
+           "mlb", "mult", "tensor", "text"]
 
 
 def failed(results):
