@@ -6,6 +6,7 @@ in :mod:`fusion.stack.procedure`): only what the user gave is passed on.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +17,8 @@ from embedstore import open_store
 from fusion.errors import StackError
 from fusion.rundir import Run, load_run
 from fusion.stack import (
+    AUTO,
+    AUTO_CANDIDATES,
     DEFAULT_SEED,
     DEFAULT_STACKER,
     FEATURES,
@@ -60,7 +63,8 @@ def stack(
         "--runs", "-r", help="Source run directory; repeat for each run: -r runs/text "
         "-r runs/image.")],
     stacker: Annotated[str | None, typer.Option(
-        help=f"{' | '.join(list_stackers())} (default {DEFAULT_STACKER}).")] = None,
+        help=f"{AUTO} | {' | '.join(list_stackers())} (default {DEFAULT_STACKER}: cross-fit "
+        f"{', '.join(AUTO_CANDIDATES)} and keep the best out-of-fold macro-F1).")] = None,
     features: Annotated[str | None, typer.Option(
         help=f"{' | '.join(FEATURES)} (default {FEATURES[0]}).")] = None,
     pooled: Annotated[list[str] | None, typer.Option(
@@ -89,19 +93,25 @@ def stack(
 
       fusion stack -r runs/text -r runs/image -r runs/hanet --out runs/stack
 
+      fusion stack -r runs/text -r runs/image --stacker ensemble --out runs/stack-ensemble
+
       fusion stack -r runs/text -r runs/image --stacker xgboost -p max_depth=4 --out runs/xgb
 
       fusion stack -r runs/text -r runs/image --stacker logreg --features probs+pooled --pooled minilm --out runs/stack-pooled
     """
     stacker_params = parse_params(params)
+    auto = (stacker or DEFAULT_STACKER).strip().lower() == AUTO
     if threads is not None:
         if threads < 1:
             raise typer.BadParameter(f"--threads must be >= 1, got {threads}")
-        key = stacker_class(stacker or DEFAULT_STACKER).threads_param
+        key = None if auto else stacker_class(stacker or DEFAULT_STACKER).threads_param
         if key is not None:
             stacker_params.setdefault(key, threads)
+    # OpenMP threads that busy-wait fall off a cliff on a busy machine (docs/stacking.md,
+    # "Threads"); read by LightGBM's / XGBoost's OpenMP runtime when they load, after this.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     given: dict[str, Any] = {"stacker": stacker, "features": features, "seed": seed,
-                             "dask": dask}
+                             "dask": dask, "threads": threads if auto else None}
     kwargs = {k: v for k, v in given.items() if v is not None}
     if pooled and features != "probs+pooled":
         raise StackError(f"--pooled {pooled[0]} is used only with --features probs+pooled; add it")
@@ -112,6 +122,10 @@ def stack(
                     progress=None if quiet else err_console.print, **kwargs)
     m = run.metrics
     h = m.get("holdout") or {}
+    sel = run.config.get("selection")
+    if sel:
+        scores = ", ".join(f"{c['stacker']} {c['oof_macro_f1']:.4f}" for c in sel["candidates"])
+        console.print(f"stacker: {sel['chosen']} ({sel['why']}; OOF macro-F1: {scores})")
     console.print(f"{run.name}: OOF macro-F1 {_fmt(m['macro_f1'])} acc {_fmt(m['accuracy'])} | "
                   f"holdout macro-F1 {_fmt(h.get('macro_f1'))} acc {_fmt(h.get('accuracy'))} | "
                   f"{m['train_seconds']:.1f}s -> {run.path}")

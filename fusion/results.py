@@ -2,7 +2,8 @@
 
 :class:`FoldResults` gathers the out-of-fold probabilities (each row predicted by the model of
 its own fold, which never trained on it nor selected an epoch on it), the fold-mean holdout
-probabilities, per-fold metrics and weights, once per seed; :meth:`FoldResults.write` averages
+probabilities and each fold model's own holdout probabilities (``holdout_folds``), per-fold
+metrics and weights, once per seed; :meth:`FoldResults.write` averages
 the seeds and hands the result to :func:`fusion.rundir.write_run`, the one run writer, which
 computes the scores (:mod:`fusion.metrics`). Each seed's own scores and their spread go to
 ``metrics.json`` (``seeds``, ``spread``), the inner validation rows of each (seed, fold) to
@@ -83,6 +84,7 @@ class FoldResults:
         self.hold_rows = setup.hold_rows
         self.hold = np.zeros((len(self.hold_rows), k), np.float64)  # current seed, fold sum
         self.hold_sum = np.zeros((len(self.hold_rows), k), np.float64)  # mean per seed, summed
+        self.hold_fold: dict[int, np.ndarray] = {}  # fold -> its model's holdout, summed over seeds
         self.inner: dict[str, np.ndarray] = {}  # "seed{s}_fold{f}_inner" -> store rows
         self.fold_metrics: list[dict[str, Any]] = []
         self.seed_metrics: list[dict[str, Any]] = []
@@ -117,7 +119,10 @@ class FoldResults:
         self.inner[f"seed{seed}_fold{fold}_inner"] = np.asarray(inner_rows, np.int64)
         if len(self.hold_rows):
             hp, hr = predict(model, batches(self.hold_rows), s.device)
-            self.hold[np.searchsorted(self.hold_rows, hr)] += hp
+            at = np.searchsorted(self.hold_rows, hr)
+            self.hold[at] += hp
+            mine = self.hold_fold.setdefault(fold, np.zeros_like(self.hold))
+            mine[at] += hp
         fm = classification_metrics(s.labels[vr], vp)
         self.epoch_times += stop.epoch_times
         self.fold_metrics.append({"seed": seed, "fold": fold, "best_epoch": stop.best_epoch,
@@ -178,6 +183,12 @@ class FoldResults:
         rows = np.flatnonzero(self.oof_mask)
         oof = (self.oof_sum[rows] / len(self.seeds)).astype(np.float32)
         hold = self._normalised(self.hold_sum / len(self.seeds))
+        # each fold model's holdout probabilities (mean over seeds): what a stacker fitted on
+        # that fold's OOF rows should score (docs/runs.md section 2.7)
+        hold_folds = (np.stack([self._normalised(self.hold_fold[f] / len(self.seeds))
+                                for f in s.fold_ids])
+                      if len(self.hold_rows) and set(s.fold_ids) <= self.hold_fold.keys()
+                      else None)
         sm = self.seed_metrics
         has_hold = all(x["holdout"] for x in sm)
         metrics = {"head": s.head_spec, "kind": kind, "folds": self.fold_metrics,
@@ -196,4 +207,5 @@ class FoldResults:
                          metrics=metrics, oof=oof, oof_rows=rows, holdout=hold,
                          holdout_rows=self.hold_rows, ids=s.store.ids, labels=s.labels,
                          folds=s.folds, classes=s.classes,
-                         extra_files=lambda w: self._extra_files(w, rows))
+                         extra_files=lambda w: self._extra_files(w, rows),
+                         holdout_folds=hold_folds)

@@ -11,6 +11,8 @@ Layout (see docs/runs.md)::
       oof_rows.npy      (N_trainable,) int64 store row index of each oof row
       holdout.npy       (N_holdout, K) float32 mean holdout probabilities over folds
       holdout_rows.npy  (N_holdout,) int64 store row index of each holdout row
+      holdout_folds.npy (F, N_holdout, K) float32 holdout probabilities of each fold model,
+                        rows in holdout_rows order (optional: older runs lack it)
       predictions.csv   id, split, fold, true, predicted, probability
       weights/fold{i}.safetensors
       DONE              written last: a run without it is incomplete and is refused by readers
@@ -53,6 +55,7 @@ class Run:
     holdout: np.ndarray  # (N_holdout, K)
     holdout_rows: np.ndarray  # (N_holdout,)
     extra: dict[str, Any] = field(default_factory=dict)
+    holdout_folds: np.ndarray | None = None  # (F, N_holdout, K) per fold model, or None (old runs)
 
     @property
     def name(self) -> str:
@@ -101,7 +104,9 @@ def load_run(path: str | os.PathLike) -> Run:
         if not f.exists():
             raise RunDirError(f"run directory {str(p)!r} lacks {name}.npy; re-run it")
         arrays[name] = np.load(f, allow_pickle=False)
-    return Run(path=p, config=config, metrics=metrics, **arrays)
+    f = p / "holdout_folds.npy"  # optional (docs/runs.md section 2.7); memory-mapped: F x holdout
+    folds = np.load(f, mmap_mode="r", allow_pickle=False) if f.exists() else None
+    return Run(path=p, config=config, metrics=metrics, holdout_folds=folds, **arrays)
 
 
 class RunWriter:
@@ -169,7 +174,8 @@ def write_run(out: str | os.PathLike | None, *, config: dict[str, Any],
               metrics: dict[str, Any], oof: np.ndarray, oof_rows: np.ndarray,
               holdout: np.ndarray, holdout_rows: np.ndarray, ids: Sequence[Any],
               labels: np.ndarray, folds: np.ndarray, classes: list[Any],
-              extra_files: Callable[[RunWriter], None] | None = None) -> Run:
+              extra_files: Callable[[RunWriter], None] | None = None,
+              holdout_folds: np.ndarray | None = None) -> Run:
     """Write a run directory: the one writer used by train, fine-tune, stack and the tests.
 
     ``metrics`` holds what only the caller knows (``head``, ``kind``, timings, folds); the
@@ -177,8 +183,10 @@ def write_run(out: str | os.PathLike | None, *, config: dict[str, Any],
     ``macro_f1``, ``n`` and ``per_class_f1`` over the out-of-fold rows, and the same under
     ``holdout`` (``None`` without holdout rows). ``ids``, ``labels`` (-1 = unlabelled) and
     ``folds`` are indexed by store row. ``extra_files(writer)`` adds files (weights,
-    contributions) before ``DONE``. With ``out=None`` nothing is written and the run is returned
-    in memory.
+    contributions) before ``DONE``. ``holdout_folds`` (F, N_holdout, K), the holdout
+    probabilities of each fold model in ``holdout_rows`` order, is written as
+    ``holdout_folds.npy`` when given (docs/runs.md section 2.7). With ``out=None`` nothing is
+    written and the run is returned in memory.
     """
     clash = {"accuracy", "macro_f1", "per_class_f1", "holdout", "n"} & set(metrics)
     if clash:
@@ -188,6 +196,11 @@ def write_run(out: str | os.PathLike | None, *, config: dict[str, Any],
     holdout_rows = np.asarray(holdout_rows, np.int64)
     oof = np.ascontiguousarray(oof, np.float32)
     holdout = np.ascontiguousarray(holdout, np.float32).reshape(len(holdout_rows), len(classes))
+    if holdout_folds is not None:
+        holdout_folds = np.ascontiguousarray(holdout_folds, np.float32)
+        if holdout_folds.ndim != 3 or holdout_folds.shape[1:] != holdout.shape:
+            raise ValueError(f"holdout_folds has shape {holdout_folds.shape}, expected "
+                             f"(F, {holdout.shape[0]}, {holdout.shape[1]})")
     head = {key: metrics[key] for key in ("head", "kind") if key in metrics}
     full = {**head, **classification_metrics(labels[oof_rows], oof, classes),
             "holdout": (classification_metrics(labels[holdout_rows], holdout, classes)
@@ -195,7 +208,7 @@ def write_run(out: str | os.PathLike | None, *, config: dict[str, Any],
             **{key: v for key, v in metrics.items() if key not in head}}
     if out is None:
         return Run(path=Path("."), config=config, metrics=full, oof=oof, oof_rows=oof_rows,
-                   holdout=holdout, holdout_rows=holdout_rows)
+                   holdout=holdout, holdout_rows=holdout_rows, holdout_folds=holdout_folds)
     with RunWriter(out) as w:
         w.write_json("config.json", config)
         w.write_json("metrics.json", full)
@@ -203,6 +216,8 @@ def write_run(out: str | os.PathLike | None, *, config: dict[str, Any],
         w.write_array("oof_rows", oof_rows)
         w.write_array("holdout", holdout)
         w.write_array("holdout_rows", holdout_rows)
+        if holdout_folds is not None:
+            w.write_array("holdout_folds", holdout_folds)
         rows = np.concatenate([oof_rows, holdout_rows])
         w.write_predictions(
             ids=[ids[r] for r in rows.tolist()],

@@ -8,6 +8,7 @@ runs are complementary: what a stacker is for.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,9 @@ def make_synthetic_runs(
     n_folds: int = 5,
     holdout: float = 0.2,
     seed: int = 0,
+    holdout_folds: bool = False,
+    skill_scale: float = 1.0,
+    near_chance: Sequence[str] = (),
 ) -> list[Path]:
     """Write ``n_runs`` fake `fusion train` runs sharing one fake store under ``out_dir``.
 
@@ -35,6 +39,13 @@ def make_synthetic_runs(
     half, a "fusion" run moderately good everywhere, and further "fusion-i" runs have random
     per-class skill. Folds are stratified, with ``holdout`` of every class in fold -1; item ids
     are ``item-00000``... Returns the run directories in that order.
+
+    ``holdout_folds=True`` simulates k fold models per run, as `fusion train` has them: each
+    fold model adds its own noise to the run's logits, a trainable row's probabilities come from
+    the model of its fold, the holdout's from the mean of the fold models, and each fold model's
+    holdout probabilities are written as ``holdout_folds.npy``. ``skill_scale`` multiplies every
+    run's skill (0.5: weaker sources that disagree more); runs named in ``near_chance`` get a
+    skill of 0.05 on every class (a source that is nearly noise).
     """
     if n_runs < 2:
         raise StackError(f"n_runs={n_runs}: need at least 2 runs to stack")
@@ -66,15 +77,23 @@ def make_synthetic_runs(
     ids = [f"item-{i:05d}" for i in range(n_items)]
     paths = []
     for name, mods, skill in skills[:n_runs]:
+        skill = np.full(n_classes, 0.05) if name in near_chance else skill * skill_scale
         logits = rng.normal(0.0, 1.0, (n_items, n_classes))
         logits[np.arange(n_items), labels] += skill[labels]
         probs = softmax(logits, axis=1).astype(np.float32)
+        per_fold = None
+        if holdout_folds:  # fold model f = the run's logits + its own noise
+            fold_probs = softmax(logits[None] + rng.normal(0.0, 0.8, (n_folds, *logits.shape)),
+                                 axis=2).astype(np.float32)
+            probs[trainable] = fold_probs[assignment[trainable], trainable]
+            per_fold = fold_probs[:, hold_rows]
+            probs[hold_rows] = per_fold.mean(0)
         head = name if name in ("text", "image") else "concat"
         config = {"kind": "train", "head": head, "name": name, "modalities": mods,
                   "store": store, "classes": classes, "folds": folds, "labels": labels.tolist()}
         run = write_run(Path(out_dir) / name, config=config, metrics={"head": head, "kind": "train"},
                         oof=probs[trainable], oof_rows=trainable, holdout=probs[hold_rows],
                         holdout_rows=hold_rows, ids=ids, labels=labels, folds=assignment,
-                        classes=classes)
+                        classes=classes, holdout_folds=per_fold)
         paths.append(run.path)
     return paths

@@ -28,7 +28,8 @@ from .conftest import make_complementary_store
 # The CI box has 2 cores shared with other jobs; at 600 rows a second GBDT thread only adds
 # contention (measured 5-10x slower under load), so the tests pin one thread. Every other
 # default is the shipped one.
-ONE_THREAD = {"lightgbm": {"n_jobs": 1}, "xgboost": {"n_jobs": 1}, "logreg": None, "mlp": None}
+ONE_THREAD = {"lightgbm": {"n_jobs": 1}, "xgboost": {"n_jobs": 1}, "logreg": None, "mlp": None,
+              "ensemble": None}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,9 @@ def stacked(work, sources) -> dict:
     }
 
 
-def _features(paths: list[Path], pooled: np.ndarray | None = None):
-    """The stacker's feature matrix rebuilt independently: blocks in run order, store-row order."""
+def _features(paths: list[Path], pooled: np.ndarray | None = None, log: bool = False):
+    """The stacker's feature matrix rebuilt independently: blocks in run order, store-row order
+    (log-probabilities clipped at 1e-7 with ``log``, as the GBDTs see them by default)."""
     runs = [load_run(p) for p in paths]
     assignment = np.asarray(runs[0].config["folds"]["assignment"])
     trainable, holdout = np.flatnonzero(assignment >= 0), np.flatnonzero(assignment == -1)
@@ -62,6 +64,8 @@ def _features(paths: list[Path], pooled: np.ndarray | None = None):
         tr = np.empty((len(assignment), r.oof.shape[1]))
         tr[r.oof_rows] = r.oof
         tr[r.holdout_rows] = r.holdout
+        if log:
+            tr = np.log(np.clip(tr, 1e-7, 1.0))
         blocks_tr.append(tr[trainable])
         blocks_ho.append(tr[holdout])
     X_tr, X_ho = np.hstack(blocks_tr), np.hstack(blocks_ho)
@@ -88,12 +92,12 @@ def _rewrite(
 
 
 # -- registry and params ------------------------------------------------------------------------
-def test_registry_lists_the_four_stackers():
-    assert list_stackers() == ["lightgbm", "logreg", "mlp", "xgboost"]
+def test_registry_lists_the_five_stackers():
+    assert list_stackers() == ["ensemble", "lightgbm", "logreg", "mlp", "xgboost"]
 
 
 def test_unknown_stacker_is_refused_with_the_list(sources, tmp_path):
-    with pytest.raises(StackError, match=r"unknown stacker 'catboost'; available: lightgbm"):
+    with pytest.raises(StackError, match=r"unknown stacker 'catboost'; available: ensemble, lightgbm"):
         stack(sources, stacker="catboost", out=tmp_path / "s")
 
 
@@ -306,7 +310,7 @@ def test_oof_rows_come_from_the_model_that_excluded_their_fold(stacked, sources)
     import lightgbm as lgb
 
     run = stacked["lightgbm"]
-    X, _, assignment = _features(sources)
+    X, _, assignment = _features(sources, log=True)
     fold_of = assignment[run.oof_rows]
     for f in range(5):
         booster = lgb.Booster(model_file=str(run.path / "weights" / f"fold{f}.lgb.txt"))
@@ -448,7 +452,7 @@ def test_contributions_plus_bias_equal_the_margin_of_the_predicted_class(
     run = stacked[name]
     groups = ["text", "image", "fusion", "bias"]
     rows, vals = _read_contrib(run, groups)
-    X_tr, X_ho, assignment = _features(sources)
+    X_tr, X_ho, assignment = _features(sources, log=True)
     total = vals.sum(1)
     classes = run.classes
     pred = np.array([classes.index(r["predicted"]) for r in rows])
@@ -562,7 +566,7 @@ def test_pooled_columns_form_one_attribution_group(sources, tmp_path):
     )
     assert run.config["feature_names"][-4:] == [f"pooled:{j}" for j in range(4)]
     rows, vals = _read_contrib(run, ["text", "image", "fusion", "pooled", "bias"])
-    _, X_ho, _ = _features(sources, pooled)
+    _, X_ho, _ = _features(sources, pooled, log=True)
     margin = _margins("lightgbm", run.path / "weights" / "refit.lgb.txt", X_ho)
     pred = run.holdout.argmax(1)
     np.testing.assert_allclose(
@@ -674,7 +678,7 @@ def test_cli_passes_params_threads_and_defaults_to_the_library(cli, sources, tmp
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--stacker", "catboost"], "unknown stacker 'catboost'; available: lightgbm, logreg"),
+        (["--stacker", "catboost"], "unknown stacker 'catboost'; available: ensemble, lightgbm"),
         (["-p", "num_leaves"], "--params 'num_leaves' is not KEY=VALUE; write e.g."),
         (["--pooled", "minilm"], "--pooled minilm is used only with --features probs+pooled"),
     ],

@@ -7,7 +7,8 @@ One concept per module:
 - :mod:`.procedure`    :func:`stack`: inputs -> cross-fit -> a run directory of kind "stack"
 - :mod:`.attribution`  TreeSHAP per source run: ``contributions.csv``, summary, chart
 - :mod:`.dask`         the optional Dask cluster for the GBDTs
-- :mod:`.stackers`     the registry and one module per backend (lightgbm, xgboost, logreg, mlp)
+- :mod:`.stackers`     the registry and one module per backend (ensemble, lightgbm, xgboost,
+                       logreg, mlp)
 
 Synthetic source runs for tests and docs are in :mod:`fusion.testing`; the stacker benchmark is
 ``examples/bench_stack.py``.
@@ -20,7 +21,15 @@ from typing import Any
 
 from ..keyvalue import parse_key_values
 from .attribution import plot_contributions, summarize_contributions
-from .procedure import DEFAULT_SEED, DEFAULT_STACKER, FEATURES, default_out, stack
+from .procedure import (
+    AUTO,
+    AUTO_CANDIDATES,
+    DEFAULT_SEED,
+    DEFAULT_STACKER,
+    FEATURES,
+    default_out,
+    stack,
+)
 from .stackers import (
     Stacker,
     create_stacker,
@@ -30,6 +39,8 @@ from .stackers import (
 )
 
 __all__ = [
+    "AUTO",
+    "AUTO_CANDIDATES",
     "DEFAULT_SEED",
     "DEFAULT_STACKER",
     "FEATURES",

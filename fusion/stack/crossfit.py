@@ -2,9 +2,16 @@
 
 For each fold f the stacker is fitted on the other folds' rows (early-stopping on a stratified
 ``valid_fraction`` of *those* rows, never of the scored ones) and scores fold f; the fold models'
-predictions are the stack's out-of-fold probabilities. A refit on every trainable row, for the
-median best round count of the fold models, scores the holdout. The store rows of every split
-are returned as ``cv`` (written to ``cv_indices.npz``).
+predictions are the stack's out-of-fold probabilities. The holdout is scored in one of two
+schemes (recorded as ``holdout_scheme``):
+
+- ``"per_fold"`` (every source run has ``holdout_folds``): fold model f scores the holdout from
+  the source runs' fold-f models (``X_ho_folds[f]``), the same kind of input it was fitted on
+  (each OOF row also comes from one fold model), and the k outputs are averaged. No refit.
+- ``"refit"`` (older runs): a refit on every trainable row, for the median best round count of
+  the fold models, scores the fold-averaged holdout probabilities.
+
+The store rows of every split are returned as ``cv`` (written to ``cv_indices.npz``).
 """
 
 from __future__ import annotations
@@ -50,10 +57,11 @@ class CrossFit:
     contrib: np.ndarray | None  # (N_trainable + N_holdout, G) grouped TreeSHAP, or None
     cv: dict[str, np.ndarray]  # store rows of fold{f}_fit/_valid/_scored, refit_fit/_scored
     folds: list[dict[str, Any]]  # per fold: sizes, scores, best_iteration, seconds
-    models: list[tuple[str, Stacker]]  # ("fold0", model), ..., ("refit", model)
-    rounds: int  # rounds / epochs / iterations the refit trained
-    refit_seconds: float
+    models: list[tuple[str, Stacker]]  # ("fold0", model), ..., (+ ("refit", model))
+    rounds: int  # rounds / epochs / iterations the refit trained (per_fold: median of the folds)
+    refit_seconds: float  # 0 for per_fold
     train_seconds: float  # all fits, folds and refit
+    holdout_scheme: str = "refit"  # "per_fold" or "refit"
 
 
 def cross_fit(
@@ -69,12 +77,16 @@ def cross_fit(
     seed: int,
     group: np.ndarray | None = None,
     say: Callable[[str], None] = lambda _msg: None,
+    X_ho_folds: np.ndarray | None = None,
 ) -> CrossFit:
     """Fit one model per fold on the other folds and score the fold; refit and score ``X_ho``.
 
     ``X`` (N_trainable, F), ``y`` and ``fold_of`` describe the trainable rows (store rows
     ``trainable``), ``X_ho`` the holdout rows (store rows ``holdout``). With ``group`` (F + 1, G)
     the per-row TreeSHAP contributions to the predicted class are summed into G groups.
+    ``X_ho_folds`` (n_folds, N_holdout, F): each fold model's input for the holdout; given, the
+    holdout is the mean of fold model f applied to ``X_ho_folds[f]`` (scheme ``per_fold``),
+    and holdout contributions are the mean of the fold models' (they sum to the mean margin).
     """
     probe = new_model()
     k, uses_early_stopping = probe.n_classes, probe.uses_early_stopping
@@ -84,6 +96,8 @@ def cross_fit(
     folds: list[dict[str, Any]] = []
     models: list[tuple[str, Stacker]] = []
     train_seconds = 0.0
+    per_fold = X_ho_folds is not None and len(X_ho) > 0
+    hold_sum = np.zeros((len(X_ho), k))
     for f in range(n_folds):
         scored = np.flatnonzero(fold_of == f)
         if len(scored) == 0:
@@ -118,11 +132,16 @@ def cross_fit(
             "seconds": round(seconds, 4),
         })
         models.append((f"fold{f}", model))
+        if per_fold:
+            hold_sum += model.predict_proba(X_ho_folds[f])
         say(
             f"fold {f + 1}/{n_folds}: fit {len(fit)} rows (+{len(valid)} early-stopping), "
             f"scored {len(scored)}, macro-F1 {s['macro_f1']:.4f} ({seconds:.1f} s)"
         )
 
+    if per_fold:
+        return _per_fold_result(oof, hold_sum, contrib_oof, cv, folds, models, X_ho_folds,
+                                group, holdout, train_seconds, uses_early_stopping, say)
     # Refit on every trainable row for the median best round count of the fold models.
     rounds = None
     if uses_early_stopping:
@@ -147,3 +166,24 @@ def cross_fit(
     return CrossFit(oof=oof, hold=hold, contrib=contrib, cv=cv, folds=folds, models=models,
                     rounds=rounds or final.best_iteration, refit_seconds=seconds,
                     train_seconds=train_seconds)
+
+
+def _per_fold_result(oof, hold_sum, contrib_oof, cv, folds, models, X_ho_folds, group, holdout,
+                     train_seconds, uses_early_stopping, say) -> CrossFit:
+    """Scheme ``per_fold``: the holdout is the mean of the fold models' outputs, each on its own
+    fold's holdout inputs; contributions likewise averaged (for the averaged prediction)."""
+    hold = hold_sum / len(models)
+    contrib = None
+    if contrib_oof is not None:
+        pred = hold.argmax(1)
+        contrib_ho = sum(m.contributions(X_ho_folds[fm["fold"]], pred) @ group
+                         for fm, (_tag, m) in zip(folds, models, strict=True)) / len(models)
+        contrib = np.vstack([contrib_oof, contrib_ho])
+    cv["holdout_scored"] = holdout.copy()  # by every fold model, each on its own inputs
+    rounds = (max(1, int(round(statistics.median(m["best_iteration"] for m in folds))))
+              if uses_early_stopping else int(folds[0]["best_iteration"] or 1))
+    say(f"holdout: mean of the {len(models)} fold models, each on its fold's holdout "
+        f"probabilities ({len(hold)} rows)")
+    return CrossFit(oof=oof, hold=hold, contrib=contrib, cv=cv, folds=folds, models=models,
+                    rounds=rounds, refit_seconds=0.0, train_seconds=train_seconds,
+                    holdout_scheme="per_fold")

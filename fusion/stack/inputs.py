@@ -211,6 +211,23 @@ class StackInputs:
                         "identical probabilities (a copied run?); drop one"
                     )
         self.names = _unique_names([r.name for r in self.runs])
+        # Each fold model's holdout probabilities (docs/runs.md section 2.7), aligned like
+        # ``hold``: used only when every run has them for every fold, else None (older runs).
+        self.lacking_holdout_folds = [
+            r.name for r in self.runs
+            if r.holdout_folds is None or r.holdout_folds.shape[0] != self.n_folds
+        ]
+        self.hold_folds: list[np.ndarray] | None = None
+        if not self.lacking_holdout_folds and len(self.holdout):
+            self.hold_folds = [
+                np.stack([
+                    _aligned(r, _check_block(r, np.asarray(r.holdout_folds[f]),
+                                             f"holdout_folds[{f}]", self.k),
+                             r.holdout_rows, self.holdout, "holdout")
+                    for f in range(self.n_folds)
+                ])
+                for r in self.runs
+            ]
 
     def check_pooled(self, features: str, pooled: np.ndarray | None) -> np.ndarray | None:
         """The pooled embeddings (N_store, D) as float64 when ``features`` asks for them."""
@@ -238,9 +255,11 @@ class StackInputs:
 
 def feature_matrix(
     inp: StackInputs, log: bool, pooled: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``(X_trainable, X_holdout, feature_names)``: one block of K columns per run, in run order
-    (log-probabilities clipped at 1e-7 when ``log``), then the ``pooled`` columns."""
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | None]:
+    """``(X_trainable, X_holdout, feature_names, X_holdout_folds)``: one block of K columns per
+    run, in run order (log-probabilities clipped at 1e-7 when ``log``), then the ``pooled``
+    columns. ``X_holdout_folds`` (F, N_holdout, columns) is the same for each fold model's
+    holdout probabilities, or None when a run lacks them."""
 
     def tf(p: np.ndarray) -> np.ndarray:
         p = p.astype(np.float64)
@@ -253,4 +272,11 @@ def feature_matrix(
         X_tr = np.hstack([X_tr, pooled[inp.trainable]])
         X_ho = np.hstack([X_ho, pooled[inp.holdout]])
         names += [f"pooled:{j}" for j in range(pooled.shape[1])]
-    return X_tr, X_ho, names
+    X_hf = None
+    if inp.hold_folds is not None:
+        X_hf = np.stack([
+            np.hstack([tf(b[f]) for b in inp.hold_folds]
+                      + ([pooled[inp.holdout]] if pooled is not None else []))
+            for f in range(inp.n_folds)
+        ])
+    return X_tr, X_ho, names, X_hf

@@ -36,9 +36,13 @@ from .dask import connect
 from .inputs import StackInputs, feature_matrix, fingerprint, label, modalities
 from .stackers import Stacker, create_stacker, stacker_class
 
-__all__ = ["DEFAULT_SEED", "DEFAULT_STACKER", "FEATURES", "default_out", "stack"]
+__all__ = ["AUTO", "AUTO_CANDIDATES", "AUTO_TOLERANCE", "DEFAULT_SEED", "DEFAULT_STACKER",
+           "FEATURES", "default_out", "stack"]
 
-DEFAULT_STACKER = "lightgbm"
+AUTO = "auto"  # choose the stacker by the candidates' out-of-fold macro-F1
+DEFAULT_STACKER = AUTO
+AUTO_CANDIDATES = ("ensemble", "logreg", "lightgbm")  # fastest first; ties go to the earlier
+AUTO_TOLERANCE = 0.001  # a later candidate must beat the chosen one's OOF macro-F1 by more
 FEATURES = ("probs", "probs+pooled")  # the first is the default
 DEFAULT_SEED = 0
 
@@ -59,16 +63,28 @@ def stack(
     dask: str | None = None,
     pooled: np.ndarray | None = None,
     progress: Callable[[str], None] | None = None,
+    threads: int | None = None,
 ) -> Run:
     """Cross-fit ``stacker`` on the source runs' out-of-fold probabilities and write a stack run.
 
     ``features="probs+pooled"`` appends ``pooled`` (N_store, D) embedding columns. ``dask`` is a
     scheduler address (``tcp://host:8786``): the GBDT then trains on that cluster. Returns the
     written run; ``run.extra["cv_indices"]`` holds the store rows of every fit/valid/scored split.
-    ``out=None`` writes into a fresh temporary directory.
+    ``out=None`` writes into a fresh temporary directory. ``threads`` sets each stacker's thread
+    parameter (``threads_param``) unless ``params`` sets it.
+
+    ``stacker="auto"`` (the default) cross-fits every stacker of ``AUTO_CANDIDATES`` and keeps
+    the one with the best out-of-fold macro-F1 (no holdout row is used to choose); the choice,
+    every candidate's score and the reason go to ``config["selection"]``.
     """
     say = progress or (lambda _msg: None)
-    if dask is not None and not stacker_class(stacker).supports_dask:
+    stacker = stacker.strip().lower()
+    if stacker == AUTO and (params or dask is not None):
+        raise StackError(
+            "--params and --dask need one stacker; add e.g. --stacker lightgbm (the default "
+            f"'auto' tries {', '.join(AUTO_CANDIDATES)} with their defaults)"
+        )
+    if stacker != AUTO and dask is not None and not stacker_class(stacker).supports_dask:
         raise StackError(
             f"stacker {stacker!r} cannot train on Dask; use lightgbm or xgboost, or drop --dask"
         )
@@ -85,20 +101,26 @@ def stack(
                 f"--out {str(out)!r} is the source run {label(r)}; choose another directory"
             )
     t_all = time.perf_counter()
+    n_pooled = 0 if pooled is None else pooled.shape[1]
+    candidates = AUTO_CANDIDATES if stacker == AUTO else (stacker,)
+    tried: list[dict[str, Any]] = []
+    best: tuple[str, Stacker, CrossFit, list[str]] | None = None
+    best_f1 = -1.0
     with connect(dask) if dask is not None else nullcontext() as client:
-
-        def new_model() -> Stacker:
-            return create_stacker(stacker, n_classes=inp.k, params=params, seed=seed,
-                                  client=client)
-
-        probe = new_model()
-        X, X_ho, feature_names = feature_matrix(inp, probe.log_probs, pooled)
-        n_pooled = 0 if pooled is None else pooled.shape[1]
-        group = group_matrix(len(inp.runs), inp.k, n_pooled) if probe.explain else None
-        fit = cross_fit(new_model, X, inp.labels[inp.trainable], X_ho,
-                        inp.assignment[inp.trainable], n_folds=inp.n_folds,
-                        trainable=inp.trainable, holdout=inp.holdout, seed=seed, group=group,
-                        say=say)
+        for name in candidates:
+            if stacker == AUTO:
+                say(f"auto: cross-fitting candidate {name!r}")
+            one = _cross_fit_one(inp, name, params, threads, seed, client, pooled, n_pooled, say)
+            f1 = classification_metrics(inp.labels[inp.trainable], one[1].oof)["macro_f1"]
+            tried.append({"stacker": name, "oof_macro_f1": f1,
+                          "train_seconds": round(one[1].train_seconds, 4)})
+            if best is None or f1 > best_f1 + AUTO_TOLERANCE:
+                best, best_f1 = (name, *one), f1
+    assert best is not None  # candidates is never empty
+    stacker, probe, fit, feature_names = best
+    selection = _selection(tried, stacker) if len(candidates) > 1 else None
+    if selection is not None:
+        say(f"auto: chose {stacker!r}: {selection['why']}")
     sources = _sources(inp)
     head = f"stack-{stacker}"
     config: dict[str, Any] = {
@@ -112,6 +134,8 @@ def stack(
         "params": {**probe.params, **probe.procedure_params()},
         "user_params": dict(params or {}),
         "seed": seed,
+        "selection": selection,
+        "holdout_scheme": _scheme_note(fit, inp),
         "dask": dask is not None,
         "sources": sources,
         "modalities": sorted({m for s in sources for m in s["modalities"]}),
@@ -124,6 +148,8 @@ def stack(
         "head": head,
         "kind": "stack",
         "stacker": stacker,
+        "selection": selection,
+        "holdout_scheme": fit.holdout_scheme,
         "folds": fit.folds,
         "refit": {"rounds": fit.rounds, "seconds": round(fit.refit_seconds, 4)},
         "train_seconds": round(fit.train_seconds, 4),
@@ -137,6 +163,51 @@ def stack(
                     extra_files=lambda w: _extra_files(w, inp, fit, n_pooled))
     run.extra["cv_indices"] = fit.cv
     return run
+
+
+def _cross_fit_one(inp: StackInputs, stacker: str, params: dict[str, Any] | None,
+                   threads: int | None, seed: int, client: Any, pooled: np.ndarray | None,
+                   n_pooled: int, say: Callable[[str], None]
+                   ) -> tuple[Stacker, CrossFit, list[str]]:
+    """Cross-fit one stacker: ``(probe model, CrossFit, feature names)``."""
+    params = dict(params or {})
+    key = stacker_class(stacker).threads_param
+    if threads is not None and key is not None:
+        params.setdefault(key, threads)
+
+    def new_model() -> Stacker:
+        return create_stacker(stacker, n_classes=inp.k, params=params, seed=seed, client=client,
+                              n_sources=len(inp.runs))
+
+    probe = new_model()
+    X, X_ho, names, X_hf = feature_matrix(inp, probe.log_probs, pooled)
+    group = group_matrix(len(inp.runs), inp.k, n_pooled) if probe.explain else None
+    fit = cross_fit(new_model, X, inp.labels[inp.trainable], X_ho,
+                    inp.assignment[inp.trainable], n_folds=inp.n_folds,
+                    trainable=inp.trainable, holdout=inp.holdout, seed=seed, group=group,
+                    say=say, X_ho_folds=X_hf)
+    return probe, fit, names
+
+
+def _selection(tried: list[dict[str, Any]], chosen: str) -> dict[str, Any]:
+    """config/metrics ``selection`` of an auto stack: every candidate's score and the reason."""
+    top = max(tried, key=lambda t: t["oof_macro_f1"])
+    mine = next(t for t in tried if t["stacker"] == chosen)
+    why = (f"highest out-of-fold macro-F1 ({mine['oof_macro_f1']:.4f})" if top is mine else
+           f"out-of-fold macro-F1 {mine['oof_macro_f1']:.4f} within {AUTO_TOLERANCE} of "
+           f"{top['stacker']}'s {top['oof_macro_f1']:.4f}; the faster candidate wins ties")
+    return {"by": "out-of-fold macro-F1 of each candidate's cross-fit (holdout unused)",
+            "tolerance": AUTO_TOLERANCE, "candidates": tried, "chosen": chosen, "why": why}
+
+
+def _scheme_note(fit: CrossFit, inp: StackInputs) -> dict[str, Any]:
+    """How the holdout was scored (docs/stacking.md, "Cross-fitting")."""
+    if fit.holdout_scheme == "per_fold":
+        return {"scheme": "per_fold", "note": "mean over fold models f of the stacker of fold "
+                "f applied to the source runs' holdout_folds[f]"}
+    return {"scheme": "refit", "note": "a refit on every trainable row scored the source runs' "
+            "fold-averaged holdout probabilities", "runs_without_holdout_folds":
+            inp.lacking_holdout_folds}
 
 
 def _sources(inp: StackInputs) -> list[dict[str, Any]]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from .base import (
     STACKERS,
     Stacker,
+    available_cpus,
     create_stacker,
     list_stackers,
     register_stacker,
     stacker_class,
 )
+from .ensemble import EnsembleStacker
 from .lightgbm import LightGBMStacker
 from .logreg import LogRegStacker
 from .mlp import MLPStacker
@@ -18,10 +20,12 @@ from .xgboost import XGBoostStacker
 __all__ = [
     "STACKERS",
     "Stacker",
+    "available_cpus",
     "create_stacker",
     "list_stackers",
     "register_stacker",
     "stacker_class",
+    "EnsembleStacker",
     "LightGBMStacker",
     "LogRegStacker",
     "MLPStacker",

@@ -14,6 +14,7 @@ re-indexed to the classes present and the outputs are expanded back to K columns
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +28,7 @@ from ...errors import StackError
 __all__ = [
     "STACKERS",
     "Stacker",
+    "available_cpus",
     "construct",
     "create_stacker",
     "list_stackers",
@@ -47,6 +49,15 @@ STACKERS: Registry[type[Stacker]] = Registry(
     normalize=lambda name: name.strip().lower(),
     check=_check,
 )
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (``os.sched_getaffinity``: a container's or ``taskset``'s
+    limit, not the machine's count), at least 1: the GBDTs' default thread count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return max(1, os.cpu_count() or 1)
 
 
 def register_stacker(name: str) -> Callable[[type[Stacker]], type[Stacker]]:
@@ -76,13 +87,16 @@ def create_stacker(
     params: dict[str, Any] | None = None,
     seed: int = 0,
     client: Any = None,
+    n_sources: int | None = None,
 ) -> Stacker:
-    """Build a stacker by name; ``client`` is a ``distributed.Client`` for the GBDT backends."""
+    """Build a stacker by name; ``client`` is a ``distributed.Client`` for the GBDT backends;
+    ``n_sources`` the number of source runs (the first ``n_sources * n_classes`` columns of X
+    are their probability blocks)."""
     cls = stacker_class(name)
     if client is not None and not cls.supports_dask:
         dask_ok = [n for n in list_stackers() if stacker_class(n).supports_dask]
         raise StackError(f"stacker {name!r} cannot train on Dask; use one of {dask_ok} or drop --dask")
-    return cls(n_classes=n_classes, params=params, seed=seed, client=client)
+    return cls(n_classes=n_classes, params=params, seed=seed, client=client, n_sources=n_sources)
 
 
 def construct(cls: Any, params: dict[str, Any], stacker: str) -> Any:
@@ -123,9 +137,11 @@ class Stacker:
         params: dict[str, Any] | None = None,
         seed: int = 0,
         client: Any = None,
+        n_sources: int | None = None,
     ):
         params = dict(params or {})
         self.n_classes = n_classes
+        self.n_sources = n_sources
         self.seed = seed
         self.client = client
         self.early_stopping_rounds = int(

@@ -16,7 +16,7 @@ from scipy.special import log_softmax
 
 from ...errors import StackError
 from ..dask import dask_array
-from .base import Stacker, construct, register_stacker
+from .base import Stacker, available_cpus, construct, register_stacker
 
 __all__ = ["LightGBMStacker"]
 
@@ -34,6 +34,7 @@ class LightGBMStacker(Stacker):
     attribution = True
     supports_dask = True
     threads_param = "n_jobs"
+    log_probs_default = True  # guard rail: log-probabilities, as logreg sees them
     defaults: ClassVar[dict[str, Any]] = {
         "n_estimators": 500,
         "learning_rate": 0.1,
@@ -43,7 +44,7 @@ class LightGBMStacker(Stacker):
         "subsample_freq": 1,
         "colsample_bytree": 0.8,
         "reg_lambda": 1.0,
-        "n_jobs": 2,
+        "n_jobs": available_cpus(),  # the CPUs this process may use (docs/stacking.md)
         "deterministic": True,
         "force_row_wise": True,
         "max_bin": 63,  # inputs are probabilities: 63 bins lose nothing and halve histogram work

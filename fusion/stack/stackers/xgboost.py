@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..dask import dask_array
-from .base import Stacker, construct, register_stacker
+from .base import Stacker, available_cpus, construct, register_stacker
 
 __all__ = ["XGBoostStacker"]
 
@@ -21,6 +21,7 @@ class XGBoostStacker(Stacker):
     attribution = True
     supports_dask = True
     threads_param = "n_jobs"
+    log_probs_default = True  # guard rail: log-probabilities, as logreg sees them
     defaults: ClassVar[dict[str, Any]] = {
         "n_estimators": 500,
         "learning_rate": 0.1,
@@ -30,7 +31,7 @@ class XGBoostStacker(Stacker):
         "colsample_bytree": 0.8,
         "reg_lambda": 1.0,
         "tree_method": "hist",
-        "n_jobs": 2,
+        "n_jobs": available_cpus(),  # the CPUs this process may use (docs/stacking.md)
     }
 
     def fit_local(self, X, y, X_valid, y_valid, n_classes, rounds) -> None:
