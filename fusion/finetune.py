@@ -11,6 +11,7 @@ the epoch loop (AMP + GradScaler on GPU, gradient accumulation), the predictions
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -55,12 +56,28 @@ def _init_run(s: Setup, init: str) -> Run:
     if run.head != s.head_spec or dims != s.dims:
         raise TrainError(f"--init {init!r} is a {run.head!r} head with dims {dims}; this run is "
                          f"{s.head_spec!r} with {s.dims}: use the same head and features")
+    diff = _options_diff(run.config.get("head_config", {}).get("options"),
+                         s.probe.config.get("options", {}))
+    if diff:
+        raise TrainError(f"--init {init!r} head options differ: {diff}; warm-start from a run "
+                         "trained with the same options (or pass them with --set)")
     missing = [f for f in s.fold_ids for seed in s.cfg.seed_list
                if not _init_weights(run, seed, f).exists()]
     if missing:
         raise TrainError(f"--init {init!r} has no weights for fold(s) {missing}; train those "
                          "folds on the cache first (or pass --fold)")
     return run
+
+
+def _options_diff(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """``"dropout 0.1 -> 0.3, mode 'a' -> 'b'"`` for the head options that differ ('' when
+    none do, or when ``old`` is None: a run written before head options were recorded)."""
+    if old is None:
+        return ""
+    new = json.loads(json.dumps(new, default=str))  # as config.json holds them
+    keys = sorted(set(old) | set(new))
+    return ", ".join(f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+                     for k in keys if old.get(k, "(unset)") != new.get(k, "(unset)"))
 
 
 def _init_weights(run: Run, seed: int, fold: int):
@@ -112,8 +129,7 @@ def _fit_fold(s: Setup, cfg: FinetuneConfig, head: Any, init: Run | None, texts,
     """One (seed, fold): fit on the fold's training rows minus the inner split, pick the epoch
     on the inner split, predict the fold's rows and the holdout into ``results``."""
     tr_rows, va_rows = s.fold_rows(f)
-    fit_rows, inner_rows = inner_split(s.labels, tr_rows, cfg.inner_val, run_seed, f,
-                                       groups=s.groups)
+    fit_rows, inner_rows = inner_split(s.labels, tr_rows, cfg.inner_val, run_seed, f)
     if cfg.max_items is not None and len(fit_rows) > cfg.max_items:
         fit_rows = np.sort(np.random.default_rng(run_seed + f).choice(
             fit_rows, cfg.max_items, replace=False))

@@ -3,7 +3,8 @@
 Encoders are rebuilt from the feature sets' provenance (same spec, weights, layers and
 preprocessing), so at step 0 :meth:`LiveModel.features` equals the cached tensors within fp16
 storage rounding. :func:`build_live_model` unfreezes them (minus the lowest ``freeze_layers``
-layer groups) and turns on gradient checkpointing where the backbone offers it.
+layer groups) and turns on gradient checkpointing where the backbone offers it. While training,
+frozen parts and every BatchNorm of the encoders stay in eval mode (:func:`hold_in_eval`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .data import Setup
 from .errors import TrainError
 
 __all__ = ["RawBatch", "LiveModel", "layer_groups", "freeze_lowest", "enable_checkpointing",
-           "build_live_model", "RawRows", "Collate", "bucketed", "RawBatches"]
+           "hold_in_eval", "make_trainable", "build_live_model", "RawRows", "Collate", "bucketed", "RawBatches"]
 
 
 @dataclass
@@ -82,11 +83,34 @@ class LiveModel(nn.Module):
         return self.head.loss(self._last, logits, class_weight, **kw)
 
     def train(self, mode: bool = True) -> LiveModel:
+        """Train mode for the head and the encoders' trainable parts; frozen parts and every
+        BatchNorm stay in eval mode (see :func:`hold_in_eval`)."""
         super().train(mode)
         for enc in self.encoders.values():
             if enc is not None:
                 enc.trainable = mode or enc.trainable
+                if mode:
+                    hold_in_eval(enc.torch_module)
         return self
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def hold_in_eval(module: nn.Module) -> None:
+    """Put back in eval mode, inside a training encoder, every module whose parameters are all
+    frozen (its dropout off: a frozen part computes exactly what the cache holds) and every
+    BatchNorm layer (running statistics keep the values the cache was extracted with; the
+    affine weights still train unless frozen). Small fine-tuning batches would otherwise drift
+    the statistics, and live features would stop matching the cache."""
+    for m in module.modules():
+        if m.training and (isinstance(m, BATCH_NORMS) or _all_frozen(m)):
+            m.eval()
+
+
+def _all_frozen(m: nn.Module) -> bool:
+    params = list(m.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
 
 
 def layer_groups(module: nn.Module) -> list[list[nn.Parameter]]:
@@ -134,6 +158,19 @@ def enable_checkpointing(module: nn.Module) -> bool:
     return False
 
 
+def make_trainable(enc: Any, freeze_layers: int = 0, checkpointing: bool = False) -> Any:
+    """Unfreeze ``enc``'s torch module minus its lowest ``freeze_layers`` layer groups, turn on
+    gradient checkpointing if asked, and let ``encode`` build an autograd graph."""
+    m = enc.torch_module
+    m.requires_grad_(True)
+    if freeze_layers:
+        freeze_lowest(m, freeze_layers)
+    if checkpointing:
+        enable_checkpointing(m)
+    enc.trainable = True
+    return enc
+
+
 def build_live_model(setup: Setup, cfg: FinetuneConfig, head: nn.Module) -> LiveModel:
     """Encoders from provenance, unfrozen (minus the lowest ``freeze_layers``), around ``head``."""
     encs: dict[str, Any] = {}
@@ -147,14 +184,7 @@ def build_live_model(setup: Setup, cfg: FinetuneConfig, head: nn.Module) -> Live
         if wm:
             raise TrainError(f"{wm}; fine-tuning must start from the cached encoder: point "
                              f"--{mod}-spec at the original weights")
-        m = enc.torch_module
-        m.requires_grad_(True)
-        if cfg.freeze_layers:
-            freeze_lowest(m, cfg.freeze_layers)
-        if cfg.gradient_checkpointing:
-            enable_checkpointing(m)
-        enc.trainable = True
-        encs[mod] = enc
+        encs[mod] = make_trainable(enc, cfg.freeze_layers, cfg.gradient_checkpointing)
     pos = resolve_layers(setup.tfs.layers, setup.layer_sel) if setup.tfs is not None else None
     return LiveModel(head, encs.get("text"), encs.get("image"), pos)
 

@@ -14,11 +14,12 @@ import embedstore as es
 import fusion
 from cli.embedstore_app import app as es_app
 from cli.fusion_app import app as fusion_app
+from embedstore.encoders import create_encoder
 from embedstore.extract import ExtractConfig, extract
 from embedstore.provenance import ProvenanceError, encoder_from_feature
 from fusion.data import prepare
 from fusion.finetune import FinetuneConfig, build_live_model, finetune, layer_groups
-from fusion.live import Collate, RawRows
+from fusion.live import Collate, LiveModel, RawBatch, RawRows, make_trainable
 from fusion.loop import make_optimizer
 
 from .conftest import minilm_spec, write_tiny_catalog
@@ -231,3 +232,66 @@ def test_finetune_selects_on_the_inner_split_never_on_the_fold_it_predicts(tiny,
     inner = np.load(a.path / "rows.npz")["seed0_fold0_inner"]
     assert len(inner) and (store.folds[inner] == 1).all()
     assert [f["n_inner"] for f in a.metrics["folds"]] == [len(inner), 1]
+
+
+# -- issue 16: the three fine-tuning fixes (each of these failed on the code before them)
+
+def test_freeze_layers_on_an_open_clip_text_encoder_freezes_the_text_blocks():
+    """`--freeze-layers` counts the text tower's groups (token + position embeddings, then the
+    text blocks); the visual tower is not part of a text encoder's trainable module."""
+    enc = make_trainable(create_encoder("open_clip:ViT-S-32-alt@random", modality="text"), 2)
+    m = enc.torch_module
+    clip = enc.model
+    tower = clip.text if hasattr(clip, "text") else clip
+    blocks = tower.transformer.resblocks
+    frozen = {id(p) for p in m.parameters() if not p.requires_grad}
+    assert {id(p) for p in tower.token_embedding.parameters()} <= frozen
+    assert {id(p) for p in blocks[0].parameters()} <= frozen
+    assert all(p.requires_grad for b in blocks[1:] for p in b.parameters())
+    assert not any(p.requires_grad for p in clip.visual.parameters())
+    assert not {id(p) for p in clip.visual.parameters()} & {id(p) for p in m.parameters()}
+    # a backward pass reaches text block 1 and nothing frozen
+    out = enc.encode(enc.tokenize(["a red shoe", "two blue cups"]))
+    out["pooled"].sum().backward()
+    assert all(p.grad is None for p in blocks[0].parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in blocks[1].parameters())
+
+
+def test_batchnorm_statistics_and_frozen_parts_stay_in_eval_mode_when_training():
+    """A frozen EfficientNet stem must give the cached features: after `model.train()` and a
+    step, every BatchNorm's running statistics are unchanged and frozen modules are in eval."""
+    enc = make_trainable(create_encoder("timm:test_efficientnet@random", image_size=32), 2)
+    head = fusion.create_head("image", text_dim=4, image_dim=enc.dim, num_classes=2, hidden=8)
+    model = LiveModel(head, image_enc=enc)
+    bns = [m for m in model.image_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns
+    stats = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
+    model.train()
+    assert model.head.training and not any(m.training for m in bns)
+    frozen = layer_groups(model.image_model)[:2]
+    assert not any(m.training for m in model.image_model.modules()
+                   if (ps := list(m.parameters())) and all(not p.requires_grad for p in ps))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    raw = RawBatch(rows=torch.arange(4), labels=torch.tensor([0, 1, 0, 1]), text=None,
+                   images=torch.randn(4, *enc.input_shape, generator=torch.Generator()
+                                      .manual_seed(0)))
+    before = [p.detach().clone() for g in frozen for p in g]
+    model.loss(raw, model(raw)).backward()
+    opt.step()
+    for m, (mean, var) in zip(bns, stats, strict=True):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+    assert all(torch.equal(a, p) for a, p in zip(before, [p for g in frozen for p in g],
+                                                  strict=True))
+    model.train()  # a second call (every epoch) must not flip them back either
+    assert not any(m.training for m in bns)
+    model.eval()
+    assert not model.training
+
+
+def test_init_refuses_a_run_whose_head_options_differ_even_with_the_same_shapes(tiny, tmp_path):
+    """The cached run is concat dim=16 hidden=16 dropout=0.1 (default): dropout=0.3 has the same
+    shapes, so loading its weights would succeed silently; it must be refused, naming it."""
+    with pytest.raises(fusion.TrainError, match=r"--init .* options differ: dropout 0\.1 -> 0\.3"):
+        finetune(tiny["store"], "concat", init=str(tiny["cached"].path), out=tmp_path / "x",
+                 dim=16, hidden=16, dropout=0.3, epochs=1, fold=0, max_items=8)
+    assert not (tmp_path / "x").exists()

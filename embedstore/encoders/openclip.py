@@ -140,6 +140,7 @@ class OpenClipTextEncoder(_OpenClipBase, TextEncoder):
                 "not supported; pick a CLIP architecture"
             )
         self._blocks = tower.transformer.resblocks
+        self._tower = tower if tower is not m else _ClipTextTower(m)
         self._batch_first = getattr(tower.transformer, "batch_first", True)
         self._ln_final = tower.ln_final
         context_length = int(getattr(tower, "context_length", None) or m.context_length)
@@ -153,6 +154,12 @@ class OpenClipTextEncoder(_OpenClipBase, TextEncoder):
         probe = self.encode(self.tokenize(["a"]))
         self.dim = int(probe["tokens"].shape[-1])
         self.pooled_dim = int(probe["pooled"].shape[-1])
+
+    @property
+    def torch_module(self) -> torch.nn.Module:
+        """The text tower only (what fine-tuning trains and ``--freeze-layers`` counts: the
+        token + position embeddings, then the text blocks); the visual tower stays frozen."""
+        return self._tower
 
     def count_tokens(self, texts: Sequence[str]) -> np.ndarray:
         return self.tokenize.lengths(texts)
@@ -248,6 +255,11 @@ class OpenClipImageEncoder(_OpenClipBase, ImageEncoder):
         self.dim = int(probe["regions"].shape[-1])
         self.pooled_dim = int(probe["pooled"].shape[-1])
 
+    @property
+    def torch_module(self) -> torch.nn.Module:
+        """The visual tower only (the text tower stays frozen)."""
+        return self.model.visual
+
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"regions": (B, R, D), "pooled": (B, E) float32}, on the encoder's device."""
         x = self._to_device(images)
@@ -276,6 +288,21 @@ class OpenClipImageEncoder(_OpenClipBase, ImageEncoder):
             pooling="encode_image (projected)",
         )
         return out
+
+
+class _ClipTextTower(torch.nn.Module):
+    """The parts of a ``CLIP`` model that ``encode_text`` uses (CLIP keeps them on the model,
+    next to ``visual``), shared, in forward order: embeddings, blocks, final norm, projection."""
+
+    def __init__(self, clip: torch.nn.Module):
+        super().__init__()
+        self.embeddings = torch.nn.Module()  # a submodule, so its parameters come first
+        self.embeddings.token_embedding = clip.token_embedding
+        self.embeddings.positional_embedding = clip.positional_embedding
+        self.transformer = clip.transformer
+        self.ln_final = clip.ln_final
+        self.projection = torch.nn.Module()  # a Parameter, an nn.Linear or None
+        self.projection.text_projection = clip.text_projection
 
 
 def _model_cfg_or_none(spec: EncoderSpec) -> dict[str, Any] | None:
