@@ -134,6 +134,11 @@ def report(
     console.print(f"[bold]{res['name']}[/] ({res['head']}): OOF macro-F1 {_fmt(m['macro_f1'])}, "
                   f"acc {_fmt(m['accuracy'])}; holdout macro-F1 {_fmt(h.get('macro_f1'))}, acc "
                   f"{_fmt(h.get('accuracy'))}")
+    for split, fr in res["frequency"].items():
+        if fr:
+            console.print(f"{split} macro-F1 by class frequency: " + ", ".join(
+                f"{b} {_fmt(v['macro_f1'])} ({v['classes']} classes)" for b, v in fr.items()),
+                markup=False)
     for split, c in (res.get("complementarity") or {}).items():
         t = Table(f"{split} (n={c['n']})", "items", "share", title="text vs image")
         for key in ("both_right", "only_text_right", "only_image_right", "both_wrong"):

@@ -52,6 +52,12 @@ def info(store: StoreArg, json_out: JsonFlag = False, storage_option: StorageOpt
         where = f"column {g['group_col']!r}" if g["group_col"] else "create_store(groups=...)"
         console.print(f"grouped folds: {g['n_groups']} groups from {where} "
                       f"(largest: {g['largest_group']} items)", markup=False)
+    if data["class_sizes"] is not None:
+        c = data["class_sizes"]
+        console.print(f"class sizes (trainable items): min {c['min']} / median {c['median']:g} / "
+                      f"max {c['max']}; {c['below_5']} classes below 5 items, {c['below_20']} "
+                      f"below 20, {c['below_folds']} below the {c['folds']} folds; head / torso "
+                      f"/ tail: {c['head']} / {c['torso']} / {c['tail']} classes", markup=False)
     t = Table("feature set", "modality", "shape", "dtype", "layers", "status", "done", "errors",
               "encoder")
     for name, f in data["features"].items():

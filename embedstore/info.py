@@ -6,9 +6,10 @@ from typing import Any
 
 import numpy as np
 
+from .classes import class_sizes
 from .errors import EmbedStoreError
 
-__all__ = ["grouping_info", "store_info"]
+__all__ = ["grouping_info", "class_size_info", "store_info"]
 
 
 def grouping_info(store) -> dict[str, Any] | None:
@@ -19,6 +20,19 @@ def grouping_info(store) -> dict[str, Any] | None:
     counts = np.unique(groups, return_counts=True)[1]
     return {"group_col": store.fold_info.get("group_col"), "n_groups": int(len(counts)),
             "largest_group": int(counts.max()) if len(counts) else 0}
+
+
+def class_size_info(store) -> dict[str, Any] | None:
+    """The class-size distribution over the trainable items (the holdout and unlabelled items
+    left out): :func:`embedstore.classes.class_sizes`, plus how many classes have fewer items
+    than folds (None: no labels)."""
+    if store.labels is None or store.classes is None:
+        return None
+    labels, folds = np.asarray(store.labels, np.int64), np.asarray(store.folds)
+    counts = np.bincount(labels[(folds >= 0) & (labels >= 0)], minlength=len(store.classes))
+    k = int(store.fold_info["k"])
+    return {"basis": "trainable items", **class_sizes(counts), "folds": k,
+            "below_folds": int(((counts > 0) & (counts < k)).sum())}
 
 
 def store_info(store) -> dict[str, Any]:
@@ -55,6 +69,7 @@ def store_info(store) -> dict[str, Any]:
         "classes": store.classes,
         "n_classes": None if store.classes is None else len(store.classes),
         "folds": store.fold_info,
+        "class_sizes": class_size_info(store),
         "grouping": grouping_info(store),
         "dataset": store.meta.get("dataset"),
         "created": store.meta.get("created"),

@@ -7,6 +7,7 @@ check that can fail runs here, so a bad input never leaves a half-trained run be
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,8 @@ from .device import resolve_device
 from .errors import TrainError
 from .heads import create_head, resolve_head, spec_of
 
-__all__ = ["Setup", "prepare", "pick_features", "cached_batches", "class_weights", "inner_split"]
+__all__ = ["Setup", "prepare", "pick_features", "cached_batches", "class_weights", "inner_split",
+           "rare_classes", "RareClassWarning"]
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Setup:
     layer_sel: Any
     device: torch.device
     probe: torch.nn.Module  # a head built from the options (validated, counts parameters)
+    groups: np.ndarray | None = None  # (N,) group codes of a grouped store, else None
 
     @property
     def hold_rows(self) -> np.ndarray:
@@ -88,15 +91,29 @@ def pick_features(store, text: str | None, image: str | None,
     return chosen["text"], chosen["image"]
 
 
-def _check_classes(labels: np.ndarray, folds: np.ndarray, classes: list[Any], k: int) -> None:
-    """A class with 1..k-1 trainable items cannot be in every fold. A class with none (declared
-    but absent, or only in the holdout) is allowed: it scores F1 0, as the metrics define."""
+class RareClassWarning(UserWarning):
+    """Some classes have fewer trainable items than folds (see :func:`rare_classes`)."""
+
+
+def rare_classes(labels: np.ndarray, folds: np.ndarray, classes: list[Any], k: int
+                 ) -> list[tuple[Any, int]]:
+    """``(class, trainable items)`` of every class with 1..k-1 trainable items: such a class
+    cannot be in every fold. It is trained on in the folds where it does not sit and scored
+    where its items land (out of fold, each item is predicted by a model that never saw it, so
+    a single-item class is never predicted right out of fold). A class with none (declared but
+    absent, or only in the holdout) scores F1 0, as the metrics define."""
     counts = np.bincount(labels[folds >= 0], minlength=len(classes))
-    few = [(classes[c], int(counts[c])) for c in range(len(classes)) if 0 < counts[c] < k]
+    return [(classes[c], int(counts[c])) for c in np.flatnonzero((counts > 0) & (counts < k))]
+
+
+def _warn_rare(few: list[tuple[Any, int]], n_classes: int, k: int) -> None:
     if few:
-        raise TrainError(f"class {few[0][0]!r} has {few[0][1]} trainable items, fewer than the "
-                         f"{k} folds ({len(few)} such classes); merge or drop rare classes, or "
-                         "re-create the store with fewer --folds")
+        cls, n = min(few, key=lambda t: t[1])
+        warnings.warn(f"{len(few)} of {n_classes} classes have fewer trainable items than the "
+                      f"{k} folds (smallest: {cls!r} with {n}); they are trained on where they "
+                      "appear and scored where they land, and metrics stay over all "
+                      f"{n_classes} classes (merge rare classes to score them better)",
+                      RareClassWarning, stacklevel=3)
 
 
 def _takes(fn: Any, name: str) -> bool:
@@ -126,7 +143,7 @@ def prepare(store, head: Any, text: str | None, image: str | None, cfg: TrainCon
         if not 0 <= cfg.fold < k:
             raise TrainError(f"--fold {cfg.fold} is outside the store's folds 0..{k - 1}")
         fold_ids = [cfg.fold]
-    _check_classes(labels, folds, classes, k)
+    _warn_rare(rare_classes(labels, folds, classes, k), len(classes), k)
     layer_sel = cfg.layers if tfs is not None else None
     text_layers = len(resolve_layers(tfs.layers, layer_sel)) if tfs is not None else 1
     dims = dict(text_dim=tfs.dim if tfs else 1, image_dim=ifs.dim if ifs else 1,
@@ -146,7 +163,8 @@ def prepare(store, head: Any, text: str | None, image: str | None, cfg: TrainCon
     return Setup(store=store, head=head, head_spec=spec_of(head_cls), cfg=cfg, tfs=tfs, ifs=ifs,
                  labels=labels, classes=classes, folds=folds, fold_ids=fold_ids, dims=dims,
                  needs=needs, layer_sel=layer_sel, device=resolve_device(cfg.device),
-                 probe=probe)
+                 probe=probe, groups=None if store.groups is None else
+                 np.unique(store.groups, return_inverse=True)[1].reshape(-1))
 
 
 def cached_batches(s: Setup, rows: np.ndarray, *, shuffle: bool = False, seed: int = 0,
@@ -172,15 +190,19 @@ def class_weights(s: Setup, rows: np.ndarray) -> torch.Tensor | None:
                         dtype=torch.float32, device=s.device)
 
 
-def inner_split(labels: np.ndarray, rows: np.ndarray, share: float, seed: int, fold: int
-                ) -> tuple[np.ndarray, np.ndarray]:
+def inner_split(labels: np.ndarray, rows: np.ndarray, share: float, seed: int, fold: int,
+                groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(fit rows, inner validation rows) carved from a fold's training ``rows``.
 
     The inner rows are what every choice made while fitting the fold looks at (early stopping,
     the best epoch, ``late``'s alpha), so the rows the fold predicts are never used to select.
     ``max(1, round(share * len(rows)))`` rows, stratified by class (largest remainder; a class
-    always keeps at least one fit row), drawn with a generator seeded by ``(seed, fold)``.
-    Both outputs are sorted store rows.
+    always keeps at least one fit row, and a class with 1 or 2 of these rows stays wholly in
+    the fit part), drawn with a generator seeded by ``(seed, fold)``. With ``groups`` (a group
+    code per store row) whole groups are drawn, never part of one: groups are stratified by the
+    class of their first row and taken, in a seeded order, while a group's middle row is within
+    its class's share; a group holding a row of a 1-2-row class stays in the fit part. Both
+    outputs are sorted store rows.
     """
     rows = np.asarray(rows, np.int64)
     n = len(rows)
@@ -189,18 +211,53 @@ def inner_split(labels: np.ndarray, rows: np.ndarray, share: float, seed: int, f
                          "at least 2: use fewer --folds")
     n_inner = min(n - 1, max(1, int(round(share * n))))
     y = labels[rows]
-    classes, counts = np.unique(y, return_counts=True)
+    classes, y_idx, counts = np.unique(y, return_inverse=True, return_counts=True)
+    y_idx = y_idx.reshape(-1)
     exact = n_inner * counts / n
-    take = np.minimum(np.floor(exact), counts - 1).astype(np.int64)
+    cap = np.where(counts <= 2, 0, counts - 1)  # rare classes stay in the fit part
+    take = np.minimum(np.floor(exact), cap).astype(np.int64)
     for c in np.argsort(-(exact - take), kind="stable"):  # largest remainders first
         if take.sum() >= n_inner:
             break
-        if take[c] < counts[c] - 1:
+        if take[c] < cap[c]:
             take[c] += 1
     rng = np.random.default_rng([seed % 2**32, fold])
-    inner = np.concatenate([rng.permutation(rows[y == c])[:t] for c, t in zip(classes, take,
-                                                                              strict=True)])
-    if not len(inner):  # every class has a single row: no stratified split exists
-        inner = rng.choice(rows, n_inner, replace=False)
+    if groups is not None:
+        inner = _grouped_inner(rows, y_idx, counts, take, np.asarray(groups)[rows], rng, fold)
+    else:
+        inner = np.concatenate([rng.permutation(rows[y == c])[:t]
+                                for c, t in zip(classes, take, strict=True)])
+        if not len(inner):  # every class has 1-2 rows: no stratified split exists
+            inner = rng.choice(rows, n_inner, replace=False)
     inner = np.sort(inner)
     return np.setdiff1d(rows, inner, assume_unique=True), inner
+
+
+def _grouped_inner(rows: np.ndarray, y_idx: np.ndarray, counts: np.ndarray, take: np.ndarray,
+                   groups: np.ndarray, rng: np.random.Generator, fold: int) -> np.ndarray:
+    """Inner rows made of whole groups (see :func:`inner_split`)."""
+    unit = np.unique(groups, return_inverse=True)[1].reshape(-1)
+    n_units = int(unit.max()) + 1
+    if n_units < 2:
+        raise TrainError(f"fold {fold}'s training rows are a single group; a grouped inner "
+                         "validation split needs at least 2 groups: use fewer --folds")
+    size = np.bincount(unit, minlength=n_units)
+    blocked = np.zeros(n_units, bool)
+    blocked[unit[counts[y_idx] <= 2]] = True
+    first = np.unique(unit, return_index=True)[1]
+    unit_cls = y_idx[first]
+    cand = rng.permutation(np.flatnonzero(~blocked))
+    cand = cand[np.argsort(unit_cls[cand], kind="stable")]  # by class, random within a class
+    csum = np.cumsum(size[cand])
+    starts = np.searchsorted(unit_cls[cand], np.arange(len(counts)))  # first index per class
+    before = np.concatenate([[0], csum])[starts][unit_cls[cand]]
+    within = csum - before  # rows taken in this class up to and including this group
+    chosen = cand[within - size[cand] / 2 < take[unit_cls[cand]]]  # nearest to the share
+    in_inner = np.isin(unit, chosen)
+    kept = np.bincount(y_idx[~in_inner], minlength=len(counts))
+    lost = np.unique(unit[in_inner & (kept[y_idx] == 0)])  # a class left without a fit row
+    in_inner &= ~np.isin(unit, lost)
+    if not in_inner.any():  # nothing eligible: the smallest group, so the fit part stays large
+        pool = np.flatnonzero(~blocked) if (~blocked).any() else np.arange(n_units)
+        in_inner = unit == pool[np.argmin(size[pool] + rng.random(len(pool)))]
+    return rows[in_inner]

@@ -129,7 +129,8 @@ def _fit_fold(s: Setup, cfg: FinetuneConfig, head: Any, init: Run | None, texts,
     """One (seed, fold): fit on the fold's training rows minus the inner split, pick the epoch
     on the inner split, predict the fold's rows and the holdout into ``results``."""
     tr_rows, va_rows = s.fold_rows(f)
-    fit_rows, inner_rows = inner_split(s.labels, tr_rows, cfg.inner_val, run_seed, f)
+    fit_rows, inner_rows = inner_split(s.labels, tr_rows, cfg.inner_val, run_seed, f,
+                                       groups=s.groups)
     if cfg.max_items is not None and len(fit_rows) > cfg.max_items:
         fit_rows = np.sort(np.random.default_rng(run_seed + f).choice(
             fit_rows, cfg.max_items, replace=False))

@@ -2,9 +2,10 @@
 
 The page needs no network when viewed: the style, the script (table sorting) and the charts
 (inline SVG) are all in the file. Sections: the leaderboard with its paired bootstrap intervals
-(:func:`fusion.leaderboard.compare`), the text-vs-image complementarity table, per-class F1
-(sortable), the most confused class pairs (top N, never a full K x K matrix), stack
-attributions (mean |TreeSHAP| per source run) and each run's config (collapsible).
+(:func:`fusion.leaderboard.compare`), the text-vs-image complementarity table, F1 by class
+frequency (head / torso / tail), per-class F1 (sortable), the most confused class pairs (top
+N, never a full K x K matrix), stack attributions (mean |TreeSHAP| per source run) and each
+run's config (collapsible).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import numpy as np
 
 from .bootstrap import DEFAULT_RESAMPLES
 from .leaderboard import SPLITS, as_run, compare, interval_text, verdict
-from .metrics import confusion, per_class_f1
-from .report import complementarity
+from .metrics import BUCKETS, confusion, f1_by_frequency, frequency_buckets, per_class_f1
+from .report import complementarity, train_counts
 from .rundir import Run
 from .stack import summarize_contributions
 from .stack.inputs import modalities
@@ -218,10 +219,22 @@ def _sections(loaded: list[Run], board: list[dict[str, Any]], split: str, top: i
     k = len(loaded[0].classes)
     per = [per_class_f1(*_labelled(r, split), k) for r in loaded]
     support = np.bincount(_labelled(loaded[0], split)[0], minlength=k)
+    counts = train_counts(loaded[0])
+    bucket = frequency_buckets(counts)
+    freq = [f1_by_frequency(p, counts) for p in per]
+    out.append(f"<h2>F1 by class frequency ({split})</h2>" + _table(
+        ["run", *(f"{b} ({freq[0][b]['classes']} classes, {freq[0][b]['items']} items)"
+                  for b in BUCKETS)],
+        [[n, *(fr[b]["macro_f1"] for b in BUCKETS)] for n, fr in zip(names, freq, strict=True)],
+        tid="frequency")
+        + '<p class="note">Classes ranked by training items (most first): <b>head</b> = the '
+        "largest classes holding the first 50% of the training items, <b>torso</b> the next "
+        "30%, <b>tail</b> the rest; macro-F1 over each bucket's classes.</p>")
     out.append(f"<h2>Per-class F1 ({split})</h2>" + _table(
-        ["class", "items", *names],
-        [[str(c), int(support[j]), *(float(p[j]) for p in per)]
-         for j, c in enumerate(loaded[0].classes)], tid="per-class"))
+        ["class", "items", "train items", "bucket", *names],
+        [[str(c), int(support[j]), int(counts[j]), BUCKETS[bucket[j]],
+          *(float(p[j]) for p in per)] for j, c in enumerate(loaded[0].classes)],
+        tid="per-class"))
     conf = "".join(
         f"<details{' open' if i == 0 else ''}><summary>{_e(r.name)}</summary>"
         + _table(["true", "predicted", "count", "share of true class"],

@@ -13,7 +13,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["confusion", "f1_from_counts", "macro_f1", "per_class_f1", "classification_metrics"]
+from embedstore.classes import BUCKETS, frequency_buckets
+
+__all__ = ["confusion", "f1_from_counts", "macro_f1", "per_class_f1", "classification_metrics",
+           "f1_by_frequency", "frequency_buckets", "BUCKETS"]
 
 
 def confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
@@ -71,4 +74,22 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray,
         if len(classes) != k:
             raise ValueError(f"{len(classes)} class names for {k} probability columns")
         out["per_class_f1"] = [float(v) for v in per]
+    return out
+
+
+def f1_by_frequency(per_class: np.ndarray | list[float], counts: np.ndarray
+                    ) -> dict[str, dict[str, Any]]:
+    """Per-class F1 by frequency bucket: ``{"head" | "torso" | "tail": {"classes", "items",
+    "macro_f1"}}``, each bucket's mean F1 over its classes (None for an empty bucket). The
+    buckets come from ``counts``, the classes' numbers of training items, and are defined once
+    in :func:`embedstore.classes.frequency_buckets` (cumulative item share: head = the largest
+    classes holding the first 50% of items, torso the next 30%, tail the last 20%)."""
+    per = np.asarray(per_class, np.float64)
+    counts = np.asarray(counts, np.int64)
+    bucket = frequency_buckets(counts)
+    out = {}
+    for j, name in enumerate(BUCKETS):
+        sel = bucket == j
+        out[name] = {"classes": int(sel.sum()), "items": int(counts[sel].sum()),
+                     "macro_f1": float(per[sel].mean()) if sel.any() else None}
     return out

@@ -15,12 +15,13 @@ from matplotlib.figure import Figure
 
 from .errors import RunDirError
 from .leaderboard import as_run, compare, leaderboard_markdown, load_runs
-from .metrics import confusion
+from .metrics import BUCKETS, confusion, f1_by_frequency
+from .metrics import per_class_f1 as _per_class_scores
 from .rundir import Run
 from .stack import plot_contributions, summarize_contributions
 
 __all__ = ["compare", "complementarity", "report", "leaderboard_markdown", "load_runs",
-           "per_class_f1"]
+           "per_class_f1", "train_counts", "frequency_f1"]
 
 
 def _labels_for(run: Run, rows: np.ndarray) -> np.ndarray:
@@ -66,6 +67,50 @@ def per_class_f1(run: Run) -> dict[str, float]:
     return {str(c): float(v) for c, v in per.items()}
 
 
+def train_counts(run: Run) -> np.ndarray:
+    """(K,) training items per class: the labelled out-of-fold rows (every trainable row is
+    scored out of fold, so these are the items the fold models learn from)."""
+    y = _labels_for(run, run.oof_rows)
+    return np.bincount(y[y >= 0], minlength=len(run.classes))
+
+
+def frequency_f1(run: Run | str) -> dict[str, Any]:
+    """Macro-F1 per frequency bucket (head / torso / tail, :func:`fusion.metrics.f1_by_frequency`
+    over :func:`train_counts`) for ``"oof"`` and ``"holdout"`` (None without holdout rows)."""
+    r = as_run(run)
+    counts, k = train_counts(r), len(r.classes)
+    out: dict[str, Any] = {}
+    for split, probs, rows in (("oof", r.oof, r.oof_rows), ("holdout", r.holdout,
+                                                             r.holdout_rows)):
+        y = _labels_for(r, rows)
+        keep = y >= 0
+        out[split] = (f1_by_frequency(_per_class_scores(y[keep], probs[keep].argmax(1), k),
+                                      counts) if keep.any() else None)
+    return out
+
+
+def _frequency_png(run: Run, freq: dict[str, Any], path: Path) -> Path:
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
+    splits = [s for s in ("oof", "holdout") if freq.get(s)]
+    width = 0.8 / max(1, len(splits))
+    for i, split in enumerate(splits):
+        vals = [freq[split][b]["macro_f1"] or 0.0 for b in BUCKETS]
+        xs = np.arange(len(BUCKETS)) + i * width
+        ax.bar(xs, vals, width, label=split)
+        for x, v in zip(xs, vals, strict=True):
+            ax.text(x, v + 0.01, f"{v:.3f}", ha="center", fontsize=8)
+    ax.set_xticks(np.arange(len(BUCKETS)) + width * (len(splits) - 1) / 2,
+                  [f"{b}\n{freq['oof'][b]['classes']} classes" for b in BUCKETS])
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("macro-F1")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{run.name}: F1 by class frequency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def _confusion_png(run: Run, path: Path) -> Path:
     y = _labels_for(run, run.oof_rows)
     k = run.oof.shape[1]
@@ -105,7 +150,8 @@ def _per_class_png(run: Run, path: Path) -> Path:
 def report(run: Run | str, *, out_dir: str | os.PathLike | None = None,
            text_run: Run | str | None = None, image_run: Run | str | None = None
            ) -> dict[str, Any]:
-    """Metrics, confusion matrix + per-class F1 PNGs, complementarity (given a text and an
+    """Metrics, confusion matrix + per-class F1 PNGs, F1 by frequency bucket (head / torso /
+    tail, :func:`frequency_f1`, and its PNG), complementarity (given a text and an
     image run) and, for stacks, the per-source contribution summary and chart."""
     r = as_run(run)
     out = Path(out_dir) if out_dir is not None else r.path
@@ -113,8 +159,10 @@ def report(run: Run | str, *, out_dir: str | os.PathLike | None = None,
     res: dict[str, Any] = {"name": r.name, "head": r.head, "metrics": {
         k: r.metrics.get(k) for k in ("accuracy", "macro_f1", "holdout", "train_seconds",
                                       "epoch_seconds")}}
+    res["frequency"] = frequency_f1(r)
     res["plots"] = [str(_confusion_png(r, out / "confusion.png")),
-                    str(_per_class_png(r, out / "per_class_f1.png"))]
+                    str(_per_class_png(r, out / "per_class_f1.png")),
+                    str(_frequency_png(r, res["frequency"], out / "f1_by_frequency.png"))]
     if text_run is not None and image_run is not None:
         res["complementarity"] = {s: complementarity(text_run, image_run, split=s)
                                   for s in ("oof", "holdout")}

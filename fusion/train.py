@@ -64,7 +64,8 @@ def train(store, head: Any = DEFAULT_HEAD, *, text: str | None = None, image: st
             for f in s.fold_ids:
                 # -- rows: fit, inner validation (selection), this fold's rows (predicted)
                 tr_rows, va_rows = s.fold_rows(f)
-                fit_rows, inner_rows = inner_split(s.labels, tr_rows, cfg.inner_val, run_seed, f)
+                fit_rows, inner_rows = inner_split(s.labels, tr_rows, cfg.inner_val, run_seed, f,
+                                                   groups=s.groups)
                 class_w = class_weights(s, fit_rows)
                 seed = run_seed * 1000 + f
                 # -- model
