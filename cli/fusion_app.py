@@ -7,7 +7,7 @@ imports the app.
 
 from __future__ import annotations
 
-from . import heads_cmd, runs_cmd, stack_cmd, train_cmd
+from . import heads_cmd, predict_cmd, runs_cmd, stack_cmd, train_cmd
 from ._common import make_app, run_app
 
 __all__ = ["app", "main"]
@@ -31,6 +31,7 @@ app.command("stack")(stack_cmd.stack)
 app.command("compare")(runs_cmd.compare)
 app.command("report")(runs_cmd.report)
 app.command("check-head")(heads_cmd.check_head)
+app.command("predict")(predict_cmd.predict)
 
 
 def main() -> None:

@@ -1,0 +1,219 @@
+"""`fusion predict`: apply a finished head run to items of a store.
+
+A head run keeps one model per (seed, fold) in ``weights/``; the prediction for an item is the
+mean of their softmax outputs, exactly how the run's ``holdout.npy`` was made, so predicting a
+run's own holdout rows reproduces its holdout probabilities. Before any work the run's feature
+identity (what it was trained on: feature-set name, encoder weights, layers, preprocessing,
+widths) is compared with the store's sets, and a head that is user code (a file, a module, an
+entry point) is refused unless the caller trusts it (``trust_code``, the convention of
+transformers' ``trust_remote_code``). Weights are safetensors: loading never unpickles.
+
+Stack runs and fine-tuned runs are refused with one line for now (docs/runs.md §3).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from embedstore import Store, open_store
+from embedstore.format import feature_identity
+
+from .batch import Batch
+from .device import resolve_device, torch_threads
+from .errors import FusionError
+from .heads import create_head
+from .heads.registry import HEADS
+from .rundir import Run, load_run
+
+__all__ = ["PredictError", "Predictions", "ROW_CHOICES", "DEFAULT_TOP_K", "predict",
+           "select_rows", "check_features", "feature_record", "is_builtin_head"]
+
+ROW_CHOICES = ("all", "unlabelled", "holdout")
+DEFAULT_TOP_K = 5
+
+
+class PredictError(FusionError, ValueError):
+    """A run cannot be applied to these items (the message names the value and the fix)."""
+
+
+@dataclass
+class Predictions:
+    """Averaged probabilities of a run's fold models for some store rows."""
+
+    ids: np.ndarray  # (N,) the items' ids
+    rows: np.ndarray  # (N,) their store rows
+    probs: np.ndarray  # (N, K) float32, rows sum to 1
+    classes: list[Any]
+
+    def top_k(self, k: int = DEFAULT_TOP_K) -> tuple[np.ndarray, np.ndarray]:
+        """(class indices (N, k), probabilities (N, k)), most probable first."""
+        k = min(k, self.probs.shape[1])
+        idx = np.argsort(-self.probs, axis=1, kind="stable")[:, :k]
+        return idx, np.take_along_axis(self.probs, idx, 1)
+
+    def write_csv(self, path: str | os.PathLike, k: int = DEFAULT_TOP_K) -> Path:
+        """``id, class_1, prob_1, ..., class_k, prob_k`` (one row per item)."""
+        idx, p = self.top_k(k)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        with tmp.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["id"] + [f"{c}_{j}" for j in range(1, idx.shape[1] + 1)
+                                 for c in ("class", "prob")])
+            for i in range(len(self.ids)):
+                w.writerow([self.ids[i]] + [v for j in range(idx.shape[1]) for v in
+                                            (self.classes[idx[i, j]], f"{p[i, j]:.6f}")])
+        tmp.replace(path)  # a reader never sees half a file
+        return path
+
+
+def is_builtin_head(spec: str) -> bool:
+    """A head that ships with this package (registered in-process by ``fusion.heads``), as
+    opposed to user code: a ``file.py:Class``, a ``module:Class`` or an entry point."""
+    obj = HEADS.registered(spec) if ":" not in spec else None
+    return obj is not None and getattr(obj, "__module__", "").startswith("fusion.heads.")
+
+
+def check_features(run: Run, store: Store) -> dict[str, str | None]:
+    """The store's feature set for each modality the run used, after comparing the identity
+    recorded in the run with the store's, field by field (the first difference is the error)."""
+    chosen: dict[str, str | None] = {"text": None, "image": None}
+    for mod, rec in (run.config.get("features") or {}).items():
+        if rec is None:
+            continue
+        name = rec["name"]
+        if name not in store.features:
+            raise PredictError(
+                f"run {run.path.name!r} was trained on feature set {name!r}, which store "
+                f"{store.url!r} lacks (it has {sorted(store.features)}); extract it with the "
+                "run's encoder (its provenance is in the run's config.json)")
+        fs = store.features[name]
+        fs.require_complete()
+        want = feature_identity({**rec, "modality": mod}, tuple(k for k in (
+            "modality", "dim", "layers", "prefix_tokens", "preprocess", "encoder") if k in
+            {**rec, "modality": mod}))
+        have = feature_identity(feature_record(fs), tuple(want))
+        for key, value in want.items():
+            if have.get(key) != value:
+                raise PredictError(
+                    f"feature set {name!r} of store {store.url!r} differs from the one run "
+                    f"{run.path.name!r} was trained on in {key!r}: run {_short(value)}, store "
+                    f"{_short(have.get(key))}; predict on features extracted like the run's")
+        chosen[mod] = name
+    return chosen
+
+
+def feature_record(fs: Any) -> dict[str, Any]:
+    """What a run records of a feature set it trains on (config.json ``features``)."""
+    return {"modality": fs.modality, "name": fs.name, "dim": fs.dim, "layers": fs.layers,
+            "encoder": fs.encoder, "preprocess": fs.meta.get("preprocess"),
+            "catalog": fs.meta.get("catalog"), "prefix_tokens": fs.prefix_tokens}
+
+
+def _short(v: Any, n: int = 120) -> str:
+    text = repr(v)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def select_rows(store: Store, rows: str | Sequence[int] | np.ndarray = "all",
+                ids: Sequence[str] | None = None) -> np.ndarray:
+    """Store rows to predict: ``ids`` (in that order), or ``rows``: "all", "holdout" (fold -1),
+    "unlabelled" (no label: every row of a store without labels), or explicit row indices."""
+    n = store.n_items
+    if ids is not None:
+        index = {v: i for i, v in enumerate(store.ids.tolist())}
+        missing = [v for v in ids if v not in index]
+        if missing:
+            raise PredictError(f"{len(missing)} id(s) are not in store {store.url!r}, e.g. "
+                               f"{missing[0]!r}; extract them into the store first")
+        if len(set(ids)) != len(ids):
+            raise PredictError("the ids to predict hold duplicates; list each item once")
+        return np.array([index[v] for v in ids], np.int64)
+    if not isinstance(rows, str):
+        out = np.asarray(rows, np.int64)
+        if out.size and (out.min() < 0 or out.max() >= n):
+            raise PredictError(f"row {int(out.max())} is outside the store's {n} rows")
+        if len(np.unique(out)) != len(out):
+            raise PredictError("the rows to predict hold duplicates; list each row once")
+        return out
+    if rows == "all":
+        return np.arange(n, dtype=np.int64)
+    if rows == "holdout":
+        return np.flatnonzero(store.folds == -1).astype(np.int64)
+    if rows == "unlabelled":
+        labels = store.labels
+        return (np.arange(n, dtype=np.int64) if labels is None
+                else np.flatnonzero(np.asarray(labels) < 0).astype(np.int64))
+    raise PredictError(f"--rows {rows!r} is not one of {', '.join(ROW_CHOICES)}")
+
+
+def _fold_models(run: Run, device: torch.device, trust_code: bool) -> list[torch.nn.Module]:
+    hc = run.config.get("head_config") or {}
+    spec = hc.get("head") or run.config.get("head")
+    if not trust_code and not is_builtin_head(spec):
+        raise PredictError(
+            f"run {run.path.name!r} uses head {spec!r}, which is code outside this package; "
+            "predicting would run it. Read it first, then pass --trust-code (trust_code=True)")
+    files = sorted((run.path / "weights").rglob("fold*.safetensors"))
+    if not files:
+        raise PredictError(f"run {run.path.name!r} has no weights/fold*.safetensors; it was "
+                           "trained without an output directory or its weights were removed")
+    models = []
+    for f in files:
+        model = create_head(spec, **hc["dims"], **hc.get("options", {}))
+        model.load_state_dict(load_file(str(f)), strict=True)
+        models.append(model.to(device).eval())
+    return models
+
+
+def predict(run: Run | str | os.PathLike, store: Store | str | os.PathLike,
+            rows: str | Sequence[int] | np.ndarray = "all", *, ids: Sequence[str] | None = None,
+            batch_size: int = 256, device: str = "auto", threads: int | None = None,
+            trust_code: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> Predictions:
+    """The run's fold models' mean probabilities for ``rows`` (or ``ids``) of ``store``.
+    ``progress(done, total)`` is called after each batch."""
+    run = run if isinstance(run, Run) else load_run(run)
+    kind = run.config.get("kind")
+    if kind != "train":
+        raise PredictError(
+            f"run {run.path.name!r} is a {kind!r} run; `fusion predict` applies head runs "
+            "(`fusion train`) for now: predict each source run of a stack, or a fine-tuned "
+            "head's cached counterpart")
+    store = store if isinstance(store, Store) else open_store(store)
+    names = check_features(run, store)
+    sel = select_rows(store, rows, ids)
+    dev = resolve_device(device)
+    classes = list(run.config["classes"])
+    with torch_threads(threads):
+        models = _fold_models(run, dev, trust_code)
+        needs = frozenset(getattr(models[0], "needs", ()))
+        layers = (run.config.get("train") or {}).get("layers")
+        probs = np.zeros((len(sel), len(classes)), np.float32)
+        pos = {int(r): i for i, r in enumerate(sel)}
+        done = 0
+        if len(sel):
+            ld = store.loader(sel, text=names["text"], image=names["image"],
+                              batch_size=batch_size, layers=layers if names["text"] else None,
+                              fields=needs)
+            with torch.no_grad():
+                for d in ld:
+                    b = Batch(**d).to(dev)
+                    p = sum(torch.softmax(m(b).float(), -1) for m in models) / len(models)
+                    at = [pos[int(r)] for r in b.rows.cpu().numpy()]
+                    probs[at] = p.cpu().numpy()
+                    done += b.size
+                    if progress:
+                        progress(done, len(sel))
+    probs /= np.maximum(probs.sum(1, keepdims=True), 1e-12)
+    return Predictions(ids=np.asarray(store.ids)[sel], rows=sel, probs=probs, classes=classes)
