@@ -1,31 +1,39 @@
-"""`fusion predict`: a head run's fold models applied to items of a store, top-k to CSV."""
+"""`fusion predict` (a head run on a store's items, or a bundle on a raw catalog; top-k to CSV)
+and `fusion export` (a head run packaged as a bundle for serving)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from embedstore import open_store
-from fusion.predict import DEFAULT_TOP_K, ROW_CHOICES, PredictError
+from fusion.bundle import export_bundle
+from fusion.predict import DEFAULT_TOP_K, ROW_CHOICES, PredictError, Predictions
 from fusion.predict import predict as run_predict
+from fusion.predictor import Predictor
 
 from ._common import StorageOption, console, handle_errors, parse_storage_options
 
-__all__ = ["predict"]
+__all__ = ["predict", "export"]
 
 
 @handle_errors
 def predict(
-    run: Annotated[Path, typer.Option("--run", "-r", help="A head run directory "
-                                      "(`fusion train --out`).")],
-    store: Annotated[str, typer.Option(help="Store (path or URL) holding the items, with "
-                                       "the feature sets the run was trained on.")],
     out: Annotated[Path, typer.Option(help="CSV to write: id, class_1, prob_1, ... "
                                       "(written whole, then renamed).")],
+    run: Annotated[Path | None, typer.Option("--run", "-r", help="A head run directory "
+                                             "(`fusion train --out`); with --store.")] = None,
+    store: Annotated[str | None, typer.Option(help="Store (path or URL) holding the items, "
+                                              "with the feature sets the run used.")] = None,
+    bundle: Annotated[Path | None, typer.Option(help="A bundle (`fusion export`): encoders run "
+                                                "live on --catalog's raw items.")] = None,
+    catalog: Annotated[Path | None, typer.Option(help="Raw catalog (CSV / Parquet / JSONL) "
+                                                 "for --bundle.")] = None,
     rows: Annotated[str, typer.Option(help=f"Which rows: {' | '.join(ROW_CHOICES)}.")] = "all",
     ids: Annotated[Path | None, typer.Option(help="File with one id per line to predict, in "
                                              "that order (instead of --rows).")] = None,
@@ -39,29 +47,62 @@ def predict(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     storage_option: StorageOption = None,
 ) -> None:
-    """Predict items of a store with a head run: the mean of its fold models' probabilities
-    (what the run's holdout.npy holds for its holdout rows). The run's feature identity
-    (feature-set name, encoder weights, layers, preprocessing) must match the store's.
+    """Predict items with a head run on a store (the mean of its fold models' probabilities,
+    what the run's holdout.npy holds for its holdout rows; the run's feature identity must
+    match the store's), or with a bundle on a raw catalog (encoders live).
 
     Example: fusion predict --run runs/hanet --store cat.zarr --rows holdout --out preds.csv
 
     Example: fusion predict -r runs/text --store cat.zarr --top-k 3 --out top3.csv -q
+
+    Example: fusion export runs/hanet --out model && fusion predict --bundle model --catalog data/catalog.csv --out live.csv -q
     """
     if top_k < 1:
         raise PredictError(f"--top-k {top_k}: need at least 1")
-    id_list = None
-    if ids is not None:
-        id_list = [line.strip() for line in ids.read_text().splitlines() if line.strip()]
-    s = open_store(store, storage_options=parse_storage_options(storage_option))
+    if (bundle is None) == (run is None) or (run is not None and store is None) or (
+            bundle is not None and catalog is None):
+        raise PredictError("pass either --run RUN --store STORE, or --bundle DIR --catalog FILE")
     bar = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console, disable=quiet, transient=True)
     with bar:
         task = bar.add_task("predict", total=None)
-        pred = run_predict(run, s, rows=rows, ids=id_list, batch_size=batch_size, device=device,
-                           threads=threads, trust_code=trust_code,
-                           progress=lambda done, total: bar.update(task, completed=done,
-                                                                   total=total))
+
+        def tick(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        if bundle is not None:
+            p = Predictor.load(bundle, device=device, trust_code=trust_code)
+            cat_ids, probs = p.predict_catalog(catalog, batch_size=min(batch_size, 64),
+                                               progress=tick)
+            pred = Predictions(ids=np.asarray(cat_ids), rows=np.arange(len(cat_ids)),
+                               probs=probs, classes=p.classes)
+        else:
+            id_list = None
+            if ids is not None:
+                id_list = [ln.strip() for ln in ids.read_text().splitlines() if ln.strip()]
+            s = open_store(store, storage_options=parse_storage_options(storage_option))
+            pred = run_predict(run, s, rows=rows, ids=id_list, batch_size=batch_size,
+                               device=device, threads=threads, trust_code=trust_code,
+                               progress=tick)
     pred.write_csv(out, top_k)
     k = min(top_k, len(pred.classes))
     console.print(f"{len(pred.ids)} items -> {escape(str(out))} (top {k} of "
                   f"{len(pred.classes)} classes)")
+
+
+@handle_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="A head run directory (`fusion train --out`).")],
+    out: Annotated[Path, typer.Option(help="Bundle directory to write.")],
+    store: Annotated[str | None, typer.Option(help="The run's store (default: the URL its "
+                                              "config records).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out.")] = False,
+) -> None:
+    """Package a head run for serving: fold models (safetensors), head config, classes, and
+    the encoders' provenance with their weights' sha256 (the weights themselves are not
+    copied; `Predictor.load` checks them). A user-code head's source is copied into code/.
+
+    Example: fusion export runs/hanet --out model --overwrite
+    """
+    path = export_bundle(run, out, store=store, overwrite=overwrite)
+    console.print(f"bundle -> {escape(str(path))}")

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import CatalogError
 
-__all__ = ["Catalog", "read_catalog", "strip_html"]
+__all__ = ["Catalog", "join_text", "read_catalog", "strip_html"]
 
 _TAG = re.compile(r"<[^>]*>")
 _WS = re.compile(r"\s+")
@@ -32,6 +32,12 @@ def strip_html(text: Any) -> str:
     if "&" in s:
         s = html.unescape(s)
     return _WS.sub(" ", s).strip()
+
+
+def join_text(values: Sequence[Any]) -> str:
+    """One item's text from its text columns' values, as extraction encodes it: each
+    HTML-stripped (:func:`strip_html`), the non-empty ones joined by a space."""
+    return " ".join(p for p in (strip_html(v) for v in values) if p)
 
 
 @dataclass
@@ -105,8 +111,8 @@ def read_catalog(path: str | os.PathLike, *, id_col: str = "id",
                            "de-duplicate the catalog")
     texts = None
     if need_text and text_cols:
-        parts = [[strip_html(v) for v in df[c].tolist()] for c in text_cols]
-        texts = [" ".join(p for p in row if p) for row in zip(*parts, strict=True)]
+        texts = [join_text(row) for row in zip(*(df[c].tolist() for c in text_cols),
+                                               strict=True)]
     images = None
     if need_image and image_col:
         base = Path(path).parent if "://" not in path else None

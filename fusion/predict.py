@@ -35,7 +35,8 @@ from .heads.registry import HEADS
 from .rundir import Run, load_run
 
 __all__ = ["PredictError", "Predictions", "ROW_CHOICES", "DEFAULT_TOP_K", "predict",
-           "select_rows", "check_features", "feature_record", "is_builtin_head"]
+           "select_rows", "check_features", "feature_record", "is_builtin_head",
+           "load_fold_models", "run_head_config", "weight_files", "mean_probs"]
 
 ROW_CHOICES = ("all", "unlabelled", "holdout")
 DEFAULT_TOP_K = 5
@@ -157,23 +158,41 @@ def select_rows(store: Store, rows: str | Sequence[int] | np.ndarray = "all",
     raise PredictError(f"--rows {rows!r} is not one of {', '.join(ROW_CHOICES)}")
 
 
-def _fold_models(run: Run, device: torch.device, trust_code: bool) -> list[torch.nn.Module]:
-    hc = run.config.get("head_config") or {}
-    spec = hc.get("head") or run.config.get("head")
+def load_fold_models(head_config: dict[str, Any], files: Sequence[Path], device: torch.device,
+                     *, trust_code: bool, what: str) -> list[torch.nn.Module]:
+    """The head of ``head_config`` ({"head", "dims", "options"}) once per weights file, in
+    eval mode. A head that is user code is refused unless ``trust_code``."""
+    spec = head_config["head"]
     if not trust_code and not is_builtin_head(spec):
         raise PredictError(
-            f"run {run.path.name!r} uses head {spec!r}, which is code outside this package; "
-            "predicting would run it. Read it first, then pass --trust-code (trust_code=True)")
-    files = sorted((run.path / "weights").rglob("fold*.safetensors"))
+            f"{what} uses head {spec!r}, which is code outside this package; predicting would "
+            "run it. Read it first, then pass --trust-code (trust_code=True)")
     if not files:
-        raise PredictError(f"run {run.path.name!r} has no weights/fold*.safetensors; it was "
-                           "trained without an output directory or its weights were removed")
+        raise PredictError(f"{what} has no weights/fold*.safetensors; it was trained without "
+                           "an output directory or its weights were removed")
     models = []
     for f in files:
-        model = create_head(spec, **hc["dims"], **hc.get("options", {}))
+        model = create_head(spec, **head_config["dims"], **head_config.get("options", {}))
         model.load_state_dict(load_file(str(f)), strict=True)
         models.append(model.to(device).eval())
     return models
+
+
+def run_head_config(run: Run) -> dict[str, Any]:
+    """``{"head", "dims", "options"}`` of a head run (``config.head_config``)."""
+    hc = dict(run.config.get("head_config") or {})
+    hc.setdefault("head", run.config.get("head"))
+    return hc
+
+
+def weight_files(root: Path) -> list[Path]:
+    """Every fold model's weights under ``root`` (``fold{i}`` or ``seed{s}/fold{i}``)."""
+    return sorted(root.rglob("fold*.safetensors"))
+
+
+def mean_probs(models: Sequence[torch.nn.Module], batch: Batch) -> torch.Tensor:
+    """The mean of the models' softmax outputs (how a run's holdout.npy is made)."""
+    return sum(torch.softmax(m(batch).float(), -1) for m in models) / len(models)
 
 
 def predict(run: Run | str | os.PathLike, store: Store | str | os.PathLike,
@@ -196,7 +215,8 @@ def predict(run: Run | str | os.PathLike, store: Store | str | os.PathLike,
     dev = resolve_device(device)
     classes = list(run.config["classes"])
     with torch_threads(threads):
-        models = _fold_models(run, dev, trust_code)
+        models = load_fold_models(run_head_config(run), weight_files(run.path / "weights"), dev,
+                                  trust_code=trust_code, what=f"run {run.path.name!r}")
         needs = frozenset(getattr(models[0], "needs", ()))
         layers = (run.config.get("train") or {}).get("layers")
         probs = np.zeros((len(sel), len(classes)), np.float32)
@@ -209,7 +229,7 @@ def predict(run: Run | str | os.PathLike, store: Store | str | os.PathLike,
             with torch.no_grad():
                 for d in ld:
                     b = Batch(**d).to(dev)
-                    p = sum(torch.softmax(m(b).float(), -1) for m in models) / len(models)
+                    p = mean_probs(models, b)
                     at = [pos[int(r)] for r in b.rows.cpu().numpy()]
                     probs[at] = p.cpu().numpy()
                     done += b.size

@@ -1,0 +1,174 @@
+"""`fusion.Predictor`: a bundle (`fusion export`) applied to raw items, encoders live.
+
+::
+
+    from fusion import Predictor
+    p = Predictor.load("model/")                      # CPU or GPU (device="auto")
+    probs = p.predict([{"title": "...", "description": "...", "image": "photo.jpg"}])
+    top = p.top_k(probs, 5)
+
+Each item runs through what extraction did: its text columns HTML-stripped and joined
+(:func:`embedstore.catalog.join_text`), tokenised and encoded by the encoder rebuilt from the
+bundle's provenance (its weights' sha256 checked); its image decoded and transformed by the
+encoder's own transform. Token states and image regions are rounded to the store's fp16 as the
+cache holds them, so the fold models see what they saw in training and the probabilities equal
+`fusion predict` on the same items extracted into a store, up to the encoder's batch padding.
+An image that cannot be read gives zero image features, as a failed row has in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from embedstore.catalog import join_text, read_catalog
+from embedstore.errors import ImageLoadError
+from embedstore.extract.batches import f16
+from embedstore.loader import resolve_layers
+from embedstore.provenance import encoder_from_feature, weights_mismatch
+
+from .batch import Batch
+from .bundle import read_bundle
+from .device import resolve_device
+from .predict import PredictError, load_fold_models, mean_probs
+
+__all__ = ["Predictor"]
+
+
+class _RecordedSet:
+    """The parts of a feature set that :mod:`embedstore.provenance` reads, from a bundle."""
+
+    def __init__(self, name: str, meta: dict[str, Any]):
+        self.name, self.meta = name, meta
+        self.modality = meta["modality"]
+        self.layers = list(meta.get("layers") or [])
+        self.dim = int(meta["dim"])
+
+
+class Predictor:
+    """Encoders + the fold models of a head run; :meth:`predict` maps raw items to (N, K)."""
+
+    def __init__(self, doc: dict[str, Any], encoders: dict[str, Any], models: list[torch.nn.Module],
+                 layer_pos: list[int] | None, device: torch.device):
+        self.doc, self.encoders, self.models = doc, encoders, models
+        self.layer_pos, self.device = layer_pos, device
+        self.classes: list[Any] = list(doc["classes"])
+        text = (doc["features"].get("text") or {}).get("meta") or {}
+        image = (doc["features"].get("image") or {}).get("meta") or {}
+        cat_t, cat_i = text.get("catalog") or {}, image.get("catalog") or {}
+        self.text_cols = tuple(cat_t.get("text_cols") or ("title", "description"))
+        self.image_col = cat_i.get("image_col") or "image"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str = "auto", trust_code: bool = False,
+             text_spec: str | None = None, image_spec: str | None = None) -> Predictor:
+        """Read bundle ``path``; rebuild its encoders (``*_spec`` overrides where the weights
+        lie; their sha256 must still match) and its fold models. User-code heads need
+        ``trust_code``; nothing is unpickled."""
+        root = Path(path)
+        doc = read_bundle(root)
+        code = doc.get("code") or {}
+        hc = dict(doc["head_config"])
+        if not code.get("builtin"):
+            if not trust_code:
+                raise PredictError(
+                    f"bundle {root} runs head code {code.get('head')!r} (file "
+                    f"{code.get('source') or 'outside the bundle'}); read it, then pass "
+                    "--trust-code (trust_code=True)")
+            if code.get("source"):
+                src = root / code["source"]
+                if hashlib.sha256(src.read_bytes()).hexdigest() != code.get("sha256"):
+                    raise PredictError(f"{src} differs from the code the bundle was exported "
+                                       "with (sha256); re-export the bundle")
+                hc["head"] = f"{src}:{code['head'].rsplit(':', 1)[1]}"
+        dev = resolve_device(device)
+        encoders: dict[str, Any] = {}
+        layer_pos = None
+        for mod, spec in (("text", text_spec), ("image", image_spec)):
+            rec = doc["features"].get(mod)
+            if rec is None:
+                continue
+            fs = _RecordedSet(rec["name"], rec["meta"])
+            enc = encoder_from_feature(fs, device=str(dev), spec=spec, flag=f"--{mod}-spec")
+            wm = weights_mismatch(fs, enc)
+            if wm:
+                raise PredictError(f"{wm}; point --{mod}-spec at the weights the bundle names")
+            enc.torch_module.eval()
+            encoders[mod] = enc
+            if mod == "text":
+                layer_pos = resolve_layers(fs.layers, doc.get("layers"))
+        files = sorted((root / "weights").rglob("fold*.safetensors"))
+        models = load_fold_models(hc, files, dev, trust_code=True, what=f"bundle {root}")
+        return cls(doc, encoders, models, layer_pos, dev)
+
+    def _features(self, texts: Sequence[str], images: Sequence[Any]) -> Batch:
+        kw: dict[str, Any] = {}
+        te, ie = self.encoders.get("text"), self.encoders.get("image")
+        if te is not None:
+            out = te.encode(te.tokenize(list(texts)))
+            tok = f16(out["tokens"]).float()
+            if self.layer_pos is not None:
+                tok = tok[:, :, self.layer_pos]
+            kw.update(text_tokens=tok, text_mask=out["mask"].bool(),
+                      text_pooled=out["pooled"].float())
+        if ie is not None:
+            pix, ok = [], []
+            for src in images:
+                try:
+                    pix.append(ie.load_image(src))
+                    ok.append(True)
+                except (ImageLoadError, TypeError, ValueError):
+                    pix.append(torch.zeros(tuple(ie.input_shape)))
+                    ok.append(False)
+            out = ie.encode(torch.stack(pix))
+            good = torch.tensor(ok, device=out["regions"].device)
+            regions = f16(out["regions"]).float() * good[:, None, None]
+            pooled = out["pooled"].float() * good[:, None]
+            kw.update(image_regions=regions, image_pooled=pooled, image_prefix=ie.prefix_tokens)
+        return Batch(**kw).to(self.device)
+
+    def predict(self, items: Sequence[Mapping[str, Any]], batch_size: int = 32) -> np.ndarray:
+        """(N, K) float32 probabilities for ``items``: dicts with the catalog's text columns
+        (e.g. ``title``, ``description``) and image column (a path, URL or bytes)."""
+        texts = [join_text([it.get(c) for c in self.text_cols]) for it in items]
+        return self._predict(texts, [it.get(self.image_col) for it in items], batch_size)
+
+    def predict_catalog(self, path: str | os.PathLike, batch_size: int = 32,
+                        progress: Callable[[int, int], None] | None = None
+                        ) -> tuple[list[str], np.ndarray]:
+        """(ids, (N, K) probabilities) for a catalog file (CSV / Parquet / JSONL) read with the
+        columns the bundle's store was extracted from."""
+        text = (self.doc["features"].get("text") or {}).get("meta") or {}
+        image = (self.doc["features"].get("image") or {}).get("meta") or {}
+        cat = read_catalog(path, id_col=((text or image).get("catalog") or {}).get("id_col", "id"),
+                           text_cols=self.text_cols, image_col=self.image_col, label_col=None,
+                           need_text=bool(text), need_image=bool(image))
+        n = len(cat.ids)
+        return cat.ids, self._predict(cat.texts or [""] * n, cat.images or [None] * n,
+                                      batch_size, progress)
+
+    @torch.no_grad()
+    def _predict(self, texts: Sequence[str], images: Sequence[Any], batch_size: int,
+                 progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        n = len(texts)
+        out = np.zeros((n, len(self.classes)), np.float32)
+        for s in range(0, n, batch_size):
+            e = min(n, s + batch_size)
+            out[s:e] = mean_probs(self.models, self._features(texts[s:e], images[s:e])
+                                  ).cpu().numpy()
+            if progress:
+                progress(e, n)
+        return out / np.maximum(out.sum(1, keepdims=True), 1e-12)
+
+    def top_k(self, probs: np.ndarray, k: int = 5) -> list[list[tuple[Any, float]]]:
+        """Per item, the ``k`` most probable (class, probability), most probable first."""
+        k = min(k, probs.shape[1])
+        idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[(self.classes[j], float(probs[i, j])) for j in row] for i, row in
+                enumerate(idx)]

@@ -1,0 +1,87 @@
+"""Bundles (issue 13 part 3): `fusion export` + `fusion.Predictor` on raw items with the real
+MiniLM-L6 and EfficientNet-Lite0 give the probabilities `fusion predict` gives on the same items
+extracted into a store; user-code heads need trust; nothing is unpickled."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import embedstore as es
+import fusion
+from cli.fusion_app import app
+from embedstore.extract import ExtractConfig, extract
+from embedstore.weights import convert_efficientnet_lite0
+from fusion.bundle import export_bundle
+from fusion.predict import PredictError, predict
+from fusion.predictor import Predictor
+
+from .conftest import minilm_spec, write_tiny_catalog
+
+runner = CliRunner()
+ROOT_EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    cat = write_tiny_catalog(root, n=24, n_classes=3)
+    lite0 = convert_efficientnet_lite0(root / "lite0.safetensors")
+    extract(cat, root / "s.zarr", ExtractConfig(
+        text=minilm_spec(), image=f"timm:tf_efficientnet_lite0@{lite0}", image_size=64,
+        layers="-2,-1", folds=2, holdout=0.25, block_rows=8, device="cpu"))
+    store = es.open_store(root / "s.zarr")
+    run = fusion.train(store, "hanet", out=root / "runs" / "hanet", epochs=2, batch_size=8,
+                       layers="-1", threads=1)
+    items = list(csv.DictReader(cat.open()))
+    for it in items:  # the catalog's image paths are relative to its folder
+        it["image"] = str(root / it["image"])
+    return {"root": root, "store": store, "run": run, "items": items, "catalog": cat}
+
+
+def test_bundle_predictions_equal_store_predictions_on_the_same_items(served, tmp_path):
+    run, store, items = served["run"], served["store"], served["items"]
+    out = export_bundle(run.path, tmp_path / "model")
+    doc = json.loads((out / "bundle.json").read_text())
+    assert doc["code"]["builtin"] and doc["features"]["text"]["meta"]["encoder"]["weights_sha256"]
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.pkl"))
+    p = Predictor.load(out, device="cpu")
+    live = p.predict(items, batch_size=5)  # batches unlike extraction's
+    cached = predict(run, store, ids=[it["id"] for it in items]).probs
+    np.testing.assert_allclose(live, cached, atol=1e-4)  # measured: 3e-8
+    assert (live.argmax(1) == cached.argmax(1)).mean() >= 0.95
+    # bytes work as well as paths
+    one = dict(items[0], image=open(items[0]["image"], "rb").read())
+    np.testing.assert_allclose(p.predict([one]), live[:1], atol=2e-3)
+
+
+def test_cli_export_then_predict_from_a_bundle_and_a_catalog(served, tmp_path):
+    res = runner.invoke(app, ["export", str(served["run"].path), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["predict", "--bundle", str(tmp_path / "m"), "--catalog",
+                              str(served["catalog"]), "--top-k", "2", "--out",
+                              str(tmp_path / "p.csv"), "-q"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.reader((tmp_path / "p.csv").open()))
+    assert rows[0] == ["id", "class_1", "prob_1", "class_2", "prob_2"]
+    assert [r[0] for r in rows[1:]] == [it["id"] for it in served["items"]]
+
+
+def test_a_user_code_bundle_needs_trust_and_an_unchanged_source(served, tmp_path):
+    store = served["store"]
+    run = fusion.train(store, f"{ROOT_EXAMPLES}/custom_head.py:GMUHead", out=tmp_path / "gmu",
+                       epochs=1, batch_size=8, layers="-1", threads=1, dim=16)
+    out = export_bundle(run.path, tmp_path / "gmu-model")
+    assert (out / "code" / "custom_head.py").is_file()
+    with pytest.raises(PredictError, match="--trust-code"):
+        Predictor.load(out)
+    p = Predictor.load(out, trust_code=True)
+    assert p.predict(served["items"][:3]).shape == (3, len(store.classes))
+    src = out / "code" / "custom_head.py"
+    src.write_text(src.read_text() + "\n# changed\n")
+    with pytest.raises(PredictError, match="differs from the code"):
+        Predictor.load(out, trust_code=True)
