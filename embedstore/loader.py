@@ -3,11 +3,18 @@
 Two feeds, chosen per feature set:
 
 * in RAM (``max_ram`` budget allows it): arrays are loaded whole once; a batch is a numpy gather;
-* streaming: rows are visited in *block-shuffled* order: whole blocks (whole chunks) are read in
-  a shuffled order, a window of ``window_blocks`` blocks is shuffled row-wise, and batches are cut
-  from it. Zarr is never read row by row.
+* streaming: whole blocks (whole chunks; Zarr is never read row by row) are visited in a
+  shuffled order, in windows of blocks that fill ``shuffle_buffer`` bytes (decoded, counting
+  the window being read ahead); each window is shuffled row-wise and batches are cut from it
+  without a break between windows. A store sorted by category still gives mixed batches: a
+  batch draws from every block of its window, and with the default 1 GiB buffer a window holds
+  hundreds of blocks (an epoch of a small store is a single window, mixed like an in-RAM
+  shuffle). ``window_blocks`` sets the window in blocks instead.
 
-A background thread prepares the next batches while the caller computes (``prefetch``).
+Blocks are read by :class:`embedstore.readahead.BlockReader`: ``read_threads`` threads, the next
+window submitted before the current one is cut (read-ahead), decoded blocks kept across epochs
+within what ``max_ram`` leaves. A background thread prepares the next batches while the caller
+computes (``prefetch``). The order is a function of ``(seed, epoch)`` and the sizes only.
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ import numpy as np
 import torch
 
 from .errors import InvalidInputError
+from .readahead import DEFAULT_READ_THREADS, BlockReader
 
 if TYPE_CHECKING:
     from .features import FeatureSet
     from .store import Store
 
-__all__ = ["BatchLoader", "resolve_layers", "ALL_FIELDS"]
+__all__ = ["BatchLoader", "resolve_layers", "ALL_FIELDS", "DEFAULT_SHUFFLE_BUFFER"]
+
+DEFAULT_SHUFFLE_BUFFER = float(1 << 30)  # bytes of decoded blocks a streaming shuffle may hold
 
 ALL_FIELDS = frozenset({"text_tokens", "text_mask", "text_pooled", "image_regions",
                         "image_pooled"})
@@ -62,8 +72,10 @@ class BatchLoader:
                  text: str | None = None, image: str | None = None, batch_size: int = 64,
                  shuffle: bool = False, seed: int = 0, layers: Sequence[int] | str | None = None,
                  fields: set[str] | frozenset[str] | None = None, max_ram: float | None = None,
-                 window_blocks: int = 4, drop_last: bool = False, prefetch: int = 2,
-                 allow_incomplete: bool = False):
+                 window_blocks: int | None = None, drop_last: bool = False, prefetch: int = 2,
+                 allow_incomplete: bool = False,
+                 shuffle_buffer: float = DEFAULT_SHUFFLE_BUFFER,
+                 read_threads: int = DEFAULT_READ_THREADS):
         if text is None and image is None:
             raise InvalidInputError("the loader needs a text and/or an image feature set")
         if batch_size < 1:
@@ -75,7 +87,8 @@ class BatchLoader:
         self.seed = seed
         self.epoch = 0
         self.fields = ALL_FIELDS if fields is None else frozenset(fields)
-        self.window_blocks = max(1, window_blocks)
+        self.window_blocks = None if window_blocks is None else max(1, int(window_blocks))
+        self.shuffle_buffer = float(shuffle_buffer)
         self.drop_last = drop_last
         self.prefetch = prefetch
         self.text: FeatureSet | None = store.features[text] if text else None
@@ -89,6 +102,9 @@ class BatchLoader:
             if not allow_incomplete:
                 fs.require_complete()
         self.layer_pos = resolve_layers(self.text.layers, layers) if self.text else []
+        lp = self.layer_pos  # a contiguous selection is a slice: a view, not a copy per row
+        self._layer_sel: Any = (slice(lp[0], lp[-1] + 1) if lp and lp == list(
+            range(lp[0], lp[-1] + 1)) else lp)
         self.labels = store.labels
         self.ids = store.ids
         budget = max_ram
@@ -106,6 +122,9 @@ class BatchLoader:
                     budget -= fs.payload_nbytes
             else:
                 self.streaming.append(fs)
+        # what max_ram leaves after the sets loaded whole keeps decoded blocks across epochs
+        self.reader = BlockReader(self.streaming, threads=read_threads,
+                                  cache_bytes=budget if budget is not None else 0)
 
     def __len__(self) -> int:
         n = len(self.rows)
@@ -127,19 +146,24 @@ class BatchLoader:
         order = np.unique(blocks)
         if self.shuffle:
             order = rng.permutation(order)
-        for i in range(0, len(order), self.window_blocks):
-            sel = np.isin(blocks, order[i : i + self.window_blocks])
+        size = self.window_units(unit)
+        for i in range(0, len(order), size):
+            sel = np.isin(blocks, order[i : i + size])
             rows = self.rows[sel]
             yield rng.permutation(rows) if self.shuffle else rows
 
+    def window_units(self, unit: int) -> int:
+        """Blocks of ``unit`` rows per shuffle window: ``window_blocks``, else as many as fill
+        half of ``shuffle_buffer`` (the other half is the window read ahead)."""
+        if self.window_blocks is not None:
+            return self.window_blocks
+        per_row = sum(fs.payload_nbytes / max(1, fs.n_items) for fs in self.streaming)
+        return max(1, int(self.shuffle_buffer / 2 // max(1.0, per_row * unit)))
+
     # -- gather --------------------------------------------------------------------------
-    def _window_data(self, rows: np.ndarray) -> dict[str, Any]:
-        """Per-window source: RAM arrays, or the blocks of streaming sets read whole."""
-        data: dict[str, Any] = {}
-        for fs in self.streaming:
-            blocks = np.unique(rows // fs.block_rows)
-            data[fs.name] = {int(b): fs.read_block(int(b)) for b in blocks}
-        return data
+    def _window_blocks(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The blocks of each streaming set that a window's rows need."""
+        return {fs.name: np.unique(rows // fs.block_rows) for fs in self.streaming}
 
     def _make_batch(self, rows: np.ndarray, win: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"rows": torch.from_numpy(rows.copy()),
@@ -158,7 +182,7 @@ class BatchLoader:
                 pad = np.zeros((len(rows), t_max, n_l, d), dtype=np.float32)
                 for j, t in enumerate(toks):
                     if len(t):
-                        pad[j, : len(t)] = t[:, self.layer_pos]
+                        pad[j, : len(t)] = t[:, self._layer_sel]
                 out["text_tokens"] = torch.from_numpy(pad)  # (B, T, L, D)
                 out["text_mask"] = torch.arange(t_max)[None, :] < torch.from_numpy(lens)[:, None]
         if self.image is not None:
@@ -168,11 +192,12 @@ class BatchLoader:
                 out["image_pooled"] = torch.from_numpy(self._pooled(fs, rows, win))
             if "image_regions" in self.fields:
                 if fs.in_ram:
-                    reg = fs.regions_rows(rows)
-                else:
-                    reg = np.stack([self._block_row(win[fs.name], fs, r)["regions"]
-                                    for r in rows])
-                out["image_regions"] = torch.from_numpy(reg.astype(np.float32))  # (B, R, D)
+                    reg = fs.regions_rows(rows).astype(np.float32)
+                else:  # one pass per row: the block's fp16 row cast straight into the batch
+                    reg = np.empty((len(rows), *fs.shape[1:]), np.float32)
+                    for j, r in enumerate(rows):
+                        reg[j] = self._block_row(win[fs.name], fs, r)["regions"]
+                out["image_regions"] = torch.from_numpy(reg)  # (B, R, D)
         return out
 
     @staticmethod
@@ -199,15 +224,21 @@ class BatchLoader:
 
     def _generate(self) -> Iterator[dict[str, Any]]:
         carry = np.zeros(0, dtype=np.int64)
-        for rows in self._windows():
-            win = self._window_data(rows)
-            rows = np.concatenate([carry, rows]) if len(carry) else rows
-            # rows carried over from the previous window need its blocks: keep both windows
-            if len(carry):
-                win = {k: {**self._last_win.get(k, {}), **v} for k, v in win.items()}
+        windows = list(self._windows())
+        ahead = self.reader.fetch(self._window_blocks(windows[0])) if windows else {}
+        for i, rows in enumerate(windows):
+            win = ahead
+            if i + 1 < len(windows):  # read-ahead: the next window decodes while this one is cut
+                ahead = self.reader.fetch(self._window_blocks(windows[i + 1]))
+            win = self.reader.resolve(win)
+            if len(carry):  # rows carried over from the previous window keep their blocks
+                keep = self._window_blocks(carry)
+                win = {k: {**{b: self._last_win[k][b] for b in keep[k].tolist()}, **v}
+                       for k, v in win.items()}
+                rows = np.concatenate([carry, rows])
             n_full = len(rows) // self.batch_size * self.batch_size
-            for i in range(0, n_full, self.batch_size):
-                yield self._make_batch(rows[i : i + self.batch_size], win)
+            for j in range(0, n_full, self.batch_size):
+                yield self._make_batch(rows[j : j + self.batch_size], win)
             carry = rows[n_full:]
             self._last_win = win
         if len(carry) and not self.drop_last:
