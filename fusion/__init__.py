@@ -13,6 +13,8 @@ from .heads import (  # noqa: E402
     register_head,
     resolve_head,
 )
+from .predict import Predictions, predict  # noqa: E402
+from .predictor import Predictor  # noqa: E402
 from .rundir import Run, RunWriter, load_run  # noqa: E402
 from .train import TrainConfig, train  # noqa: E402
 
@@ -26,6 +28,8 @@ __all__ = [
     "FusionError",
     "FusionHead",
     "HeadError",
+    "Predictions",
+    "Predictor",
     "Run",
     "RunDirError",
     "RunWriter",
@@ -37,6 +41,7 @@ __all__ = [
     "head_options",
     "list_heads",
     "load_run",
+    "predict",
     "register_head",
     "resolve_head",
     "train",
