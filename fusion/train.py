@@ -43,12 +43,14 @@ __all__ = ["TrainConfig", "train", "pick_features"]
 def train(store, head: Any = DEFAULT_HEAD, *, text: str | None = None, image: str | None = None,
           out: str | os.PathLike | None = None, config: TrainConfig | None = None,
           progress: Callable[[dict[str, Any]], None] | None = None, name: str | None = None,
-          **overrides: Any) -> Run:
+          on_fold: Callable[[int, dict[str, Any]], None] | None = None, **overrides: Any) -> Run:
     """Train ``head`` (a registered name, a FusionHead subclass, or a factory) on the store's
     folds and write a run directory to ``out`` (``None``: the run is returned in memory).
     ``overrides`` are TrainConfig fields (``seeds=[0, 1, 2]`` trains every fold once per
     seed into one run); other keys are head options. ``progress`` gets one dict per epoch (seed,
     fold, epoch, loss, val_macro_f1, val_accuracy on the inner validation rows, seconds).
+    ``on_fold(fold, fold_metrics)`` is called after each fold is predicted (its out-of-fold
+    ``macro_f1`` included); an exception it raises stops the run (`fusion sweep` prunes so).
     """
     cfg = (config or TrainConfig()).override(**overrides)
     # -- data: every check before any work
@@ -105,6 +107,8 @@ def train(store, head: Any = DEFAULT_HEAD, *, text: str | None = None, image: st
                 fit_end = model.on_fit_end(lambda r=inner_rows: batches(r)) or {}
                 results.add(f, model, batches, va_rows, stop, fit_end, seed=run_seed,
                             n_fit=len(fit_rows), inner_rows=inner_rows)
+                if on_fold:
+                    on_fold(f, results.fold_metrics[-1])
                 results.save_weights(results.weights_name(run_seed, f), model)
             results.end_seed(run_seed)
         # -- the run
