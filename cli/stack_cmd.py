@@ -70,6 +70,9 @@ def stack(
     pooled: Annotated[list[str] | None, typer.Option(
         help="Feature set whose pooled vectors join the features with --features "
         "probs+pooled (repeatable; default: the first run's feature sets).")] = None,
+    pooled_dims: Annotated[int | None, typer.Option(
+        help="With --features probs+pooled: reduce the pooled vectors to N principal "
+        "components, a PCA fitted inside each cross-fit fold (e.g. 16).")] = None,
     params: Annotated[list[str] | None, typer.Option(
         "--params", "-p", help="Stacker parameter KEY=VALUE (repeatable), e.g. -p "
         "num_leaves=31 -p explain=false.")] = None,
@@ -98,6 +101,8 @@ def stack(
       fusion stack -r runs/text -r runs/image --stacker xgboost -p max_depth=4 --out runs/xgb
 
       fusion stack -r runs/text -r runs/image --stacker logreg --features probs+pooled --pooled minilm --out runs/stack-pooled
+
+      fusion stack -r runs/text -r runs/image --stacker logreg --features probs+pooled --pooled minilm --pooled lite0 --pooled-dims 16 --out runs/stack-multilevel
     """
     stacker_params = parse_params(params)
     auto = (stacker or DEFAULT_STACKER).strip().lower() == AUTO
@@ -111,7 +116,8 @@ def stack(
     # "Threads"); read by LightGBM's / XGBoost's OpenMP runtime when they load, after this.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     given: dict[str, Any] = {"stacker": stacker, "features": features, "seed": seed,
-                             "dask": dask, "threads": threads if auto else None}
+                             "dask": dask, "threads": threads if auto else None,
+                             "pooled_dims": pooled_dims}
     kwargs = {k: v for k, v in given.items() if v is not None}
     if pooled and features != "probs+pooled":
         raise StackError(f"--pooled {pooled[0]} is used only with --features probs+pooled; add it")

@@ -2,6 +2,7 @@
 
     python examples/bench_stack.py                      # 10,000 items x 5 runs x 27 classes
     python examples/bench_stack.py --items 2000 --runs 3 --classes 5 --repeats 1 --stackers lightgbm
+    python examples/bench_stack.py --table --demo /tmp/demo3/out/runs   # docs/stacking.md table
 
 Prints one JSON line per stacker. `make bench` (examples/bench.py, section 6 "stackers") runs
 :func:`bench_stackers` in a child process through ``--child`` so that a stacker too slow for the
@@ -24,8 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
+from fusion.bootstrap import paired_bootstrap  # noqa: E402
 from fusion.rundir import load_run  # noqa: E402
-from fusion.stack import list_stackers, stack  # noqa: E402
+from fusion.stack import AUTO, list_stackers, stack  # noqa: E402
 from fusion.testing import make_synthetic_runs  # noqa: E402
 
 
@@ -85,6 +89,78 @@ def bench_stackers(
     return rows
 
 
+DEMO_SOURCES = ("text", "image", "concat", "hanet", "coattention", "gated-xattn")
+TABLE_STACKERS = ("ensemble", "logreg", "lightgbm", "xgboost", "mlp", AUTO)
+
+
+def evidence_cases(tmp: Path, demo: Path | None, n_items: int, n_classes: int
+                   ) -> dict[str, list[Path]]:
+    """The three source sets of the docs/stacking.md table: the demo's runs (``demo``, those
+    of ``DEMO_SOURCES`` that exist), "harder" (synthetic, every run's skill halved: weaker
+    sources that disagree more) and "noisy" (synthetic, the image run nearly noise); the
+    synthetic runs have per-fold holdouts (``holdout_folds``)."""
+    cases: dict[str, list[Path]] = {}
+    if demo is not None:
+        cases["demo"] = [demo / s for s in DEMO_SOURCES if (demo / s / "DONE").exists()]
+    common = {"n_items": n_items, "n_classes": n_classes, "n_runs": 3, "holdout_folds": True}
+    cases["harder"] = make_synthetic_runs(tmp / "harder", seed=3, skill_scale=0.5, **common)
+    cases["noisy"] = make_synthetic_runs(tmp / "noisy", seed=4, near_chance=("image",), **common)
+    return cases
+
+
+def evidence_table(demo: Path | None = None, n_items: int = 3000, n_classes: int = 24,
+                   stackers: Sequence[str] = TABLE_STACKERS, threads: int = 1,
+                   progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """One row per (case, stacker): OOF and holdout macro-F1, fit and wall seconds, the best
+    source's holdout macro-F1 and the paired 95% bootstrap interval of stack minus best source
+    on the holdout (:func:`fusion.bootstrap.paired_bootstrap`, 1,000 resamples)."""
+    say = progress or (lambda _msg: None)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-stack-table-") as tmp:
+        for case, srcs in evidence_cases(Path(tmp), demo, n_items, n_classes).items():
+            runs = [load_run(p) for p in srcs]
+            labels = np.asarray(runs[0].config["labels"])
+            for name in stackers:
+                t0 = time.perf_counter()
+                run = stack(srcs, stacker=name, threads=threads, out=Path(tmp) / case / name,
+                            params=None if name == AUTO else _thread_params(name, threads))
+                wall = time.perf_counter() - t0
+                y = labels[run.holdout_rows]
+                best = max(runs, key=lambda r: r.metrics["holdout"]["macro_f1"])
+                ci = paired_bootstrap(y, run.holdout.argmax(1), best.holdout.argmax(1),
+                                      len(run.classes))["macro_f1"]
+                m = run.metrics
+                rows.append({
+                    "case": case, "stacker": name, "chosen": run.config["stacker"],
+                    "holdout_scheme": m["holdout_scheme"], "n_sources": len(srcs),
+                    "oof_macro_f1": round(m["macro_f1"], 4),
+                    "holdout_macro_f1": round(m["holdout"]["macro_f1"], 4),
+                    "fit_seconds": round(m["train_seconds"], 2), "wall_seconds": round(wall, 2),
+                    "best_source": best.name,
+                    "best_source_holdout_macro_f1": round(best.metrics["holdout"]["macro_f1"], 4),
+                    "vs_best_source": [round(ci.diff, 4), round(ci.lo, 4), round(ci.hi, 4)],
+                })
+                say(json.dumps(rows[-1]))
+    return rows
+
+
+def _thread_params(name: str, threads: int) -> dict[str, Any] | None:
+    return {"n_jobs": threads} if name in ("lightgbm", "xgboost") else None
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The docs/stacking.md table."""
+    out = ["| case | stacker | OOF macro-F1 | holdout macro-F1 | stack - best source [95% CI] "
+           "| fit (s) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        d, lo, hi = r["vs_best_source"]
+        name = r["stacker"] + (f" -> {r['chosen']}" if r["stacker"] == AUTO else "")
+        out.append(f"| {r['case']} | {name} | {r['oof_macro_f1']:.4f} | "
+                   f"{r['holdout_macro_f1']:.4f} | {d:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
+                   f"{r['fit_seconds']:.1f} |")
+    return "\n".join(out)
+
+
 def child(jobs: list[dict[str, Any]]) -> None:
     """The protocol examples/bench.py reads: ``ready``, then one JSON line per job (each job
     is ``bench_stackers(**job)`` for one stacker), flushed as soon as it is measured."""
@@ -101,10 +177,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stackers", default=None,
                     help=f"comma-separated, default all ({','.join(list_stackers())})")
+    ap.add_argument("--table", action="store_true",
+                    help="the docs/stacking.md table: stackers x (demo, harder, noisy)")
+    ap.add_argument("--demo", type=Path, default=None,
+                    help="with --table: the demo's runs directory (examples/demo.py --out X: X/runs)")
     ap.add_argument("--child", metavar="JOBS_JSON", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child is not None:
         child(json.loads(a.child))
+        return
+    if a.table:
+        rows = evidence_table(a.demo, progress=lambda m: print(m, file=sys.stderr, flush=True))
+        print(markdown(rows))
         return
     names = a.stackers.split(",") if a.stackers else None
     for row in bench_stackers(a.items, a.runs, a.classes, a.repeats, names,

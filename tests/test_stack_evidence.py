@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from cli import stack_cmd
 from fusion import train
+from fusion.errors import StackError
 from fusion.metrics import classification_metrics
 from fusion.rundir import load_run
 from fusion.stack import AUTO_CANDIDATES, stack
@@ -155,3 +156,25 @@ def test_gbdt_threads_default_to_the_cpus_this_process_may_use():
                          capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.stdout.split() == ["1", "1"]
+
+
+# -- 3. multi-level fusion: pooled features reduced by a PCA fitted inside each fold ---------------
+def test_pooled_pca_is_fitted_on_each_models_own_training_rows(per_fold_sources, work):
+    n_store = len(load_run(per_fold_sources[0]).config["labels"])
+    pooled = np.random.default_rng(5).normal(size=(n_store, 10)) * np.arange(1, 11)
+    run = stack(per_fold_sources, stacker="logreg", features="probs+pooled", pooled=pooled,
+                pooled_dims=3, out=work / "s-pca")
+    assert run.config["pooled_dims"] == 3 and run.config["n_pooled"] == 3
+    assert run.config["feature_names"][-1] == "pooled_pca:2"
+    cv = np.load(run.path / "cv_indices.npz")
+    for f in range(5):
+        pca = np.load(run.path / "weights" / f"fold{f}.pca.npz")
+        assert pca["components"].shape == (3, 10)
+        # centred on the fold model's training rows, never on the rows it scores
+        np.testing.assert_allclose(pca["mean"], pooled[cv[f"fold{f}_fit"]].mean(0), atol=1e-9)
+        assert np.abs(pca["mean"] - pooled[cv[f"fold{f}_scored"]].mean(0)).max() > 1e-3
+
+
+def test_pooled_dims_without_pooled_features_is_refused(per_fold_sources, work):
+    with pytest.raises(StackError, match=r"pooled_dims=8 reduces pooled features; add"):
+        stack(per_fold_sources, stacker="logreg", pooled_dims=8, out=work / "s-no")

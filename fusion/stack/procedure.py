@@ -64,10 +64,14 @@ def stack(
     pooled: np.ndarray | None = None,
     progress: Callable[[str], None] | None = None,
     threads: int | None = None,
+    pooled_dims: int | None = None,
 ) -> Run:
     """Cross-fit ``stacker`` on the source runs' out-of-fold probabilities and write a stack run.
 
-    ``features="probs+pooled"`` appends ``pooled`` (N_store, D) embedding columns. ``dask`` is a
+    ``features="probs+pooled"`` appends ``pooled`` (N_store, D) embedding columns; with
+    ``pooled_dims`` each fitted model first projects them on their first ``pooled_dims`` principal
+    components, a PCA fitted on that model's own training rows (multi-level fusion, Verma et
+    al. 2020; leak-free like the stacker itself). ``dask`` is a
     scheduler address (``tcp://host:8786``): the GBDT then trains on that cluster. Returns the
     written run; ``run.extra["cv_indices"]`` holds the store rows of every fit/valid/scored split.
     ``out=None`` writes into a fresh temporary directory. ``threads`` sets each stacker's thread
@@ -92,6 +96,9 @@ def stack(
         raise StackError(f"features={features!r} is not one of {list(FEATURES)}")
     inp = StackInputs(runs)
     pooled = inp.check_pooled(features, pooled)
+    if pooled_dims is not None and pooled is None:
+        raise StackError(f"pooled_dims={pooled_dims} reduces pooled features; add "
+                         "features='probs+pooled' (CLI: --features probs+pooled --pooled SET)")
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="fusion-stack-")) / f"stack-{stacker}"
     out = Path(out)
@@ -102,6 +109,8 @@ def stack(
             )
     t_all = time.perf_counter()
     n_pooled = 0 if pooled is None else pooled.shape[1]
+    if pooled_dims is not None:
+        n_pooled = min(n_pooled, pooled_dims)
     candidates = AUTO_CANDIDATES if stacker == AUTO else (stacker,)
     tried: list[dict[str, Any]] = []
     best: tuple[str, Stacker, CrossFit, list[str]] | None = None
@@ -110,7 +119,8 @@ def stack(
         for name in candidates:
             if stacker == AUTO:
                 say(f"auto: cross-fitting candidate {name!r}")
-            one = _cross_fit_one(inp, name, params, threads, seed, client, pooled, n_pooled, say)
+            one = _cross_fit_one(inp, name, params, threads, seed, client, pooled, n_pooled,
+                                 pooled_dims, say)
             f1 = classification_metrics(inp.labels[inp.trainable], one[1].oof)["macro_f1"]
             tried.append({"stacker": name, "oof_macro_f1": f1,
                           "train_seconds": round(one[1].train_seconds, 4)})
@@ -131,6 +141,7 @@ def stack(
         "features": features,
         "feature_names": feature_names,
         "n_pooled": n_pooled,
+        "pooled_dims": pooled_dims,
         "params": {**probe.params, **probe.procedure_params()},
         "user_params": dict(params or {}),
         "seed": seed,
@@ -152,7 +163,7 @@ def stack(
         "holdout_scheme": fit.holdout_scheme,
         "folds": fit.folds,
         "refit": {"rounds": fit.rounds, "seconds": round(fit.refit_seconds, 4)},
-        "train_seconds": round(fit.train_seconds, 4),
+        "train_seconds": round(sum(t["train_seconds"] for t in tried), 4),  # all candidates
         "total_seconds": round(time.perf_counter() - t_all, 4),
         "sources": sources,
         "attribution": _attribution_note(probe, stacker),
@@ -167,7 +178,7 @@ def stack(
 
 def _cross_fit_one(inp: StackInputs, stacker: str, params: dict[str, Any] | None,
                    threads: int | None, seed: int, client: Any, pooled: np.ndarray | None,
-                   n_pooled: int, say: Callable[[str], None]
+                   n_pooled: int, pooled_dims: int | None, say: Callable[[str], None]
                    ) -> tuple[Stacker, CrossFit, list[str]]:
     """Cross-fit one stacker: ``(probe model, CrossFit, feature names)``."""
     params = dict(params or {})
@@ -177,10 +188,12 @@ def _cross_fit_one(inp: StackInputs, stacker: str, params: dict[str, Any] | None
 
     def new_model() -> Stacker:
         return create_stacker(stacker, n_classes=inp.k, params=params, seed=seed, client=client,
-                              n_sources=len(inp.runs))
+                              n_sources=len(inp.runs), pooled_dims=pooled_dims)
 
     probe = new_model()
     X, X_ho, names, X_hf = feature_matrix(inp, probe.log_probs, pooled)
+    if pooled_dims is not None:  # the columns the models see after their own PCA
+        names = names[: len(inp.runs) * inp.k] + [f"pooled_pca:{j}" for j in range(n_pooled)]
     group = group_matrix(len(inp.runs), inp.k, n_pooled) if probe.explain else None
     fit = cross_fit(new_model, X, inp.labels[inp.trainable], X_ho,
                     inp.assignment[inp.trainable], n_folds=inp.n_folds,
@@ -257,3 +270,4 @@ def _extra_files(w: RunWriter, inp: StackInputs, fit: CrossFit, n_pooled: int) -
         )
     for tag, model in fit.models:
         model.save_model(w.file(f"weights/{tag}"))
+        model.save_reducer(w.file(f"weights/{tag}"))

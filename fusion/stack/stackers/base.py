@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from sklearn.decomposition import PCA
 
 from embedstore.registry import Registry
 
@@ -88,15 +89,18 @@ def create_stacker(
     seed: int = 0,
     client: Any = None,
     n_sources: int | None = None,
+    pooled_dims: int | None = None,
 ) -> Stacker:
     """Build a stacker by name; ``client`` is a ``distributed.Client`` for the GBDT backends;
     ``n_sources`` the number of source runs (the first ``n_sources * n_classes`` columns of X
-    are their probability blocks)."""
+    are their probability blocks; the columns after them are pooled features, reduced to
+    ``pooled_dims`` by a PCA fitted on each model's own training rows when given)."""
     cls = stacker_class(name)
     if client is not None and not cls.supports_dask:
         dask_ok = [n for n in list_stackers() if stacker_class(n).supports_dask]
         raise StackError(f"stacker {name!r} cannot train on Dask; use one of {dask_ok} or drop --dask")
-    return cls(n_classes=n_classes, params=params, seed=seed, client=client, n_sources=n_sources)
+    return cls(n_classes=n_classes, params=params, seed=seed, client=client, n_sources=n_sources,
+               pooled_dims=pooled_dims)
 
 
 def construct(cls: Any, params: dict[str, Any], stacker: str) -> Any:
@@ -138,10 +142,16 @@ class Stacker:
         seed: int = 0,
         client: Any = None,
         n_sources: int | None = None,
+        pooled_dims: int | None = None,
     ):
         params = dict(params or {})
         self.n_classes = n_classes
         self.n_sources = n_sources
+        if pooled_dims is not None and (pooled_dims < 1 or n_sources is None):
+            raise StackError(f"pooled_dims={pooled_dims} needs n_sources and must be >= 1; "
+                             "16-32 is the usual size")
+        self.pooled_dims = pooled_dims
+        self.reducer: PCA | None = None  # fitted in fit() on this model's training rows only
         self.seed = seed
         self.client = client
         self.early_stopping_rounds = int(
@@ -188,6 +198,12 @@ class Stacker:
                 "a stacker needs at least 2 classes (more labelled rows or fewer folds)"
             )
         self.present = present
+        if self.pooled_dims is not None:
+            cut = self.n_sources * self.n_classes
+            dims = min(self.pooled_dims, X.shape[1] - cut, len(X))
+            self.reducer = PCA(n_components=dims, random_state=self.seed).fit(X[:, cut:])
+            X = self.reduce(X)
+            X_valid = None if X_valid is None else self.reduce(X_valid)
         remap = np.full(self.n_classes, -1, dtype=np.int64)
         remap[present] = np.arange(len(present))
         if X_valid is not None and y_valid is not None:
@@ -198,14 +214,32 @@ class Stacker:
         self.fit_local(X, remap[y], X_valid, y_valid, len(present), rounds)
         return self
 
+    def reduce(self, X: np.ndarray) -> np.ndarray:
+        """X with its pooled columns replaced by their PCA projection (``pooled_dims``); X as
+        it is without a reducer."""
+        if self.reducer is None:
+            return X
+        cut = self.n_sources * self.n_classes
+        return np.hstack([X[:, :cut], self.reducer.transform(X[:, cut:])])
+
+    def save_reducer(self, path_stem: Path) -> Path | None:
+        """The PCA of the pooled columns (``path_stem`` + ``.pca.npz``); None without one."""
+        if self.reducer is None:
+            return None
+        path = path_stem.with_suffix(".pca.npz")
+        np.savez(path, mean=self.reducer.mean_, components=self.reducer.components_)
+        return path
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """(N, K) probabilities; classes absent from training get 0."""
+        X = self.reduce(X)
         out = np.zeros((len(X), self.n_classes), dtype=np.float64)
         out[:, self.present] = self.proba_local(X)
         return out
 
     def margin(self, X: np.ndarray) -> np.ndarray:
         """(N, K) raw margins (log-odds before softmax); absent classes get -inf."""
+        X = self.reduce(X)
         out = np.full((len(X), self.n_classes), -np.inf, dtype=np.float64)
         out[:, self.present] = self.margin_local(X)
         return out
@@ -216,7 +250,7 @@ class Stacker:
         local = np.searchsorted(self.present, classes)
         if np.any(self.present[np.minimum(local, len(self.present) - 1)] != classes):
             raise StackError("contributions asked for a class the stacker never saw in training")
-        return self.contrib_local(X, local)
+        return self.contrib_local(self.reduce(X), local)
 
     # -- backend hooks (local class indices 0..len(present)-1) ---------------------------------
     def fit_local(self, X, y, X_valid, y_valid, n_classes: int, rounds: int | None) -> None:
