@@ -60,8 +60,15 @@ n, seed    text   image  oracle  concat (both)  both right  only text    only im
 (oracle = either unimodal model right, the upper bound for fusion). Both models get the family
 right far more often than the class: text 0.96, image 0.74-0.77 at n=2000.
 
+Harder mode (``harder=True``, ``--harder``): the sources disagree more, so a stack has work to
+do. More items have one weak modality (``MODE_PROBS_HARDER``: 24% both clear, 33% text weak,
+33% image weak, 10% both weak), and ``P_LABEL_NOISE_HARDER`` (8%) of the items carry the label
+of another variant of their family (label noise a careful annotator could make: the text and
+photo still show the drawn class). The label noise comes from its own seed stream; the default
+mode's files are byte-identical to those written before the mode existed.
+
 Run ``python examples/make_catalog.py --out DIR [--n 2000] [--seed 0] [--classes 24]
-[--image-size 128]``.
+[--image-size 128] [--long-tail] [--harder]``.
 """
 
 from __future__ import annotations
@@ -81,6 +88,8 @@ __all__ = [
     "FAMILIES",
     "IMAGE_WEAK_KINDS",
     "MODE_PROBS",
+    "MODE_PROBS_HARDER",
+    "P_LABEL_NOISE_HARDER",
     "P_NO_DESCRIPTION",
     "TEXT_WEAK_KINDS",
     "Family",
@@ -99,6 +108,14 @@ MODE_PROBS: dict[str, float] = {
     "image_weak": 0.27,
     "both_weak": 0.06,
 }
+# --harder: fewer items on which both modalities are clear, and label noise within a family.
+MODE_PROBS_HARDER: dict[str, float] = {
+    "both_clear": 0.24,
+    "text_weak": 0.33,
+    "image_weak": 0.33,
+    "both_weak": 0.10,
+}
+P_LABEL_NOISE_HARDER = 0.08
 # How weak text is weak: a noun shared by 2-3 variants, the family's generic noun only,
 # or a generic title with no product word and no description.
 TEXT_WEAK_KINDS: dict[str, float] = {"shared": 0.55, "family": 0.30, "generic": 0.15}
@@ -368,13 +385,16 @@ def make_catalog(
     n_classes: int = 24,
     image_size: int = 128,
     long_tail: bool = False,
+    harder: bool = False,
 ) -> Path:
     """Write ``n`` items (csv + PNGs) under ``out_dir`` and return the path of catalog.csv.
 
     Classes are balanced (sizes differ by at most one) and every class is present, so ``n``
     must be at least ``n_classes``. With ``long_tail``, :data:`LONG_TAIL_HEAD` classes spread
     over the families (:func:`class_sizes`) get :data:`LONG_TAIL_RATIO` times the items of each
-    other class: the imbalance ``--class-weight`` and ``--label-smoothing`` are for. Each item is drawn from its own seed stream; files of an
+    other class: the imbalance ``--class-weight`` and ``--label-smoothing`` are for. With ``harder``,
+modalities are weak more often and 8% of the labels are another variant of the family (see the
+module docstring). Each item is drawn from its own seed stream; files of an
     earlier run in ``out_dir`` are overwritten (images beyond the new ``n`` are left alone).
     """
     _check_int("n_classes", n_classes, 2, MAX_CLASSES)
@@ -390,15 +410,26 @@ def make_catalog(
     else:
         ys = label_rng.permutation(np.arange(n) % n_classes)  # balanced, every class present
     item_seeds = np.random.SeedSequence([seed, 1])  # item i: child i of this root
+    written = ys.copy()  # the labels in the csv: ys, or with --harder some noisy ones
+    if harder:
+        noise_rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))
+        flip = np.flatnonzero(noise_rng.random(n) < P_LABEL_NOISE_HARDER)
+        for i in flip:  # another variant of the same family, if the family has one
+            fam = ys[i] - ys[i] % VARIANTS_PER_FAMILY
+            others = [c for c in range(fam, min(fam + VARIANTS_PER_FAMILY, n_classes))
+                      if c != ys[i]]
+            if others:
+                written[i] = others[int(noise_rng.integers(len(others)))]
+    modes = MODE_PROBS_HARDER if harder else MODE_PROBS
     rows = []
     for i in range(n):
         rng = np.random.default_rng(np.random.SeedSequence(item_seeds.entropy, spawn_key=(i,)))
         y = int(ys[i])
         item_id = f"SKU-{i:06d}"
-        title, desc, img = _make_item(rng, y, n_classes, image_size)
+        title, desc, img = _make_item(rng, y, n_classes, image_size, modes)
         rel = f"images/{item_id}.png"
         img.save(out / rel, format="PNG", compress_level=6)
-        rows.append((item_id, title, desc, rel, labels[y]))
+        rows.append((item_id, title, desc, rel, labels[int(written[i])]))
     path = out / "catalog.csv"
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
@@ -427,10 +458,11 @@ def _choice(rng: np.random.Generator, probs: dict[str, float]) -> str:
 # ----------------------------------------------------------------------------------- item
 
 
-def _make_item(rng: np.random.Generator, y: int, n_classes: int, size: int):
+def _make_item(rng: np.random.Generator, y: int, n_classes: int, size: int,
+               modes: dict[str, float] = MODE_PROBS):
     f, v = divmod(y, VARIANTS_PER_FAMILY)
     fam = FAMILIES[f]
-    mode = _choice(rng, MODE_PROBS)
+    mode = _choice(rng, modes)
     text_weak = mode in ("text_weak", "both_weak")
     image_weak = mode in ("image_weak", "both_weak")
     text_kind = _choice(rng, TEXT_WEAK_KINDS) if text_weak else "clear"
@@ -687,11 +719,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-tail", action="store_true",
                    help=f"imbalanced classes: {LONG_TAIL_HEAD} classes get {LONG_TAIL_RATIO}x "
                    "the items of each other class (default: balanced)")
+    p.add_argument("--harder", action="store_true",
+                   help="sources disagree more: more weak-modality items and 8%% label noise "
+                   "within a family (see the module docstring)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         path = make_catalog(args.out, args.n, args.seed, args.classes, args.image_size,
-                            long_tail=args.long_tail)
+                            long_tail=args.long_tail, harder=args.harder)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
