@@ -29,7 +29,7 @@ from .conftest import make_complementary_store
 # contention (measured 5-10x slower under load), so the tests pin one thread. Every other
 # default is the shipped one.
 ONE_THREAD = {"lightgbm": {"n_jobs": 1}, "xgboost": {"n_jobs": 1}, "logreg": None, "mlp": None,
-              "ensemble": None}
+              "ensemble": None, "lightgbm-monotone": {"n_jobs": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +92,9 @@ def _rewrite(
 
 
 # -- registry and params ------------------------------------------------------------------------
-def test_registry_lists_the_five_stackers():
-    assert list_stackers() == ["ensemble", "lightgbm", "logreg", "mlp", "xgboost"]
+def test_registry_lists_the_six_stackers():
+    assert list_stackers() == ["ensemble", "lightgbm", "lightgbm-monotone", "logreg", "mlp",
+                               "xgboost"]
 
 
 def test_unknown_stacker_is_refused_with_the_list(sources, tmp_path):
@@ -231,10 +232,13 @@ SMALL = {
     "xgboost": {"n_jobs": 1, "n_estimators": 60},
     "logreg": None,
     "mlp": {"max_epochs": 20},
+    "ensemble": None,
+    "lightgbm-monotone": {"n_jobs": 1, "n_estimators": 60},
 }
 
 
-@pytest.mark.parametrize("name", ["lightgbm", "xgboost", "logreg", "mlp"])
+@pytest.mark.parametrize("name", ["lightgbm", "xgboost", "logreg", "mlp", "ensemble",
+                                  "lightgbm-monotone"])
 def test_every_model_is_fit_on_the_rows_cv_indices_records_none_of_its_scored_fold(
     sources, tmp_path, monkeypatch, name
 ):
@@ -265,7 +269,7 @@ def test_every_model_is_fit_on_the_rows_cv_indices_records_none_of_its_scored_fo
         assert np.all(assignment[fit_rows] >= 0) and not np.any(assignment[fit_rows] == f)
         assert np.all(assignment[valid] >= 0) and not np.any(assignment[valid] == f)
         assert len(np.intersect1d(fit_rows, valid)) == 0
-        if name in ("lightgbm", "xgboost", "mlp"):  # early stopping on 10 % of training rows
+        if name in ("lightgbm", "xgboost", "mlp", "lightgbm-monotone"):  # early stopping on 10 % of training rows
             assert y_valid is not None and 0.08 <= len(valid) / (n_fit + len(valid)) <= 0.15
         else:
             assert y_valid is None and len(valid) == 0
@@ -280,7 +284,8 @@ def test_every_model_is_fit_on_the_rows_cv_indices_records_none_of_its_scored_fo
     assert cv.keys() == run.extra["cv_indices"].keys()
 
 
-@pytest.mark.parametrize("name", ["lightgbm", "xgboost", "logreg", "mlp"])
+@pytest.mark.parametrize("name", ["lightgbm", "xgboost", "logreg", "mlp", "ensemble",
+                                  "lightgbm-monotone"])
 def test_relabelling_one_fold_changes_no_stack_prediction_of_that_fold(
     stacked, sources, tmp_path, name
 ):

@@ -20,7 +20,7 @@ from fusion import train
 from fusion.errors import StackError
 from fusion.metrics import classification_metrics
 from fusion.rundir import load_run
-from fusion.stack import AUTO_CANDIDATES, stack
+from fusion.stack import AUTO_CANDIDATES, create_stacker, stack
 from fusion.testing import make_synthetic_runs
 
 from .conftest import make_complementary_store
@@ -178,3 +178,23 @@ def test_pooled_pca_is_fitted_on_each_models_own_training_rows(per_fold_sources,
 def test_pooled_dims_without_pooled_features_is_refused(per_fold_sources, work):
     with pytest.raises(StackError, match=r"pooled_dims=8 reduces pooled features; add"):
         stack(per_fold_sources, stacker="logreg", pooled_dims=8, out=work / "s-no")
+
+
+# -- guard rails: per-class monotone constraints -----------------------------------------------
+def test_a_runs_probability_for_class_c_can_only_raise_class_cs_margin(per_fold_sources):
+    runs = [load_run(p) for p in per_fold_sources]
+    X = np.log(np.clip(np.hstack([r.oof for r in runs]), 1e-7, 1)).astype(np.float64)
+    y = np.asarray(runs[0].config["labels"])[runs[0].oof_rows]
+    model = create_stacker("lightgbm-monotone", n_classes=6, n_sources=3, seed=0,
+                           params={"n_jobs": 1, "n_estimators": 40, "min_child_samples": 5})
+    model.fit(X, y)
+    grid = np.log(np.linspace(1e-4, 1.0, 25))
+    rows = X[:40]
+    for col in range(18):  # run m = col // 6, class c = col % 6
+        Xv = np.tile(rows, (len(grid), 1))  # grid value g for block g of 40 rows
+        Xv[:, col] = np.repeat(grid, len(rows))
+        margins = model.margin(Xv)[:, col % 6].reshape(len(grid), len(rows))
+        steps = np.diff(margins, axis=0)
+        assert steps.min() >= -1e-9, (col, steps.min())
+    proba = model.predict_proba(X[:10])
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-9)

@@ -15,6 +15,7 @@ from .ensemble import EnsembleStacker
 from .lightgbm import LightGBMStacker
 from .logreg import LogRegStacker
 from .mlp import MLPStacker
+from .monotone import MonotoneLightGBMStacker
 from .xgboost import XGBoostStacker
 
 __all__ = [
@@ -29,5 +30,6 @@ __all__ = [
     "LightGBMStacker",
     "LogRegStacker",
     "MLPStacker",
+    "MonotoneLightGBMStacker",
     "XGBoostStacker",
 ]
