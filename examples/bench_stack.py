@@ -90,7 +90,7 @@ def bench_stackers(
 
 
 DEMO_SOURCES = ("text", "image", "concat", "hanet", "coattention", "gated-xattn")
-TABLE_STACKERS = ("ensemble", "logreg", "lightgbm", "xgboost", "mlp", AUTO)
+TABLE_STACKERS = ("ensemble", "logreg", "lightgbm", "lightgbm-monotone", "xgboost", "mlp", AUTO)
 
 
 def evidence_cases(tmp: Path, demo: Path | None, n_items: int, n_classes: int
@@ -110,7 +110,8 @@ def evidence_cases(tmp: Path, demo: Path | None, n_items: int, n_classes: int
 
 def evidence_table(demo: Path | None = None, n_items: int = 3000, n_classes: int = 24,
                    stackers: Sequence[str] = TABLE_STACKERS, threads: int = 1,
-                   progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+                   progress: Callable[[str], None] | None = None,
+                   cases: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """One row per (case, stacker): OOF and holdout macro-F1, fit and wall seconds, the best
     source's holdout macro-F1 and the paired 95% bootstrap interval of stack minus best source
     on the holdout (:func:`fusion.bootstrap.paired_bootstrap`, 1,000 resamples)."""
@@ -118,6 +119,8 @@ def evidence_table(demo: Path | None = None, n_items: int = 3000, n_classes: int
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-stack-table-") as tmp:
         for case, srcs in evidence_cases(Path(tmp), demo, n_items, n_classes).items():
+            if cases is not None and case not in cases:
+                continue
             runs = [load_run(p) for p in srcs]
             labels = np.asarray(runs[0].config["labels"])
             for name in stackers:
@@ -145,7 +148,7 @@ def evidence_table(demo: Path | None = None, n_items: int = 3000, n_classes: int
 
 
 def _thread_params(name: str, threads: int) -> dict[str, Any] | None:
-    return {"n_jobs": threads} if name in ("lightgbm", "xgboost") else None
+    return {"n_jobs": threads} if name in ("lightgbm", "lightgbm-monotone", "xgboost") else None
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -181,13 +184,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="the docs/stacking.md table: stackers x (demo, harder, noisy)")
     ap.add_argument("--demo", type=Path, default=None,
                     help="with --table: the demo's runs directory (examples/demo.py --out X: X/runs)")
+    ap.add_argument("--cases", default=None, help="with --table: comma-separated subset of "
+                    "demo,harder,noisy (default all)")
     ap.add_argument("--child", metavar="JOBS_JSON", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child is not None:
         child(json.loads(a.child))
         return
     if a.table:
-        rows = evidence_table(a.demo, progress=lambda m: print(m, file=sys.stderr, flush=True))
+        rows = evidence_table(a.demo, progress=lambda m: print(m, file=sys.stderr, flush=True),
+                              stackers=a.stackers.split(",") if a.stackers else TABLE_STACKERS,
+                              cases=a.cases.split(",") if a.cases else None)
         print(markdown(rows))
         return
     names = a.stackers.split(",") if a.stackers else None

@@ -3,6 +3,7 @@ evidence, the noisy-source guarantee, the thread default."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -198,3 +199,21 @@ def test_a_runs_probability_for_class_c_can_only_raise_class_cs_margin(per_fold_
         assert steps.min() >= -1e-9, (col, steps.min())
     proba = model.predict_proba(X[:10])
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-9)
+
+
+def test_per_fold_holdout_contributions_sum_to_the_fold_models_mean_margin(per_fold_sources, work):
+    import lightgbm as lgb
+
+    run = stack(per_fold_sources, stacker="lightgbm", params={"n_jobs": 1, "n_estimators": 30},
+                out=work / "s-pf-lgb")
+    srcs = [load_run(p) for p in per_fold_sources]
+    pred = run.holdout.argmax(1)
+    mean_margin = np.zeros(len(pred))
+    for f in range(5):
+        X_f = np.log(np.clip(np.hstack([s.holdout_folds[f] for s in srcs]), 1e-7, 1))
+        booster = lgb.Booster(model_file=str(run.path / "weights" / f"fold{f}.lgb.txt"))
+        mean_margin += booster.predict(X_f, raw_score=True)[np.arange(len(pred)), pred] / 5
+    with (run.path / "contributions.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "holdout"]
+    total = np.array([sum(float(r[g]) for g in ("text", "image", "fusion", "bias")) for r in rows])
+    np.testing.assert_allclose(total, mean_margin, rtol=1e-5, atol=1e-5)
