@@ -59,12 +59,12 @@ def test_a_category_sorted_store_gives_batches_as_mixed_as_an_in_ram_shuffle(sor
         ram.append(batch_entropy(fresh(sorted_store).loader(rows, max_ram=None, seed=seed,
                                                             **kw)))
         ld = sorted_store.loader(rows, max_ram=0, seed=seed, **kw)
-        assert ld.streaming and ld.window_units(BLOCK) >= 48  # the default buffer: one window
         stream.append(batch_entropy(ld))
         window4.append(batch_entropy(sorted_store.loader(rows, max_ram=0, seed=seed,
                                                          window_blocks=4, **kw)))
     assert np.mean(ram) > 2.5  # ~24 classes in a batch of 32
     assert abs(np.mean(stream) - np.mean(ram)) < 0.1, (stream, ram)
+    assert ld.streaming and ld.window_units(BLOCK) >= 48  # the default buffer: one window
     # the feed before: a window of 4 one-class blocks gives batches of at most 4 classes
     assert np.mean(window4) < np.log(4) + 1e-9 < np.mean(ram) - 1
     # a buffer of a third of the store still mixes a third of the classes into each batch
