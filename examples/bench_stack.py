@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from embedstore import open_store  # noqa: E402
 from fusion.bootstrap import paired_bootstrap  # noqa: E402
 from fusion.rundir import load_run  # noqa: E402
 from fusion.stack import AUTO, list_stackers, stack  # noqa: E402
@@ -111,10 +112,13 @@ def evidence_cases(tmp: Path, demo: Path | None, n_items: int, n_classes: int
 def evidence_table(demo: Path | None = None, n_items: int = 3000, n_classes: int = 24,
                    stackers: Sequence[str] = TABLE_STACKERS, threads: int = 1,
                    progress: Callable[[str], None] | None = None,
-                   cases: Sequence[str] | None = None) -> list[dict[str, Any]]:
+                   cases: Sequence[str] | None = None, pooled_sets: Sequence[str] = (),
+                   pooled_dims: int = 16) -> list[dict[str, Any]]:
     """One row per (case, stacker): OOF and holdout macro-F1, fit and wall seconds, the best
     source's holdout macro-F1 and the paired 95% bootstrap interval of stack minus best source
-    on the holdout (:func:`fusion.bootstrap.paired_bootstrap`, 1,000 resamples)."""
+    on the holdout (:func:`fusion.bootstrap.paired_bootstrap`, 1,000 resamples). With
+    ``pooled_sets`` the demo case adds multi-level rows ``<stacker>+pca<pooled_dims>``: the
+    pooled vectors of those feature sets of the demo's store, PCA-reduced inside each fold."""
     say = progress or (lambda _msg: None)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-stack-table-") as tmp:
@@ -123,10 +127,18 @@ def evidence_table(demo: Path | None = None, n_items: int = 3000, n_classes: int
                 continue
             runs = [load_run(p) for p in srcs]
             labels = np.asarray(runs[0].config["labels"])
-            for name in stackers:
+            jobs: list[tuple[str, str, dict[str, Any]]] = [(n, n, {}) for n in stackers]
+            if pooled_sets and case == "demo":
+                store = open_store(runs[0].config["store"]["url"])
+                pooled = np.concatenate([store.features[n].pooled_all() for n in pooled_sets], 1)
+                jobs += [(f"{n}+pca{pooled_dims}", n, {"features": "probs+pooled",
+                          "pooled": pooled, "pooled_dims": pooled_dims})
+                         for n in stackers if n != "ensemble"]
+            for label, name, extra in jobs:
                 t0 = time.perf_counter()
-                run = stack(srcs, stacker=name, threads=threads, out=Path(tmp) / case / name,
-                            params=None if name == AUTO else _thread_params(name, threads))
+                run = stack(srcs, stacker=name, threads=threads, out=Path(tmp) / case / label,
+                            params=None if name == AUTO else _thread_params(name, threads),
+                            **extra)
                 wall = time.perf_counter() - t0
                 y = labels[run.holdout_rows]
                 best = max(runs, key=lambda r: r.metrics["holdout"]["macro_f1"])
@@ -134,7 +146,7 @@ def evidence_table(demo: Path | None = None, n_items: int = 3000, n_classes: int
                                       len(run.classes))["macro_f1"]
                 m = run.metrics
                 rows.append({
-                    "case": case, "stacker": name, "chosen": run.config["stacker"],
+                    "case": case, "stacker": label, "chosen": run.config["stacker"],
                     "holdout_scheme": m["holdout_scheme"], "n_sources": len(srcs),
                     "oof_macro_f1": round(m["macro_f1"], 4),
                     "holdout_macro_f1": round(m["holdout"]["macro_f1"], 4),
@@ -157,7 +169,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
            "| fit (s) |", "|---|---|---|---|---|---|"]
     for r in rows:
         d, lo, hi = r["vs_best_source"]
-        name = r["stacker"] + (f" -> {r['chosen']}" if r["stacker"] == AUTO else "")
+        name = r["stacker"] + (f" -> {r['chosen']}" if r["stacker"].startswith(AUTO) else "")
         out.append(f"| {r['case']} | {name} | {r['oof_macro_f1']:.4f} | "
                    f"{r['holdout_macro_f1']:.4f} | {d:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
                    f"{r['fit_seconds']:.1f} |")
@@ -184,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="the docs/stacking.md table: stackers x (demo, harder, noisy)")
     ap.add_argument("--demo", type=Path, default=None,
                     help="with --table: the demo's runs directory (examples/demo.py --out X: X/runs)")
+    ap.add_argument("--pooled", default=None, help="with --table --demo: comma-separated "
+                    "feature sets of the demo store for multi-level rows (e.g. minilm,lite0)")
     ap.add_argument("--cases", default=None, help="with --table: comma-separated subset of "
                     "demo,harder,noisy (default all)")
     ap.add_argument("--child", metavar="JOBS_JSON", help=argparse.SUPPRESS)
@@ -194,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if a.table:
         rows = evidence_table(a.demo, progress=lambda m: print(m, file=sys.stderr, flush=True),
                               stackers=a.stackers.split(",") if a.stackers else TABLE_STACKERS,
-                              cases=a.cases.split(",") if a.cases else None)
+                              cases=a.cases.split(",") if a.cases else None,
+                              pooled_sets=a.pooled.split(",") if a.pooled else ())
         print(markdown(rows))
         return
     names = a.stackers.split(",") if a.stackers else None

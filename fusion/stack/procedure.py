@@ -41,7 +41,7 @@ __all__ = ["AUTO", "AUTO_CANDIDATES", "AUTO_TOLERANCE", "DEFAULT_SEED", "DEFAULT
 
 AUTO = "auto"  # choose the stacker by the candidates' out-of-fold macro-F1
 DEFAULT_STACKER = AUTO
-AUTO_CANDIDATES = ("ensemble", "logreg", "lightgbm")  # fastest first; ties go to the earlier
+AUTO_CANDIDATES = ("ensemble", "logreg", "mlp", "lightgbm")  # fastest first; ties: the earlier
 AUTO_TOLERANCE = 0.001  # a later candidate must beat the chosen one's OOF macro-F1 by more
 FEATURES = ("probs", "probs+pooled")  # the first is the default
 DEFAULT_SEED = 0
