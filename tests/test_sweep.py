@@ -1,6 +1,6 @@
 """`fusion sweep`: the --space grammar, trials scored out of fold (never on the holdout),
 pruning that stops a trial's remaining folds, resuming after a real SIGKILL, and the best run
-accepted by `fusion stack`."""
+accepted by `fusion stack`, `compare` and `predict`."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def test_trials_score_out_of_fold_never_the_holdout_and_best_is_a_run_stack_acce
         store, tmp_path):
     """Relabelling every holdout row changes no trial's score (the search never reads the
     holdout); the best trial is retrained into <out>/best with the same out-of-fold macro-F1,
-    and `fusion stack` takes it next to another run of the store."""
+    and `fusion stack` takes it next to another run of the store (`compare`, `predict` too)."""
     space = "dim=8,16 lr=1e-3:1e-2:log"
     kw = dict(out=tmp_path / "a", sweep_config=SweepConfig(n_trials=3, prune=False), **TINY)
     a = sweep(store, "concat", space, **kw)
@@ -112,6 +112,9 @@ def test_trials_score_out_of_fold_never_the_holdout_and_best_is_a_run_stack_acce
                               "--stacker", "logreg", "--out", str(tmp_path / "stack")])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["compare", str(a.best.path), str(plain.path), "--json"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["predict", "--run", str(a.best.path), "--store", store.url,
+                              "--rows", "holdout", "--out", str(tmp_path / "p.csv"), "-q"])
     assert res.exit_code == 0, res.output
     # the same command again: the study is complete, nothing is retrained
     mtime = (a.best.path / "oof.npy").stat().st_mtime_ns
