@@ -55,7 +55,7 @@ def finished(path: Path) -> bool:
     return True
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("store")
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resamples", type=int, default=1000)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     store = open_store(a.store)
     a.out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,10 @@ from cli.fusion_app import app
 from fusion.batch import Batch
 from fusion.checks import check_head, random_batch
 from fusion.heads import create_head, list_heads
+
+from .conftest import make_complementary_store
+
+ROOT = Path(__file__).resolve().parent.parent
 
 DIMS = {"text_dim": 16, "image_dim": 12, "num_classes": 5, "text_layers": 2}
 NEW = ["film", "lmf", "mlb", "mult", "tensor"]
@@ -110,6 +117,10 @@ def test_film_with_identity_modulation_ignores_the_text_and_otherwise_uses_it():
         head.film.bias.zero_()  # gamma = 1, beta = 0 for every text
         torch.testing.assert_close(head(other), head(batch))
         assert torch.equal(head.internals["gamma"], torch.ones_like(head.internals["gamma"]))
+        x = head.stem(batch.image_regions[:, 1:])  # unmodulated residual blocks, by hand
+        for block in head.blocks:
+            x = x + torch.relu(block.norm(block.linear(x)))
+        torch.testing.assert_close(head.forward_features(batch), x.mean(dim=1))
 
 
 def test_mult_empty_text_keeps_the_image_half_and_zeroes_the_text_half():
@@ -257,3 +268,33 @@ def test_gated_xattn_weights_saved_without_the_empty_token_still_load():
     fresh.empty.data.fill_(1.0)
     fresh.load_state_dict(old)  # strict: the pre-hook supplies `empty` at its initial zeros
     assert (fresh.empty == 0).all()
+
+
+# --------------------------------------------------------------------------- the measurement script
+
+
+def _bench_script():
+    spec = importlib.util.spec_from_file_location("bench_heads_script",
+                                                  ROOT / "examples" / "bench_heads.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_heads_trains_compares_and_resumes(tmp_path, capsys):
+    make_complementary_store(tmp_path / "c.zarr", n=120)
+    out = tmp_path / "bench"
+    argv = [str(tmp_path / "c.zarr"), "--out", str(out), "--epochs", "1", "--folds", "2",
+            "--batch-size", "32", "--resamples", "50", "--run", "tensor=tensor:dim=4,hidden=8",
+            "--run", "lmf-r2=lmf:rank=2,dim=8", "--baseline", "tensor"]
+    bench = _bench_script()
+    bench.main(argv)
+    printed = capsys.readouterr().out
+    trained = [json.loads(line) for line in printed.splitlines() if line.startswith("{")]
+    assert [t["run"] for t in trained] == ["tensor", "lmf-r2"]
+    assert trained[1]["options"] == {"rank": 2, "dim": 8}
+    table = (out / "leaderboard.md").read_text()
+    lmf_row = next(line for line in table.splitlines() if "| lmf-r2 |" in line)
+    assert re.search(r"[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]", lmf_row)  # vs tensor
+    bench.main(argv)  # the second call finds both runs finished and only compares
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
