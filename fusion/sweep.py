@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +102,6 @@ def sweep(store, head: Any = DEFAULT_HEAD, space: str | Space = "", *, out: str 
                 raise optuna.TrialPruned(f"mean fold macro-F1 {np.mean(scores):.4f} after "
                                          f"{len(scores)} of {n_runs} folds")
 
-        t0 = time.perf_counter()
         try:
             run = train(s.store, s.head, text=text, image=image, out=None,
                         config=cfg.override(**train_over, options={**cfg.options, **options}),
@@ -111,7 +109,6 @@ def sweep(store, head: Any = DEFAULT_HEAD, space: str | Space = "", *, out: str 
         except FusionError as e:  # e.g. options that do not fit together: this trial fails
             trial.set_user_attr("error", str(e))
             raise
-        trial.set_user_attr("seconds", time.perf_counter() - t0)
         return float(run.metrics["macro_f1"])  # out-of-fold, never the holdout
 
     def report(st: optuna.Study, ft: optuna.trial.FrozenTrial) -> None:
@@ -224,9 +221,16 @@ def _summary(study: optuna.Study, identity: dict[str, Any], best: optuna.trial.F
         "trials": [{"number": t.number, "state": t.state.name.lower(), "value": t.value,
                     "params": t.params, "fold_scores": [t.intermediate_values[k] for k in
                                                        sorted(t.intermediate_values)],
-                    "seconds": t.user_attrs.get("seconds")}
+                    "seconds": _seconds(t), "error": t.user_attrs.get("error")}
                    for t in study.get_trials(deepcopy=False)],
     }
+
+
+def _seconds(t: optuna.trial.FrozenTrial) -> float | None:
+    """Wall time of a finished trial (pruned and failed ones included)."""
+    if t.datetime_start is None or t.datetime_complete is None:
+        return None
+    return (t.datetime_complete - t.datetime_start).total_seconds()
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -138,6 +138,7 @@ def test_pruned_trials_stop_after_the_first_fold(store, tmp_path):
     assert all(len(t.intermediate_values) == 1 for t in pruned)
     assert all(len(t.intermediate_values) == 5 for t in complete)
     assert res.summary["best"]["params"]["lr"] == 0.03
+    assert all(t["seconds"] > 0 for t in res.summary["trials"])  # pruned ones timed too
 
 
 def test_timeout_stops_starting_trials(store, tmp_path):
