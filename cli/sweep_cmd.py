@@ -109,9 +109,9 @@ def sweep(
 
     Examples:
 
-      fusion sweep --store cat.zarr --head hanet --space "dim=32,64 dropout=0.0:0.5 lr=1e-4:3e-3:log" --n-trials 3 --folds 2 --epochs 2 --out runs/sweep-hanet
+      fusion sweep --store cat.zarr --head hanet --space "dim=32,64 dropout=0.0:0.5 lr=1e-4:3e-3:log" --n-trials 2 --folds 2 --epochs 2 --out runs/sweep-hanet
 
-      fusion sweep --store cat.zarr --head concat --space "hidden=32,64 weight_decay=1e-4:1e-1:log epochs=2:4" --n-trials 2 --no-prune --out runs/sweep-concat
+      fusion sweep --store cat.zarr --head concat --space "hidden=32,64 weight_decay=1e-4:1e-1:log epochs=1:3" --n-trials 2 --folds 2 --no-prune --out runs/sweep-concat
     """
     given = {k: v for k, v in dict(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
