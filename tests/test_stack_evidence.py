@@ -7,8 +7,7 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,10 @@ from fusion.errors import StackError
 from fusion.metrics import classification_metrics
 from fusion.rundir import load_run
 from fusion.stack import AUTO_CANDIDATES, create_stacker, stack
+from fusion.stack.stackers import LightGBMStacker, XGBoostStacker, available_cpus
 from fusion.testing import make_synthetic_runs
 
 from .conftest import make_complementary_store
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -151,12 +149,20 @@ def test_cli_default_prints_the_choice_and_refuses_params_without_a_stacker(
 
 # -- threads ------------------------------------------------------------------------------------
 def test_gbdt_threads_default_to_the_cpus_this_process_may_use():
-    code = ("from fusion.stack.stackers import LightGBMStacker, XGBoostStacker; "
-            "print(LightGBMStacker.defaults['n_jobs'], XGBoostStacker.defaults['n_jobs'])")
-    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], cwd=ROOT,
-                         capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.stdout.split() == ["1", "1"]
+    # a thread pinned to one CPU (sched_setaffinity(0) binds the calling thread only) sees 1
+    seen = []
+
+    def pinned():
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+        seen.append(available_cpus())
+
+    t = threading.Thread(target=pinned)
+    t.start()
+    t.join()
+    assert seen == [1]
+    n = len(os.sched_getaffinity(0))
+    assert available_cpus() == n
+    assert LightGBMStacker.defaults["n_jobs"] == XGBoostStacker.defaults["n_jobs"] == n
 
 
 # -- 3. multi-level fusion: pooled features reduced by a PCA fitted inside each fold ---------------
