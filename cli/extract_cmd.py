@@ -28,6 +28,7 @@ from rich.text import Text
 from embedstore.errors import ExtractionError, InvalidInputError
 from embedstore.extract import ExtractConfig, FeatureResult
 from embedstore.extract import extract as run_extract
+from embedstore.extract.append import append as run_append
 
 from ._common import (
     Quiet,
@@ -125,6 +126,12 @@ def extract(
                               f"data, then exits 1 (default {_D.max_error_rate}).")] = None,
     block_rows: Annotated[int | None, typer.Option(help="Rows per write block (power of two) "
                           f"(default {_D.block_rows}).")] = None,
+    append: Annotated[bool, typer.Option("--append", help="Add the catalog's new items to "
+                      "an existing store as a segment, filling every feature set with its "
+                      "recorded encoder (no encoder flags needed).")] = False,
+    no_folds: Annotated[bool, typer.Option("--no-folds", help="With --append: keep the new "
+                        "items out of every fold and the holdout (for prediction only).")]
+    = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads for the encoder "
                                                 "(torch.set_num_threads); default: torch's "
                                                 "choice (OMP_NUM_THREADS).")] = None,
@@ -145,6 +152,8 @@ def extract(
 
       torchrun --standalone --nproc-per-node 4 $(which embedstore) extract data/catalog.csv --store cat.zarr --text hf:$(embedstore weights path minilm) --text-name minilm-ddp
 
+      python examples/make_catalog.py --out new --n 24 --seed 7 --first-id 900000 --no-labels && embedstore extract new/catalog.csv --store cat.zarr --append
+
     Exit codes: 0 done; 1 done, but more failed rows than --max-error-rate (data kept); 2 bad
     input, nothing written (one `error:` line). See docs/extract.md.
     """
@@ -164,10 +173,21 @@ def extract(
         block_rows=block_rows, storage_options=parse_storage_options(storage_option))
     if label_col == "":  # '' = the catalog has no labels
         cfg = dataclasses.replace(cfg, label_col=None)
+    if no_folds and not append:
+        raise InvalidInputError("--no-folds applies to --append only")
+    if append and (text or image or overwrite):
+        raise InvalidInputError("--append fills the store's feature sets with their recorded "
+                                "encoders: drop --text/--image/--overwrite")
     prog = RichProgress(quiet or not main_rank)
     failed = None
     try:
-        results = run_extract(catalog, store, cfg, progress=prog)
+        if append:
+            results = run_append(catalog, store, resume=bool(resume), no_folds=no_folds,
+                                 progress=prog, storage_options=cfg.storage_options,
+                                 device=device, batch_size=batch_size, num_workers=num_workers,
+                                 precision=precision)
+        else:
+            results = run_extract(catalog, store, cfg, progress=prog)
     except ExtractionError as e:
         if not hasattr(e, "results"):
             raise

@@ -78,9 +78,11 @@ def read_catalog(path: str | os.PathLike, *, id_col: str = "id",
                  text_cols: Sequence[str] | None = ("title", "description"),
                  image_col: str | None = "image", label_col: str | None = "label",
                  need_text: bool = True, need_image: bool = True,
-                 group_col: str | None = None) -> Catalog:
+                 group_col: str | None = None, labels_optional: bool = False) -> Catalog:
     """Load and validate a catalog. Every problem is a :class:`CatalogError` raised before any
-    encoding starts. ``group_col``: the column whose equal values must share a fold."""
+    encoding starts. ``group_col``: the column whose equal values must share a fold.
+    ``labels_optional`` (appends): a missing or empty label column means unlabelled items, and
+    one class is enough (the store holds the others)."""
     path = os.fspath(path)
     if "://" not in path and not os.path.exists(path):
         raise CatalogError(f"catalog {path!r} does not exist; check the path")
@@ -90,6 +92,8 @@ def read_catalog(path: str | os.PathLike, *, id_col: str = "id",
     cols = list(df.columns)
     wanted = [id_col] + (list(text_cols or []) if need_text else [])
     wanted += [image_col] if need_image and image_col else []
+    if labels_optional and label_col and (label_col not in cols or df[label_col].isna().all()):
+        label_col = None  # unlabelled items (for prediction only)
     wanted += [label_col] if label_col else []
     wanted += [group_col] if group_col else []
     missing = [c for c in wanted if c not in cols]
@@ -134,7 +138,7 @@ def read_catalog(path: str | os.PathLike, *, id_col: str = "id",
             raise CatalogError(f"catalog {path!r}: {len(bad)} rows have no label (first: "
                                f"{bad[:3]}); fill them, drop them, or omit --label-col")
         labels = [v.item() if isinstance(v, np.generic) else v for v in labels]
-        if len(set(labels)) < 2:
+        if len(set(labels)) < 2 and not labels_optional:
             raise CatalogError(f"catalog {path!r}: label column {label_col!r} has a single class "
                                f"{labels[0]!r}; a classifier needs >= 2 (omit --label-col to "
                                "store no labels)")

@@ -3,6 +3,7 @@ exclusive claim of the root that makes an interrupted or concurrent creation saf
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from .store import Store, protocol_read_only, store_exists
 from .version import __version__
 from .zarrio import Location, create_arrays
 
-__all__ = ["SKLEARN_MAX_GROUPS", "create_store", "group_holdout", "grouped_folds", "majority_class",
+__all__ = ["hash_folds", "SKLEARN_MAX_GROUPS", "create_store", "group_holdout", "grouped_folds", "majority_class",
            "make_folds", "round_robin_folds"]
 
 _ROOT_NAMES = (*ROOT_ARRAYS, "features", "zarr.json")
@@ -89,6 +90,19 @@ def make_folds(labels: np.ndarray | None, n: int, *, k: int = 5, seed: int = 0,
     for f, (_, test) in enumerate(parts):
         folds[train_idx[test]] = f
     return folds, stratified
+
+
+def hash_folds(keys: Sequence[str], *, k: int, holdout: float, salt: str) -> np.ndarray:
+    """Folds of appended rows, a pure function of each key (the id, or the group of a grouped
+    store): ``u = sha256(salt + key)[:8] / 2**64``; holdout (-1) when ``u < holdout``, else
+    fold ``floor((u - holdout) / (1 - holdout) * k)`` (docs/format.md §2.3). Independent of the
+    order and batching of appends."""
+    out = np.empty(len(keys), np.int8)
+    for i, key in enumerate(keys):
+        h = hashlib.sha256((salt + str(key)).encode("utf-8")).digest()[:8]
+        u = int.from_bytes(h, "big") / 2.0**64
+        out[i] = -1 if u < holdout else min(k - 1, int((u - holdout) / (1 - holdout) * k))
+    return out
 
 
 SKLEARN_MAX_GROUPS = 20_000  # StratifiedGroupKFold loops over groups in Python (~1 ms each)
@@ -243,7 +257,8 @@ def create_store(url: str | os.PathLike, ids: Sequence[Any], labels: Sequence[An
                  *, classes: Sequence[Any] | None = None, folds: int = 5, seed: int = 0,
                  holdout: float = 0.2, source: str | None = None,
                  storage_options: dict | None = None, overwrite: bool = False,
-                 groups: Sequence[Any] | None = None, group_col: str | None = None) -> Store:
+                 groups: Sequence[Any] | None = None, group_col: str | None = None,
+                 assignment: np.ndarray | None = None) -> Store:
     """Create a store for a dataset: ids (unique), optional labels, canonical stratified folds.
 
     ``groups`` (one value per id, e.g. a product family): no group is split across folds or
@@ -270,8 +285,14 @@ def create_store(url: str | os.PathLike, ids: Sequence[Any], labels: Sequence[An
     if labels is not None:
         codes, classes = _encode_labels(labels, n, classes)
     group_arr = None if groups is None else _check_groups(groups, n)
-    fold_arr, stratified = make_folds(codes, n, k=folds, seed=seed, holdout=holdout,
-                                      groups=None if group_arr is None else group_arr.astype(str))
+    if assignment is not None:  # the folds of an appended segment (hash_folds), as given
+        fold_arr, stratified = np.asarray(assignment, np.int8), False
+        if fold_arr.shape != (n,) or ((fold_arr < -2) | (fold_arr >= folds)).any():
+            raise InvalidInputError(f"assignment must be {n} fold values in [-2, {folds})")
+    else:
+        fold_arr, stratified = make_folds(codes, n, k=folds, seed=seed, holdout=holdout,
+                                          groups=None if group_arr is None
+                                          else group_arr.astype(str))
     fingerprint = fingerprint_ids(ids_arr, codes)
     fold_opts: dict[str, Any] = {"k": folds, "seed": seed, "holdout": holdout}
     if group_arr is not None:

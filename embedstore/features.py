@@ -115,6 +115,10 @@ class FeatureSet:
         self.check_unchanged()
         return out
 
+    def read_array(self, key: str, sel: slice = slice(None)) -> np.ndarray:
+        """Rows ``sel`` of this set's array ``key`` (checked against a concurrent replacement)."""
+        return self._read([(key, sel)])[0]
+
     def _small_arr(self, name: str) -> np.ndarray:
         if name not in self._small:
             self._small[name] = self._read([(name, slice(None))])[0]

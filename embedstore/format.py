@@ -24,6 +24,9 @@ from .errors import StoreFormatError
 
 __all__ = [
     "FORMAT_VERSION",
+    "READ_FORMAT",
+    "SEGMENTS_GROUP",
+    "segment_path",
     "ATTRS_KEY",
     "MODALITIES",
     "TEXT_ARRAYS",
@@ -46,14 +49,12 @@ __all__ = [
     "region_chunk_rows",
     "fingerprint_ids",
     "fingerprint_folds",
-    "IDENTITY_FIELDS",
-    "feature_identity",
-    "identity_fingerprint",
     "expected_chunks",
     "DEFAULT_BLOCK_ROWS",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what a new store is written as; its first append makes it format 2
+READ_FORMAT = 2  # the newest format this version reads (format 2: segments, docs/format.md)
 ATTRS_KEY = "embedstore"  # all our metadata lives under this key of the zarr attributes
 DEFAULT_BLOCK_ROWS = 1024  # rows per write unit (must be a power of two)
 MODALITIES = ("text", "image")
@@ -68,6 +69,14 @@ _IDS_CHUNK = 65536
 
 
 # -- names ------------------------------------------------------------------------------------
+
+
+SEGMENTS_GROUP = "segments"  # format 2: segment s >= 1 is a format-1 store under segments/<s>/
+
+
+def segment_path(seg_id: int, pending: bool = False) -> str:
+    """Where segment ``seg_id`` lives relative to the store root (``pending``: being written)."""
+    return f"{SEGMENTS_GROUP}/.{seg_id}.new" if pending else f"{SEGMENTS_GROUP}/{seg_id}"
 
 
 def main_array(modality: str) -> str:
@@ -221,9 +230,9 @@ def parse_root_attrs(attrs: dict, url: str = "") -> dict:
         raise StoreFormatError(f"{where}: attribute {ATTRS_KEY!r} must be an object, found "
                                f"{type(meta).__name__}")
     version = _field(meta, "format", int, where)
-    if version > FORMAT_VERSION:
+    if version > READ_FORMAT:
         raise StoreFormatError(f"{where} has format {version}, newer than this embedstore "
-                               f"understands ({FORMAT_VERSION}); upgrade embedstore "
+                               f"understands ({READ_FORMAT}); upgrade embedstore "
                                "(pip install -U embedstore-fusion)")
     if version < 1:
         raise StoreFormatError(f"{where} has format {version}; only format 1 exists")
@@ -235,6 +244,20 @@ def parse_root_attrs(attrs: dict, url: str = "") -> dict:
         _field(folds, "grouped", bool, f"{where} folds")
     if folds.get("group_col") is not None:
         _field(folds, "group_col", str, f"{where} folds")
+    if version >= 2:
+        segs = _field(meta, "segments", list, where)
+        start = 0
+        for seg in segs:
+            if not isinstance(seg, dict) or seg.get("start") != start or not isinstance(
+                    seg.get("n_items"), int) or not isinstance(seg.get("id"), int):
+                raise StoreFormatError(f"{where}: segment entry {seg!r} is not "
+                                       f"{{'id', 'start' = {start}, 'n_items'}}; the store's "
+                                       "manifest is damaged")
+            start += seg["n_items"]
+        if not segs or segs[0]["id"] != 0 or start != meta["n_items"]:
+            raise StoreFormatError(f"{where}: segments cover {start} rows from id "
+                                   f"{segs[0]['id'] if segs else None}, n_items is "
+                                   f"{meta['n_items']}; the store's manifest is damaged")
     classes = meta.get("classes")
     if classes is not None and not isinstance(classes, list):
         raise StoreFormatError(f"{where}: field 'classes' must be a list or null, found "
@@ -356,36 +379,3 @@ def fingerprint_ids(ids: np.ndarray, labels: np.ndarray | None) -> str:
 def fingerprint_folds(folds: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(folds, dtype=np.int8).tobytes()).hexdigest()[:16]
 
-
-#: The fields of a feature set's attributes that decide whether a model trained on it may run on
-#: another set (docs/format.md §2.7). ``encoder`` is reduced to what identifies the weights.
-IDENTITY_FIELDS = ("modality", "kind", "dim", "pooled_dim", "dtype", "layers", "n_regions",
-                   "prefix_tokens", "grid", "pooling", "preprocess", "encoder", "gallery")
-
-
-def _encoder_identity(enc: dict | None) -> dict | None:
-    """The weights, not where they lay: a local spec path differs between machines while the
-    sha256 of the same weights does not; without a recorded sha256 the spec is the identity."""
-    if not enc:
-        return None
-    if enc.get("weights_sha256"):
-        return {"library": enc.get("library"), "name": enc.get("name"),
-                "weights_sha256": enc["weights_sha256"]}
-    return {"spec": enc.get("spec"), "revision": enc.get("revision")}
-
-
-def feature_identity(meta: dict, fields: tuple[str, ...] = IDENTITY_FIELDS) -> dict:
-    """The identity of a feature set from its attributes (``FeatureSet.meta``), restricted to
-    ``fields`` that are present (format-1 sets lack some, e.g. ``gallery``)."""
-    out = {}
-    for key in fields:
-        if key not in meta:
-            continue
-        out[key] = _encoder_identity(meta[key]) if key == "encoder" else meta[key]
-    return out
-
-
-def identity_fingerprint(identity: dict) -> str:
-    """First 16 hex of SHA-256 over the canonical JSON of an identity (keys sorted)."""
-    doc = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(doc.encode()).hexdigest()[:16]

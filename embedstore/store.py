@@ -24,9 +24,10 @@ from .errors import (
     StoreNotFoundError,
 )
 from .features import FeatureSet
-from .format import ATTRS_KEY, ROOT_ARRAYS, parse_root_attrs
+from .format import ATTRS_KEY, ROOT_ARRAYS, parse_root_attrs, segment_path
 from .loader import BatchLoader
 from .overwrite import finish_interrupted_swaps
+from .segments import SegmentedFeatureSet
 from .zarrio import Location, read_array
 
 __all__ = ["Store", "open_store", "store_exists", "protocol_read_only"]
@@ -84,7 +85,8 @@ class Store:
     ``location`` is the URL opened as a Zarr store; ``group`` the root Zarr group.
     """
 
-    def __init__(self, location: Location, root: zarr.Group, *, mode: str):
+    def __init__(self, location: Location, root: zarr.Group, *, mode: str,
+                 segment0: bool = False):
         self.location = location
         self.url = location.url
         self.storage_options = location.storage_options
@@ -97,12 +99,43 @@ class Store:
                 "process or was interrupted; run the same `embedstore extract` again to finish "
                 "it")
         self.meta = parse_root_attrs(attrs, self.url)
+        if segment0 and self.meta.get("segments"):  # the root arrays alone, as format 1
+            self.meta = {**{k: v for k, v in self.meta.items() if k != "segments"},
+                         "format": 1, "n_items": self.meta["segments"][0]["n_items"]}
         self.n_items: int = self.meta["n_items"]
         self._cache: dict[str, np.ndarray] = {}
         if self.meta.get("all_chunks"):  # written whole at creation: missing chunk = lost data
             for name in ROOT_ARRAYS:
                 location.mark_complete(f"{name}/")
+        self.segment_stores = self._open_segments()
         self.features = FeatureSets(self)
+
+    def _open_segments(self) -> list[Store]:
+        """Format 2: the appended segments (each a format-1 store), in row order."""
+        out = []
+        for seg in (self.meta.get("segments") or [])[1:]:
+            url = f"{self.url.rstrip('/')}/{segment_path(seg['id'])}"
+            loc = Location(url, self.storage_options, read_only=(self.mode == "r"))
+            part = Store(loc, loc.open_root(self.mode), mode=self.mode)
+            if part.n_items != seg["n_items"]:
+                raise StoreCorruptError(f"segment {seg['id']} of {self.url!r} has "
+                                        f"{part.n_items} rows, the manifest says "
+                                        f"{seg['n_items']}; the store is damaged")
+            out.append(part)
+        return out
+
+    def parts(self) -> list[Store]:
+        """One format-1 store per segment, in row order (``[self]`` for a format-1 store)."""
+        if not self.segment_stores:
+            return [self]
+        return [Store(self.location, self.group, mode=self.mode, segment0=True),
+                *self.segment_stores]
+
+    @property
+    def segments(self) -> list[dict]:
+        """The manifest: ``[{"id", "start", "n_items", ...}]`` (one entry for format 1)."""
+        return list(self.meta.get("segments") or [
+            {"id": 0, "start": 0, "n_items": self.n_items}])
 
     def __repr__(self) -> str:
         return (f"Store({self.url!r}, n_items={self.n_items}, "
@@ -116,8 +149,21 @@ class Store:
             except KeyError:
                 raise StoreCorruptError(f"store {self.url!r} lacks the {name!r} array; it is "
                                         "damaged: re-create it with `embedstore extract`") from None
-            self._cache[name] = read_array(arr, name)
+            data = read_array(arr, name)
+            if self.segment_stores:  # format 2: the segments' rows follow segment 0's
+                data = np.concatenate([data] + [p._segment_array(name)
+                                                for p in self.segment_stores])
+            self._cache[name] = data
         return self._cache[name]
+
+    def _segment_array(self, name: str) -> np.ndarray:
+        """Array ``name`` of this segment; an unlabelled segment's labels are -1 and its
+        ``groups`` empty strings (docs/format.md §2.2)."""
+        if name == "labels" and self.meta.get("classes") is None:
+            return np.full(self.n_items, -1, np.int32)
+        if name == "groups" and not self.meta["folds"].get("grouped"):
+            return np.array([""] * self.n_items, dtype=self.ids.dtype)
+        return self._array(name)
 
     @property
     def ids(self) -> np.ndarray:
@@ -223,6 +269,7 @@ class Store:
         self.location.keep_complete({f"{n}/" for n in ROOT_ARRAYS
                                      if self.meta.get("all_chunks")})
         self._cache.clear()
+        self.segment_stores = self._open_segments()
         self.features = FeatureSets(self)
         return self
 
@@ -246,7 +293,11 @@ class FeatureSets(Mapping):
 
     def __getitem__(self, name: str) -> FeatureSet:
         if name not in self._open:
-            self._open[name] = FeatureSet(self._store, name, self._store.feature_group(name))
+            fs = FeatureSet(self._store, name, self._store.feature_group(name))
+            if self._store.segment_stores:  # format 2: one part per segment
+                fs = SegmentedFeatureSet(self._store, name, [fs] + [
+                    p.features[name] for p in self._store.segment_stores])
+            self._open[name] = fs
         return self._open[name]
 
     def forget(self, name: str) -> None:

@@ -92,6 +92,16 @@ def verify_store(store, *, fast: bool = False, features: list[str] | None = None
 
     ``fast`` checks metadata and counts only (no tensor data is read).
     """
+    if store.segment_stores:  # format 2: every segment is checked as the store it is
+        rep = VerifyReport(store.url)
+        for seg, part in zip(store.segments, store.parts(), strict=True):
+            sub = verify_store(part, fast=fast, features=features)
+            rep.problems += [f"segment {seg['id']}: {p}" for p in sub.problems]
+            for name, info in sub.checked.items():
+                rep.checked.setdefault(name, {**info, "n_done": 0})
+                rep.checked[name]["n_done"] += info.get("n_done", 0)
+                rep.checked[name]["ok"] = rep.checked[name].get("ok", True) and info.get("ok")
+        return rep
     rep = VerifyReport(store.url)
     n = store.n_items
     _check_consolidated(store, rep)

@@ -386,6 +386,8 @@ def make_catalog(
     image_size: int = 128,
     long_tail: bool = False,
     harder: bool = False,
+    first_id: int = 0,
+    labelled: bool = True,
 ) -> Path:
     """Write ``n`` items (csv + PNGs) under ``out_dir`` and return the path of catalog.csv.
 
@@ -394,7 +396,9 @@ def make_catalog(
     over the families (:func:`class_sizes`) get :data:`LONG_TAIL_RATIO` times the items of each
     other class: the imbalance ``--class-weight`` and ``--label-smoothing`` are for. With ``harder``,
 modalities are weak more often and 8% of the labels are another variant of the family (see the
-module docstring). Each item is drawn from its own seed stream; files of an
+module docstring). Ids are ``SKU-<first_id + i>`` (``first_id``: new items for an append); with
+``labelled=False`` the csv has no label column (items to predict). Each item is drawn from its
+own seed stream; files of an
     earlier run in ``out_dir`` are overwritten (images beyond the new ``n`` are left alone).
     """
     _check_int("n_classes", n_classes, 2, MAX_CLASSES)
@@ -425,7 +429,7 @@ module docstring). Each item is drawn from its own seed stream; files of an
     for i in range(n):
         rng = np.random.default_rng(np.random.SeedSequence(item_seeds.entropy, spawn_key=(i,)))
         y = int(ys[i])
-        item_id = f"SKU-{i:06d}"
+        item_id = f"SKU-{first_id + i:06d}"
         title, desc, img = _make_item(rng, y, n_classes, image_size, modes)
         rel = f"images/{item_id}.png"
         img.save(out / rel, format="PNG", compress_level=6)
@@ -433,8 +437,12 @@ module docstring). Each item is drawn from its own seed stream; files of an
     path = out / "catalog.csv"
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(("id", "title", "description", "image", "label"))
-        w.writerows(rows)
+        if labelled:
+            w.writerow(("id", "title", "description", "image", "label"))
+            w.writerows(rows)
+        else:
+            w.writerow(("id", "title", "description", "image"))
+            w.writerows(r[:4] for r in rows)
     return path
 
 
@@ -722,11 +730,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--harder", action="store_true",
                    help="sources disagree more: more weak-modality items and 8%% label noise "
                    "within a family (see the module docstring)")
+    p.add_argument("--first-id", type=int, default=0,
+                   help="ids start at SKU-<first-id> (new items to append; default 0)")
+    p.add_argument("--no-labels", action="store_true",
+                   help="write no label column (items to predict)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         path = make_catalog(args.out, args.n, args.seed, args.classes, args.image_size,
-                            long_tail=args.long_tail, harder=args.harder)
+                            long_tail=args.long_tail, harder=args.harder,
+                            first_id=args.first_id, labelled=not args.no_labels)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from embedstore import Store, open_store
-from embedstore.format import feature_identity
+from embedstore.identity import feature_identity
 
 from .batch import Batch
 from .device import resolve_device, torch_threads

@@ -224,10 +224,10 @@ def test_existing_store_not_overwritten(small_store):
 def test_newer_format_version_refused(small_store):
     meta_file = Path(small_store.url) / "zarr.json"
     meta = json.loads(meta_file.read_text())
-    meta["attributes"]["embedstore"]["format"] = 2
+    meta["attributes"]["embedstore"]["format"] = 3
     meta.pop("consolidated_metadata", None)
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(es.StoreFormatError, match="format 2, newer than this embedstore"):
+    with pytest.raises(es.StoreFormatError, match="format 3, newer than this embedstore"):
         es.open_store(small_store.url)
 
 
