@@ -13,10 +13,12 @@ compare`, `fusion stack` and `fusion predict` accept; ``<out>/sweep.json`` lists
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,56 +90,73 @@ def sweep(store, head: Any = DEFAULT_HEAD, space: str | Space = "", *, out: str 
         "head": s.head_spec, "space": space.describe(), "store": s.store.fingerprint,
         "text": text, "image": image, "train": cfg.to_dict()}, default=str))
     out.mkdir(parents=True, exist_ok=True)
-    study = _open_study(out, identity, sc)
-    n_runs = len(s.fold_ids) * len(cfg.seed_list)
+    with _exclusive(out):  # one process per study
+        study = _open_study(out, identity, sc)
+        n_runs = len(s.fold_ids) * len(cfg.seed_list)
 
-    def objective(trial: optuna.Trial) -> float:
-        train_over, options = space.suggest(trial)
-        scores: list[float] = []
+        def objective(trial: optuna.Trial) -> float:
+            train_over, options = space.suggest(trial)
+            scores: list[float] = []
 
-        def on_fold(_fold: int, fm: dict[str, Any]) -> None:
-            scores.append(float(fm["macro_f1"]))
-            trial.report(float(np.mean(scores)), len(scores) - 1)
-            if len(scores) < n_runs and trial.should_prune():
-                raise optuna.TrialPruned(f"mean fold macro-F1 {np.mean(scores):.4f} after "
-                                         f"{len(scores)} of {n_runs} folds")
+            def on_fold(_fold: int, fm: dict[str, Any]) -> None:
+                scores.append(float(fm["macro_f1"]))
+                trial.report(float(np.mean(scores)), len(scores) - 1)
+                if len(scores) < n_runs and trial.should_prune():
+                    raise optuna.TrialPruned(f"mean fold macro-F1 {np.mean(scores):.4f} after "
+                                             f"{len(scores)} of {n_runs} folds")
 
-        try:
-            run = train(s.store, s.head, text=text, image=image, out=None,
-                        config=cfg.override(**train_over, options={**cfg.options, **options}),
-                        on_fold=on_fold)
-        except FusionError as e:  # e.g. options that do not fit together: this trial fails
-            trial.set_user_attr("error", str(e))
-            raise
-        return float(run.metrics["macro_f1"])  # out-of-fold, never the holdout
+            try:
+                run = train(s.store, s.head, text=text, image=image, out=None,
+                            config=cfg.override(**train_over, options={**cfg.options, **options}),
+                            on_fold=on_fold)
+            except FusionError as e:  # e.g. options that do not fit together: this trial fails
+                trial.set_user_attr("error", str(e))
+                raise
+            return float(run.metrics["macro_f1"])  # out-of-fold, never the holdout
 
-    def report(st: optuna.Study, ft: optuna.trial.FrozenTrial) -> None:
-        if progress:
-            done = _finished(st)
-            best = _best(st)
-            progress({"number": ft.number, "state": ft.state.name.lower(), "value": ft.value,
-                      "finished": done, "total": sc.n_trials,
+        def report(st: optuna.Study, ft: optuna.trial.FrozenTrial) -> None:
+            if progress:
+                done = _finished(st)
+                best = _best(st)
+                progress({"number": ft.number, "state": ft.state.name.lower(), "value": ft.value,
+                          "finished": done, "total": sc.n_trials,
+                          "best": best.value if best else None})
+
+        remaining = sc.n_trials - _finished(study)
+        if progress:  # every check passed: the study starts (or continues)
+            best = _best(study)
+            progress({"number": None, "state": "start", "value": None,
+                      "finished": _finished(study), "total": sc.n_trials,
                       "best": best.value if best else None})
+        if remaining > 0:
+            study.optimize(objective, n_trials=remaining, timeout=sc.timeout, callbacks=[report],
+                           catch=(FusionError,), gc_after_trial=False)
+        best_trial = _best(study)
+        if best_trial is None:
+            failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            why = failed[-1].user_attrs.get("error", "") if failed else ""
+            raise TrainError(f"no trial of the sweep in {str(out)!r} completed ({len(failed)} "
+                             f"failed{': ' + str(why) if why else ''}); check --space and --set")
+        best = _write_best(s, cfg, space, best_trial, out, text, image)
+        summary = _summary(study, identity, best_trial, sc)
+        _write_json(out / "sweep.json", summary)
+        return SweepResult(study, best, summary)
 
-    remaining = sc.n_trials - _finished(study)
-    if progress:  # every check passed: the study starts (or continues)
-        best = _best(study)
-        progress({"number": None, "state": "start", "value": None,
-                  "finished": _finished(study), "total": sc.n_trials,
-                  "best": best.value if best else None})
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, timeout=sc.timeout, callbacks=[report],
-                       catch=(FusionError,), gc_after_trial=False)
-    best_trial = _best(study)
-    if best_trial is None:
-        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        why = failed[-1].user_attrs.get("error", "") if failed else ""
-        raise TrainError(f"no trial of the sweep in {str(out)!r} completed ({len(failed)} "
-                         f"failed{': ' + str(why) if why else ''}); check --space and --set")
-    best = _write_best(s, cfg, space, best_trial, out, text, image)
-    summary = _summary(study, identity, best_trial, sc)
-    _write_json(out / "sweep.json", summary)
-    return SweepResult(study, best, summary)
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold ``<out>/.lock`` (an flock: the kernel drops it when the process dies, so a killed
+    sweep never leaves it behind) or refuse in one line."""
+    with open(out / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainError(f"another `fusion sweep` is running the study in {str(out)!r}; "
+                             "wait for it (or stop it) before running this one") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _open_study(out: Path, identity: dict[str, Any], sc: SweepConfig) -> optuna.Study:

@@ -4,6 +4,7 @@ accepted by `fusion stack`, `compare` and `predict`."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -170,6 +171,13 @@ def test_cli_errors_are_one_line_and_leave_no_study(store, tmp_path):
                               str(out), "--space", "dim=8,16", "--epochs", "3",
                               "--batch-size", "32", "--set", "hidden=8"])
     assert res.exit_code == 2 and "(different train: train.epochs 2 there, 3 here)" in res.output
+    # while another process holds the study (its flock), a second sweep is refused
+    with open(out / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(fusion.TrainError, match="another `fusion sweep` is running"):
+            sweep(store, "concat", "dim=8,16", out=out, sweep_config=SweepConfig(n_trials=2),
+                  **TINY)
+    assert len(_trials(out)) == 1
     assert len(_trials(out)) == 1
 
 
