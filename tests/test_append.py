@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from cli.embedstore_app import app
 from embedstore import open_store
 from embedstore.create import hash_folds
+from embedstore.errors import InvalidInputError
 from embedstore.extract import ExtractConfig, extract
 from embedstore.extract.append import append
 from embedstore.verify import verify_store
@@ -134,6 +135,11 @@ def test_unlabelled_append_is_in_no_fold_and_trains_around_it(catalogs, tmp_path
     run = fusion.train(s, "concat", epochs=1, batch_size=8, threads=1, dim=8, hidden=8)
     assert not set(run.oof_rows.tolist()) & set(range(20, 30))
     assert not set(run.holdout_rows.tolist()) & set(range(20, 30))
+    # a new feature set on a grown store would lack the segments' rows: refused, nothing written
+    before = snapshot(store)
+    with pytest.raises(InvalidInputError, match="appended segment"):
+        extract(catalogs["all"], store, ExtractConfig(text=minilm_spec(), text_name="t2", **CFG))
+    assert snapshot(store) == before
 
 
 @pytest.mark.parametrize("case", ["duplicate", "columns", "incomplete"])

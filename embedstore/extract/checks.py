@@ -32,6 +32,11 @@ def check_ids(store: Store, cat: Catalog, url: str) -> None:
 
 def check_feature_slot(store: Store, name: str, enc, config: ExtractConfig) -> None:
     """Feature set ``name`` may be written: absent, --overwrite, or --resume of the same run."""
+    if store.segment_stores:  # format 2: a set needs one part per segment (not yet written)
+        raise InvalidInputError(
+            f"store {store.url!r} has {len(store.segment_stores)} appended segment(s); adding or "
+            f"replacing feature set {name!r} on a grown store is not supported yet: extract it "
+            "into a new store, or before appending")
     if name not in store.features or config.overwrite:
         return
     fs = store.features[name]
