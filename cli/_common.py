@@ -97,6 +97,12 @@ def quiet_zarr_notes() -> None:
     for message in (".*Consolidated metadata.*", ".*vlen-utf8.*",
                     ".*not part of the Zarr format 3.*"):
         warnings.filterwarnings("ignore", message=message)
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the CLI prints it: one ``warning:`` line (no source line, no path)."""
+    return f"warning: {message}\n"
 
 
 def make_app(name: str, summary: str, examples: list[str]) -> typer.Typer:

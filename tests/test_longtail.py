@@ -192,3 +192,21 @@ def test_training_on_a_grouped_store_keeps_each_group_on_one_side_of_the_inner_s
         train = np.flatnonzero((store.folds >= 0) & (store.folds != f))
         fit = np.setdiff1d(train, inner)
         assert len(inner) and not np.intersect1d(codes[fit], codes[inner]).size
+
+
+def test_the_cli_prints_the_rare_class_warning_as_one_line(zipf_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store, _, _ = zipf_run
+    fusion_bin = Path(sys.executable).parent / "fusion"
+    out = subprocess.run([str(fusion_bin), "train", "--store", store.url, "--head", "concat",
+                          "--epochs", "1", "--folds", "3", "--out", str(tmp_path / "r"), "-q"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if "fewer trainable items" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: 6 of 20 classes"), out.stderr
+    assert "RareClassWarning" not in out.stderr and "warnings.warn" not in out.stderr
