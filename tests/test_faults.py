@@ -436,10 +436,14 @@ def _damage(fault: str, url: str) -> None:
         doc["attributes"]["embedstore"]["dim"] = "6"
         f.write_text(json.dumps(doc))
         zarr.consolidate_metadata(zarr.storage.LocalStore(url), zarr_format=3)
-    elif fault == "format 2":
+    elif fault in ("format 3", "manifest short"):
         f = Path(url, "zarr.json")
         doc = json.loads(f.read_text())
-        doc["attributes"]["embedstore"]["format"] = 2
+        meta = doc["attributes"]["embedstore"]
+        if fault == "format 3":
+            meta["format"] = 3
+        else:  # format 2 whose segments cover fewer rows than n_items
+            meta.update(format=2, segments=[{"id": 0, "start": 0, "n_items": 3}])
         doc.pop("consolidated_metadata", None)
         f.write_text(json.dumps(doc))
     elif fault == "complete but data missing":
@@ -454,7 +458,9 @@ def _damage(fault: str, url: str) -> None:
      r"chunk 'features/txt/offsets/c/0' of array 'features/txt/offsets' is missing"),
     ("attr of wrong type", "feature set 'img': field 'dim' must be int, found str '6'",
      r"feature set 'img': field 'dim' must be int, found str '6'"),
-    ("format 2", None, r"has format 2, newer than this embedstore understands"),
+    ("format 3", None, r"has format 3, newer than this embedstore understands"),
+    ("manifest short", None, r"segments cover 3 rows from id 0, n_items is \d+; the store's "
+                             r"manifest is damaged"),
     ("complete but data missing", "features/img/pooled: chunk 1 (rows 16..31) missing",
      r"chunk 'features/img/pooled/c/1/0' of array 'features/img/pooled' is missing"),
 ])

@@ -322,13 +322,16 @@ def test_incomplete_feature_set_refused(tmp_path):
     _no_run(tmp_path / "r")
 
 
-def test_class_with_fewer_items_than_folds_refused(tmp_path):
+def test_class_with_fewer_items_than_folds_trains_with_one_warning(tmp_path):
+    # a long tail is trained on, not refused (issue 15; tests/test_longtail.py has the rest)
+    from fusion.data import RareClassWarning
+
     labels = ["a"] * 30 + ["b"] * 30 + ["rare"] * 3
     s = es.create_store(tmp_path / "rare.zarr", [str(i) for i in range(63)], labels, holdout=0)
     fill_text(s, "t", np.ones(63, int), dim=4)
-    with pytest.raises(fusion.TrainError, match="class 'rare' has 3 trainable items, fewer than"):
-        fusion.train(s, "text", out=tmp_path / "r")
-    _no_run(tmp_path / "r")
+    with pytest.warns(RareClassWarning, match="1 of 3 classes have fewer trainable items"):
+        run = fusion.train(s, "text", out=tmp_path / "r", epochs=1)
+    assert len(run.metrics["per_class_f1"]) == 3  # scored over all K classes
 
 
 def test_missing_modality_refused(tmp_path):
