@@ -19,7 +19,7 @@ from ..compat import check_same_split, label
 from ..errors import StackError
 from ..rundir import Run, load_run
 
-__all__ = ["ROW_SUM_TOL", "StackInputs", "feature_matrix", "fingerprint", "label", "modalities"]
+__all__ = ["PROB_FLOOR", "ROW_SUM_TOL", "StackInputs", "feature_matrix", "input_block", "fingerprint", "label", "modalities"]
 
 ROW_SUM_TOL = 1e-3
 # columns of contributions.csv that a source run's name must not shadow
@@ -253,6 +253,17 @@ class StackInputs:
         return pooled
 
 
+PROB_FLOOR = 1e-7  # log-probability inputs clip probabilities here first
+
+
+def input_block(p: np.ndarray, log: bool) -> np.ndarray:
+    """One source run's K stacker columns from its (N, K) probabilities: float64, and
+    log-probabilities (clipped at ``PROB_FLOOR``) when ``log``. The one rule for fitting a stack
+    and for applying it to new items (`fusion predict`)."""
+    p = p.astype(np.float64)
+    return np.log(np.clip(p, PROB_FLOOR, 1.0)) if log else p
+
+
 def feature_matrix(
     inp: StackInputs, log: bool, pooled: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | None]:
@@ -262,8 +273,7 @@ def feature_matrix(
     holdout probabilities, or None when a run lacks them."""
 
     def tf(p: np.ndarray) -> np.ndarray:
-        p = p.astype(np.float64)
-        return np.log(np.clip(p, 1e-7, 1.0)) if log else p
+        return input_block(p, log)
 
     X_tr = np.hstack([tf(b) for b in inp.oof])  # (N_trainable, M*K)
     X_ho = np.hstack([tf(b) for b in inp.hold])  # (N_holdout, M*K)
