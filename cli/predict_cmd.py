@@ -26,8 +26,9 @@ __all__ = ["predict", "export"]
 def predict(
     out: Annotated[Path, typer.Option(help="CSV to write: id, class_1, prob_1, ... "
                                       "(written whole, then renamed).")],
-    run: Annotated[Path | None, typer.Option("--run", "-r", help="A head run directory "
-                                             "(`fusion train --out`); with --store.")] = None,
+    run: Annotated[Path | None, typer.Option("--run", "-r", help="A head or stack run "
+                                             "directory (`fusion train` / `fusion stack`); with "
+                                             "--store.")] = None,
     store: Annotated[str | None, typer.Option(help="Store (path or URL) holding the items, "
                                               "with the feature sets the run used.")] = None,
     bundle: Annotated[Path | None, typer.Option(help="A bundle (`fusion export`): encoders run "
@@ -49,11 +50,14 @@ def predict(
 ) -> None:
     """Predict items with a head run on a store (the mean of its fold models' probabilities,
     what the run's holdout.npy holds for its holdout rows; the run's feature identity must
-    match the store's), or with a bundle on a raw catalog (encoders live).
+    match the store's), with a stack run (its source runs first, then its stackers, as it
+    scored its holdout), or with a bundle on a raw catalog (encoders live).
 
     Example: fusion predict --run runs/hanet --store cat.zarr --rows holdout --out preds.csv
 
     Example: fusion predict -r runs/text --store cat.zarr --top-k 3 --out top3.csv -q
+
+    Example: fusion predict -r runs/stack-auto --store cat.zarr --rows unlabelled --out stack.csv
 
     Example: fusion export runs/hanet --out model && fusion predict --bundle model --catalog data/catalog.csv --out live.csv -q
     """

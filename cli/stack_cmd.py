@@ -41,16 +41,16 @@ __all__ = ["stack"]
 
 
 def _pooled(first: Run, names: list[str] | None, storage_options: dict[str, Any] | None
-            ) -> np.ndarray:
+            ) -> tuple[np.ndarray, list[str]]:
     """(N_store, D) pooled vectors of ``names`` (default: the first run's feature sets), read
-    from the store the runs were trained on."""
+    from the store the runs were trained on, and the names."""
     url = first.config["store"]["url"]
     store = open_store(url, storage_options=storage_options)
     names = names or [f["name"] for f in (first.config.get("features") or {}).values() if f]
     if not names:
         raise StackError(f"--features probs+pooled: run {first.name!r} records no feature set; "
                          "name one with --pooled FEATURE_SET")
-    return np.concatenate([store.features[n].pooled_all() for n in names], axis=1)
+    return np.concatenate([store.features[n].pooled_all() for n in names], axis=1), names
 
 
 def _fmt(value: float | None) -> str:
@@ -122,8 +122,8 @@ def stack(
     if pooled and features != "probs+pooled":
         raise StackError(f"--pooled {pooled[0]} is used only with --features probs+pooled; add it")
     if features == "probs+pooled":
-        kwargs["pooled"] = _pooled(load_run(runs[0]), pooled,
-                                   parse_storage_options(storage_option))
+        kwargs["pooled"], kwargs["pooled_sets"] = _pooled(
+            load_run(runs[0]), pooled, parse_storage_options(storage_option))
     run = run_stack(runs, params=stacker_params, out=out or default_out(stacker or DEFAULT_STACKER),
                     progress=None if quiet else err_console.print, **kwargs)
     m = run.metrics

@@ -8,7 +8,10 @@ widths) is compared with the store's sets, and a head that is user code (a file,
 entry point) is refused unless the caller trusts it (``trust_code``, the convention of
 transformers' ``trust_remote_code``). Weights are safetensors: loading never unpickles.
 
-Stack runs and fine-tuned runs are refused with one line for now (docs/runs.md §3).
+A stack run is applied the way it scored its own holdout: its source runs are predicted first
+(per fold model for the ``per_fold`` scheme), then its saved stackers
+(:mod:`fusion.stack.apply`). Fine-tuned runs are refused with one line (their encoders are
+part of the model: export a bundle, docs/runs.md §3).
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from .errors import FusionError
 from .heads import create_head
 from .heads.registry import HEADS
 from .rundir import Run, load_run
+from .stack.apply import PER_FOLD, apply_stack, holdout_scheme, load_stack_models, source_path
 
 __all__ = ["PredictError", "Predictions", "ROW_CHOICES", "DEFAULT_TOP_K", "predict",
            "select_rows", "check_features", "feature_record", "is_builtin_head",
-           "load_fold_models", "run_head_config", "weight_files", "mean_probs"]
+           "load_fold_models", "run_head_config", "weight_files", "mean_probs", "fold_of"]
 
 ROW_CHOICES = ("all", "unlabelled", "holdout")
 DEFAULT_TOP_K = 5
@@ -195,45 +199,126 @@ def mean_probs(models: Sequence[torch.nn.Module], batch: Batch) -> torch.Tensor:
     return sum(torch.softmax(m(batch).float(), -1) for m in models) / len(models)
 
 
+def fold_of(path: Path) -> int:
+    """The fold index of a weights file ``fold{i}.safetensors`` (any seed directory)."""
+    return int(path.stem.removeprefix("fold"))
+
+
 def predict(run: Run | str | os.PathLike, store: Store | str | os.PathLike,
             rows: str | Sequence[int] | np.ndarray = "all", *, ids: Sequence[str] | None = None,
             batch_size: int = 256, device: str = "auto", threads: int | None = None,
             trust_code: bool = False,
             progress: Callable[[int, int], None] | None = None) -> Predictions:
-    """The run's fold models' mean probabilities for ``rows`` (or ``ids``) of ``store``.
-    ``progress(done, total)`` is called after each batch."""
+    """The run's probabilities for ``rows`` (or ``ids``) of ``store``: a head run's fold models'
+    mean, or a stack run applied to its source runs' predictions. ``progress(done, total)``
+    is called after each batch (total counts every head run's pass over the rows)."""
     run = run if isinstance(run, Run) else load_run(run)
+    store = store if isinstance(store, Store) else open_store(store)
+    sel = select_rows(store, rows, ids)
+    job = _Job(store, sel, batch_size, resolve_device(device), trust_code, progress)
+    with torch_threads(threads):
+        if run.config.get("kind") == "stack":
+            job.total = len(sel) * _count_head_runs(run)
+            probs = _stack_probs(run, job)
+        else:
+            job.total = len(sel)
+            probs = _mean(_head_fold_probs(run, job))
+    return Predictions(ids=np.asarray(store.ids)[sel], rows=sel, probs=probs,
+                       classes=list(run.config["classes"]))
+
+
+@dataclass
+class _Job:
+    """What every run of one prediction shares: the rows, the device and the progress count."""
+
+    store: Store
+    sel: np.ndarray
+    batch_size: int
+    device: torch.device
+    trust_code: bool
+    progress: Callable[[int, int], None] | None
+    total: int = 0
+    done: int = 0
+
+
+def _mean(fold_probs: np.ndarray) -> np.ndarray:
+    probs = fold_probs.mean(0)
+    return probs / np.maximum(probs.sum(1, keepdims=True), 1e-12)
+
+
+def _sources(run: Run) -> list[Run]:
+    return [load_run(source_path(run, s)) for s in run.config["sources"]]
+
+
+def _count_head_runs(run: Run) -> int:
+    if run.config.get("kind") != "stack":
+        return 1
+    return sum(_count_head_runs(r) for r in _sources(run))
+
+
+def _stack_probs(run: Run, job: _Job) -> np.ndarray:
+    """A stack run's probabilities: its sources predicted first, then its saved stackers."""
+    models = load_stack_models(run)
+    per_fold: list[np.ndarray] = []
+    mean: list[np.ndarray] = []
+    for src in _sources(run):
+        if list(src.config["classes"]) != list(run.config["classes"]):
+            raise PredictError(f"source run {src.path.name!r} of stack {run.path.name!r} has "
+                               "other classes than the stack; it was replaced after stacking")
+        if src.config.get("kind") == "stack":
+            if holdout_scheme(run) == PER_FOLD:
+                raise PredictError(f"stack {run.path.name!r} takes stack run "
+                                   f"{src.path.name!r} per fold, which a stack has no models "
+                                   "for; re-run the outer stack")
+            mean.append(_stack_probs(src, job))
+            continue
+        fp = _head_fold_probs(src, job)
+        per_fold.append(fp)
+        mean.append(_mean(fp))
+    pooled = None
+    if run.config.get("features") == "probs+pooled":
+        names = run.config.get("pooled_sets")
+        if not names:
+            raise PredictError(f"stack {run.path.name!r} used pooled features but does not "
+                               "record which sets (written by an older version); re-run "
+                               "`fusion stack`")
+        pooled = np.hstack([job.store.features[n].pooled_rows(job.sel) for n in names])
+    return apply_stack(run, models, per_fold=per_fold, mean=mean, pooled=pooled)
+
+
+def _head_fold_probs(run: Run, job: _Job) -> np.ndarray:
+    """(F, N, K) float32: per fold, the mean over seeds of its models' probabilities for the
+    job's rows, rows normalised (how the run's ``holdout_folds.npy`` was made)."""
     kind = run.config.get("kind")
     if kind != "train":
         raise PredictError(
             f"run {run.path.name!r} is a {kind!r} run; `fusion predict` applies head runs "
-            "(`fusion train`) for now: predict each source run of a stack, or a fine-tuned "
-            "head's cached counterpart")
-    store = store if isinstance(store, Store) else open_store(store)
-    names = check_features(run, store)
-    sel = select_rows(store, rows, ids)
-    dev = resolve_device(device)
+            "(`fusion train`) and stacks of them: export a fine-tuned run as a bundle "
+            "(`fusion export`) and predict with `--bundle`")
+    names = check_features(run, job.store)
     classes = list(run.config["classes"])
-    with torch_threads(threads):
-        models = load_fold_models(run_head_config(run), weight_files(run.path / "weights"), dev,
-                                  trust_code=trust_code, what=f"run {run.path.name!r}")
-        needs = frozenset(getattr(models[0], "needs", ()))
-        layers = (run.config.get("train") or {}).get("layers")
-        probs = np.zeros((len(sel), len(classes)), np.float32)
-        pos = {int(r): i for i, r in enumerate(sel)}
-        done = 0
-        if len(sel):
-            ld = store.loader(sel, text=names["text"], image=names["image"],
-                              batch_size=batch_size, layers=layers if names["text"] else None,
-                              fields=needs)
-            with torch.no_grad():
-                for d in ld:
-                    b = Batch(**d).to(dev)
-                    p = mean_probs(models, b)
-                    at = [pos[int(r)] for r in b.rows.cpu().numpy()]
-                    probs[at] = p.cpu().numpy()
-                    done += b.size
-                    if progress:
-                        progress(done, len(sel))
-    probs /= np.maximum(probs.sum(1, keepdims=True), 1e-12)
-    return Predictions(ids=np.asarray(store.ids)[sel], rows=sel, probs=probs, classes=classes)
+    files = weight_files(run.path / "weights")
+    folds = sorted({fold_of(f) for f in files})
+    slot = np.array([folds.index(fold_of(f)) for f in files])
+    per_fold = np.bincount(slot, minlength=len(folds)).astype(np.float32)
+    models = load_fold_models(run_head_config(run), files, job.device,
+                              trust_code=job.trust_code, what=f"run {run.path.name!r}")
+    needs = frozenset(getattr(models[0], "needs", ()))
+    layers = (run.config.get("train") or {}).get("layers")
+    out = np.zeros((len(folds), len(job.sel), len(classes)), np.float32)
+    pos = {int(r): i for i, r in enumerate(job.sel)}
+    if len(job.sel):
+        ld = job.store.loader(job.sel, text=names["text"], image=names["image"],
+                              batch_size=job.batch_size,
+                              layers=layers if names["text"] else None, fields=needs)
+        with torch.no_grad():
+            for d in ld:
+                b = Batch(**d).to(job.device)
+                at = [pos[int(r)] for r in b.rows.cpu().numpy()]
+                for m, s in zip(models, slot, strict=True):
+                    out[s, at] += torch.softmax(m(b).float(), -1).cpu().numpy()
+                job.done += b.size
+                if job.progress:
+                    job.progress(job.done, job.total)
+    out /= per_fold[:, None, None]
+    return out / np.maximum(out.sum(2, keepdims=True), 1e-12)

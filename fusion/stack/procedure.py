@@ -65,10 +65,13 @@ def stack(
     progress: Callable[[str], None] | None = None,
     threads: int | None = None,
     pooled_dims: int | None = None,
+    pooled_sets: Sequence[str] | None = None,
 ) -> Run:
     """Cross-fit ``stacker`` on the source runs' out-of-fold probabilities and write a stack run.
 
-    ``features="probs+pooled"`` appends ``pooled`` (N_store, D) embedding columns; with
+    ``features="probs+pooled"`` appends ``pooled`` (N_store, D) embedding columns (the pooled
+    vectors of the store's feature sets ``pooled_sets``, in order, which `fusion predict` needs
+    to apply the stack to new items); with
     ``pooled_dims`` each fitted model first projects them on their first ``pooled_dims`` principal
     components, a PCA fitted on that model's own training rows (multi-level fusion, Verma et
     al. 2020; leak-free like the stacker itself). ``dask`` is a
@@ -142,6 +145,7 @@ def stack(
         "feature_names": feature_names,
         "n_pooled": n_pooled,
         "pooled_dims": pooled_dims,
+        "pooled_sets": list(pooled_sets) if pooled_sets is not None else None,
         "params": {**probe.params, **probe.procedure_params()},
         "user_params": dict(params or {}),
         "seed": seed,
@@ -269,5 +273,4 @@ def _extra_files(w: RunWriter, inp: StackInputs, fit: CrossFit, n_pooled: int) -
             values=fit.contrib,
         )
     for tag, model in fit.models:
-        model.save_model(w.file(f"weights/{tag}"))
-        model.save_reducer(w.file(f"weights/{tag}"))
+        model.save(w.file(f"weights/{tag}"))

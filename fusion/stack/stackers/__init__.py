@@ -11,6 +11,7 @@ from .base import (
     register_stacker,
     stacker_class,
 )
+from .candidate import CandidateStacker
 from .ensemble import EnsembleStacker
 from .lightgbm import LightGBMStacker
 from .logreg import LogRegStacker
@@ -26,6 +27,7 @@ __all__ = [
     "list_stackers",
     "register_stacker",
     "stacker_class",
+    "CandidateStacker",
     "EnsembleStacker",
     "LightGBMStacker",
     "LogRegStacker",

@@ -14,6 +14,7 @@ re-indexed to the classes present and the outputs are expanded back to K columns
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -151,7 +152,7 @@ class Stacker:
             raise StackError(f"pooled_dims={pooled_dims} needs n_sources and must be >= 1; "
                              "16-32 is the usual size")
         self.pooled_dims = pooled_dims
-        self.reducer: PCA | None = None  # fitted in fit() on this model's training rows only
+        self.reducer: PCA | _Projection | None = None  # fitted in fit() on this model's training rows only
         self.seed = seed
         self.client = client
         self.early_stopping_rounds = int(
@@ -269,3 +270,50 @@ class Stacker:
     def save_model(self, path_stem: Path) -> Path | None:
         """Write the fitted model (``path_stem`` + the backend's suffix); None if it has none."""
         return None
+
+    def load_local(self, path_stem: Path) -> None:
+        """Restore what :meth:`save_model` wrote, enough for ``proba_local`` (and, for GBDTs,
+        ``margin_local`` / ``contrib_local``)."""
+        raise StackError(f"stacker {self.name!r} cannot load a saved model")
+
+    # -- persistence: model + PCA + a JSON sidecar; loading never unpickles ----------------------
+    def save(self, path_stem: Path) -> None:
+        """The model (:meth:`save_model`), the pooled-feature PCA and ``<stem>.json`` with the
+        classes seen in training and the rounds used: everything :meth:`load` needs besides
+        the stack's config."""
+        self.save_model(path_stem)
+        self.save_reducer(path_stem)
+        meta = {"stacker": self.name, "present": [int(c) for c in self.present],
+                "best_iteration": self.best_iteration, "n_classes": self.n_classes}
+        path_stem.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path_stem: Path, *, params: dict[str, Any], n_sources: int | None,
+             pooled_dims: int | None, seed: int = 0) -> Stacker:
+        """A fitted stacker from what :meth:`save` wrote at ``path_stem`` (``params``,
+        ``n_sources`` and ``pooled_dims`` as the stack run's config records them)."""
+        meta_path = path_stem.with_suffix(".json")
+        if not meta_path.is_file():
+            raise StackError(f"{meta_path} is missing: the stack was written before stack "
+                             "models could be reloaded; re-run `fusion stack` to predict with it")
+        meta = json.loads(meta_path.read_text())
+        model = create_stacker(meta["stacker"], n_classes=int(meta["n_classes"]), params=params,
+                               seed=seed, n_sources=n_sources, pooled_dims=pooled_dims)
+        model.present = np.asarray(meta["present"], dtype=np.int64)
+        model.best_iteration = meta["best_iteration"]
+        pca = path_stem.with_suffix(".pca.npz")
+        if pca.is_file():
+            with np.load(pca) as z:
+                model.reducer = _Projection(z["mean"], z["components"])
+        model.load_local(path_stem)
+        return model
+
+
+class _Projection:
+    """A fitted PCA's ``transform`` from its saved mean and components (no pickle)."""
+
+    def __init__(self, mean: np.ndarray, components: np.ndarray):
+        self.mean_, self.components_ = mean, components
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        return (X - self.mean_) @ self.components_.T

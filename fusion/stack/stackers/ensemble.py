@@ -92,3 +92,7 @@ class EnsembleStacker(Stacker):
         path = path_stem.with_suffix(".npz")
         np.savez(path, weights=self.weights, losses=np.asarray(self.losses), classes=self.present)
         return path
+
+    def load_local(self, path_stem):
+        with np.load(path_stem.with_suffix(".npz")) as z:
+            self.weights, self.losses = z["weights"], z["losses"].tolist()

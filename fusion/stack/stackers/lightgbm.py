@@ -18,7 +18,7 @@ from ...errors import StackError
 from ..dask import dask_array
 from .base import Stacker, available_cpus, construct, register_stacker
 
-__all__ = ["LightGBMStacker"]
+__all__ = ["LightGBMStacker", "SavedBooster"]
 
 log = logging.getLogger(__name__)
 
@@ -163,3 +163,25 @@ class LightGBMStacker(Stacker):
         path = path_stem.with_suffix(".lgb.txt")
         self.model.booster_.save_model(str(path), num_iteration=self.best_iteration)
         return path
+
+    def load_local(self, path_stem):
+        import lightgbm as lgb
+
+        self.model = SavedBooster(lgb.Booster(model_file=str(path_stem.with_suffix(".lgb.txt"))))
+        self.per_class = None
+
+
+class SavedBooster:
+    """A LightGBM model read back from its text file, answering the two
+    ``LGBMClassifier`` calls the stackers make (the file holds the kept rounds only)."""
+
+    def __init__(self, booster: Any):
+        self.booster_ = booster
+
+    def predict_proba(self, X: np.ndarray, num_iteration: int | None = None) -> np.ndarray:
+        p = self.booster_.predict(X)
+        return np.column_stack([1.0 - p, p]) if p.ndim == 1 else p
+
+    def predict(self, X: np.ndarray, raw_score: bool = False, num_iteration: int | None = None,
+                pred_contrib: bool = False) -> np.ndarray:
+        return self.booster_.predict(X, raw_score=raw_score, pred_contrib=pred_contrib)

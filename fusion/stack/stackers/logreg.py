@@ -50,3 +50,15 @@ class LogRegStacker(Stacker):
             classes=self.present,
         )
         return path
+
+    def load_local(self, path_stem):
+        from sklearn.linear_model import LogisticRegression
+
+        with np.load(path_stem.with_suffix(".npz")) as z:
+            self.scaler = StandardScaler()
+            self.scaler.mean_, self.scaler.scale_ = z["mean"], z["std"]
+            self.scaler.n_features_in_ = len(z["mean"])
+            model = LogisticRegression()
+            model.coef_, model.intercept_ = z["coef"], z["intercept"]
+            model.classes_ = np.arange(len(self.present))
+        self.model = model

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from scipy.special import softmax
 from sklearn.preprocessing import StandardScaler
 from torch import nn
@@ -120,5 +120,22 @@ class MLPStacker(Stacker):
     def save_model(self, path_stem):
         path = path_stem.with_suffix(".safetensors")
         state = {k: t.contiguous() for k, t in self.net.state_dict().items()}
+        state["scaler.mean"] = torch.as_tensor(self.scaler.mean_, dtype=torch.float64)
+        state["scaler.scale"] = torch.as_tensor(self.scaler.scale_, dtype=torch.float64)
         save_file(state, str(path), metadata={"classes": ",".join(map(str, self.present))})
         return path
+
+    def load_local(self, path_stem):
+        state = load_file(str(path_stem.with_suffix(".safetensors")))
+        if "scaler.mean" not in state:
+            raise StackError(f"{path_stem.with_suffix('.safetensors')} lacks the input scaling "
+                             "(written by an older version); re-run `fusion stack` to predict")
+        self.scaler = StandardScaler()
+        self.scaler.mean_ = state.pop("scaler.mean").numpy()
+        self.scaler.scale_ = state.pop("scaler.scale").numpy()
+        self.scaler.n_features_in_ = len(self.scaler.mean_)
+        hidden, n_in = state["0.weight"].shape
+        net = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Dropout(0.0),
+                            nn.Linear(hidden, state["3.weight"].shape[0]))
+        net.load_state_dict(state, strict=True)
+        self.net = net.eval()

@@ -10,6 +10,7 @@ of every run and no constraint elsewhere. Class probabilities are the softmax of
 from __future__ import annotations
 
 import inspect
+import re
 import statistics
 from typing import Any, ClassVar
 
@@ -17,6 +18,7 @@ import numpy as np
 from scipy.special import softmax
 
 from .base import Stacker, available_cpus, construct, register_stacker
+from .lightgbm import SavedBooster
 
 __all__ = ["MonotoneLightGBMStacker"]
 
@@ -101,3 +103,11 @@ class MonotoneLightGBMStacker(Stacker):
             f"# class {int(k)}\n" + m.booster_.model_to_string(num_iteration=b)
             for k, m, b in zip(self.present, self.models, self.best, strict=True)))
         return path
+
+    def load_local(self, path_stem):
+        import lightgbm as lgb
+
+        text = path_stem.with_suffix(".lgb-ovr.txt").read_text()
+        parts = [p for p in re.split(r"(?m)^# class -?\d+\n", text) if p.strip()]
+        self.models = [SavedBooster(lgb.Booster(model_str=p)) for p in parts]
+        self.best = [None] * len(parts)  # each file holds the kept rounds only

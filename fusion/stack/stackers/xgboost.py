@@ -94,3 +94,9 @@ class XGBoostStacker(Stacker):
         path = path_stem.with_suffix(".xgb.json")
         self.booster[: self.best_iteration].save_model(str(path))
         return path
+
+    def load_local(self, path_stem):
+        import xgboost as xgb
+
+        self.booster = xgb.Booster(model_file=str(path_stem.with_suffix(".xgb.json")))
+        self.best_iteration = self.booster.num_boosted_rounds()  # the file holds the kept rounds
