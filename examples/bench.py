@@ -74,6 +74,7 @@ SECTIONS: dict[int, tuple[str, str]] = {
     6: ("stackers", "Stacker fit times"),
     7: ("finetune", "Fine-tuning epoch vs cached epoch"),
     8: ("gpu", "GPU path: AMP + channels_last vs the bare-forward ceiling"),
+    9: ("predict", "Prediction and appends: predict, bundle, append vs their baselines"),
 }
 HEAD_GOALS = {"hanet": 100.0, "concat": 100.0, "coattention": 20.0, "gated-xattn": 20.0}
 LIBRARIES = ("torch", "transformers", "timm", "zarr", "numcodecs", "lightgbm", "xgboost",
@@ -108,13 +109,15 @@ class Sizes:
     ft_batch: int = 16
     ft_heads: tuple[str, ...] = ("concat",)
     gpu_batch: int = 128
+    predict_items: int = 20_000  # synthetic store rows predicted (section 9)
+    bundle_items: int = 96  # catalog items predicted by a bundle, encoders live (section 9)
 
 
 QUICK = Sizes(n=40, n_overhead=16, n_classes=4, repeats=1, batch_size=8, image_size=64,
               random_image_weights=True, epochs=2, train_batch=8, live_items=8, feed_n=256,
               feed_block_rows=64, feed_batch=64, feed_epochs=2, naive_rows=32, stack_items=200, stack_runs=2,
               stack_classes=3, stack_repeats=1, thread_probe=False, ft_items=4, ft_batch=4,
-              gpu_batch=16)
+              gpu_batch=16, predict_items=600, bundle_items=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1295,9 +1298,44 @@ def section_finetune(b: Bench, res: SectionResult) -> None:
 # report
 
 
+def section_predict(b: Bench, res: SectionResult) -> None:
+    """Issue 13's throughput goals (examples/bench_predict.py does the measuring)."""
+    spec = importlib.util.spec_from_file_location("bench_predict",
+                                                  ROOT / "examples" / "bench_predict.py")
+    bp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bp)
+    reps = b.sz.repeats
+    s = bp.store_section(b.work / "predict", b.sz.predict_items, reps, "hanet")
+    bd = bp.bundle_section(b.work / "bundle", b.sz.bundle_items, reps)
+    ap = bp.append_section(b.work / "append", b.catalog(), b.extract_config(), reps)
+    r1 = res.ratio("predict from a store / (fold models x cached forward)", s["ratio_per_model"],
+                   ("<=", 1.2))
+    r2 = res.ratio("bundle predict / bare encoder forward", bd["ratio"], ("<=", 1.15))
+    r3 = res.ratio("append 10% / fresh extract of the same items", ap["ratio"], ("<=", 1.10))
+    res.lines += [
+        f"Medians of {reps} runs, one thread. (1) `fusion predict` of a `hanet` run with "
+        f"{s['fold_models']} fold models over every row of a synthetic store "
+        f"({s['items']} items, random fp16 tokens and regions) against one cached forward "
+        "epoch (loader + head, no backward) of one fold model over the same rows. (2) "
+        f"`Predictor.predict_catalog` on {bd['items']} raw catalog items (MiniLM-L6 + "
+        "EfficientNet-Lite0 live, head on top) against the bare encoders on the same batches. "
+        f"(3) `extract --append` of the catalog's last {ap['items']} items onto a store of the "
+        "others against a fresh extract of the same items into a new store.", "",
+    ]
+    res.lines += table(["measure", "ours", "baseline", "ratio", "goal", "status"], [
+        ["store predict", fmt_s(s["predict_s"]),
+         f"{s['fold_models']} x {fmt_s(s['forward_epoch_s'])}", fmt_ratio(r1.value),
+         r1.goal_text, r1.status],
+        ["bundle predict", fmt_s(bd["bundle_s"]), fmt_s(bd["bare_encoders_s"]),
+         fmt_ratio(r2.value), r2.goal_text, r2.status],
+        ["append", fmt_s(ap["append_s"]), fmt_s(ap["fresh_extract_s"]), fmt_ratio(r3.value),
+         r3.goal_text, r3.status]])
+
+
 RUNNERS: dict[int, Callable[[Bench, SectionResult], None]] = {
     1: section_overhead, 2: section_st, 3: section_epochs, 4: section_feed,
     5: section_storage, 6: section_stackers, 7: section_finetune, 8: section_gpu,
+    9: section_predict,
 }
 
 

