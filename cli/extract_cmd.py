@@ -215,6 +215,9 @@ def _summary(r: FeatureResult) -> None:
         line(f"{r.name} ({r.modality}, {r.spec}): {r.n_encoded} items, {r.n_errors} errors, "
              f"{r.items_per_second:.1f} items/s, {r.bytes_written} bytes on disk "
              f"({r.bytes_written / 1e6:.1f} MB)")
+    if r.n_absent:
+        line(f"  {r.n_absent} rows absent in the catalog (empty text or image value): stored as "
+             "absent, not counted as errors")
     for row, msg in list(r.errors.items())[:5]:
         line(f"  row {row}: {msg}")
     if len(r.errors) > 5:

@@ -58,15 +58,17 @@ def info(store: StoreArg, json_out: JsonFlag = False, storage_option: StorageOpt
                       f"max {c['max']}; {c['below_5']} classes below 5 items, {c['below_20']} "
                       f"below 20, {c['below_folds']} below the {c['folds']} folds; head / torso "
                       f"/ tail: {c['head']} / {c['torso']} / {c['tail']} classes", markup=False)
-    t = Table("feature set", "modality", "shape", "dtype", "layers", "status", "done", "errors",
-              "encoder")
+    t = Table("feature set", "modality", "shape", "dtype", "layers", "status", "done",
+              "absent / failed", "encoder")
     for name, f in data["features"].items():
         if "error" in f:
             t.add_row(name, "-", "-", "-", "-", "[red]damaged[/]", "-", "-", f["error"])
             continue
         t.add_row(name, f["modality"], "x".join(map(str, f["shape"])), str(f["dtype"]),
                   ",".join(map(str, f["layers"])) if f["layers"] else "-",
-                  f["status"], str(f["n_done"]), str(f["n_errors"]), f["encoder"].get("spec", "?"))
+                  f["status"], str(f["n_done"]),
+                  f"{f['presence']['absent']} / {f['presence']['failed']}",
+                  f["encoder"].get("spec", "?"))
     console.print(t)
 
 

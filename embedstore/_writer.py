@@ -23,6 +23,7 @@ from .format import (
     ATTRS_KEY,
     DEFAULT_BLOCK_ROWS,
     MODALITIES,
+    derive_presence,
     feature_array_specs,
     feature_arrays,
     feature_meta,
@@ -219,12 +220,15 @@ class FeatureWriter:
 
     def write_block(self, b: int, *, pooled: np.ndarray, tokens: Sequence[np.ndarray] |
                     np.ndarray | None = None, regions: np.ndarray | None = None,
-                    errors: Sequence[str] | None = None) -> None:
-        """Write block ``b``'s data, then its errors, then mark its rows done.
+                    errors: Sequence[str] | None = None,
+                    presence: Sequence[int] | np.ndarray | None = None) -> None:
+        """Write block ``b``'s data, then its errors and presence, then mark its rows done.
 
         ``tokens``: per-row arrays (n_i, L, D) or the rows' tokens concatenated (sum n_i, L, D);
         ``regions``: (rows, R, D); ``pooled``: (rows, pooled_dim); ``errors``: per-row reason or
-        "". Before the done flags, the writer checks that the set was not replaced meanwhile.
+        ""; ``presence``: per-row 1 / 0 / 2 (docs/format.md §2.5), derived from ``errors`` and
+        the token counts when not given. Before the done flags, the writer checks that the set
+        was not replaced meanwhile.
         """
         start, stop = self.block_range(b)
         n = stop - start
@@ -266,6 +270,14 @@ class FeatureWriter:
         if len(errs) != n:
             raise InvalidInputError(f"block {b}: {len(errs)} error entries for {n} rows")
         writes.append(("errors", slice(start, stop), errs.astype(str)))
+        if "presence" in self._members:  # sets created before presence existed have none
+            pres = (derive_presence(self.modality, errs, None if self._lengths is None
+                                    else self._lengths[start:stop])
+                    if presence is None else np.asarray(presence, dtype=np.uint8))
+            if pres.shape != (n,) or (pres > 2).any():
+                raise InvalidInputError(f"block {b}: presence must be {n} values in 0, 1, 2, "
+                                        f"got shape {pres.shape}")
+            writes.append(("presence", slice(start, stop), pres))
         where = f" (block {b}, rows {start}..{stop - 1})"
         _storage.test_pause("before_block", b)
         for key, sel, data in writes:

@@ -28,7 +28,7 @@ from .errors import (
     InvalidInputError,
     StoreCorruptError,
 )
-from .format import main_array, parse_feature_attrs
+from .format import ABSENT, FAILED, PRESENT, derive_presence, main_array, parse_feature_attrs
 from .overwrite import finish_interrupted_swaps, finish_swap
 from .zarrio import read_error
 
@@ -138,6 +138,36 @@ class FeatureSet:
     @property
     def n_errors(self) -> int:
         return int((self._small_arr("errors") != "").sum())
+
+    def presence(self) -> np.ndarray:
+        """(N,) uint8 per row: 1 present, 0 absent in the catalog, 2 failed (docs/format.md
+        §2.5). Stored in ``presence``; derived from ``errors`` (and ``lengths``) for a set
+        written before that array existed. Read once, then kept."""
+        if "presence" not in self._small:
+            try:
+                has = "presence" in self.group.array_keys()
+            except Exception:  # noqa: BLE001 - a listing error: read what we can
+                has = False
+            if has:
+                self._small["presence"] = self._read([("presence", slice(None))])[0].astype(
+                    np.uint8)
+            else:
+                self._small["presence"] = derive_presence(
+                    self.modality, self._small_arr("errors"),
+                    self.lengths() if self.modality == "text" else None)
+        return self._small["presence"]
+
+    def presence_counts(self) -> dict[str, int]:
+        """``{"present", "absent", "failed"}`` row counts."""
+        p = self.presence()
+        return {"present": int((p == PRESENT).sum()), "absent": int((p == ABSENT).sum()),
+                "failed": int((p == FAILED).sum())}
+
+    @property
+    def n_failed(self) -> int:
+        """Rows whose content was there but could not be encoded (presence 2): what
+        ``--max-error-rate`` counts. Absent rows (no image path, empty text) are not failures."""
+        return int((self.presence() == FAILED).sum())
 
     def _layout(self) -> None:
         if "offsets" not in self._small or "lengths" not in self._small:

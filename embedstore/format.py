@@ -21,6 +21,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .errors import StoreFormatError
+from .presence import (  # the presence rules (§2.5), kept beside this module for its size
+    ABSENT,
+    ABSENT_IMAGE,
+    ABSENT_TEXT,
+    FAILED,
+    PRESENT,
+    check_presence,
+    derive_presence,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -51,6 +60,13 @@ __all__ = [
     "fingerprint_folds",
     "expected_chunks",
     "DEFAULT_BLOCK_ROWS",
+    "PRESENT",
+    "ABSENT",
+    "FAILED",
+    "ABSENT_TEXT",
+    "ABSENT_IMAGE",
+    "derive_presence",
+    "check_presence",
 ]
 
 FORMAT_VERSION = 1  # what a new store is written as; its first append makes it format 2
@@ -201,6 +217,7 @@ def feature_array_specs(meta: dict, total_tokens: int = 0) -> dict[str, ArraySpe
     out["pooled"] = ArraySpec((n, pdim), "float32", (min(block, n), pdim), 0)
     out["done"] = ArraySpec((n,), "bool", rows, False)
     out["errors"] = ArraySpec((n,), str, rows, "")
+    out["presence"] = ArraySpec((n,), "uint8", rows, ABSENT)
     return out
 
 

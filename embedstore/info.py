@@ -54,6 +54,7 @@ def store_info(store) -> dict[str, Any]:
             "status": fs.status,
             "n_done": fs.n_done,
             "n_errors": fs.n_errors,
+            "presence": fs.presence_counts(),  # present / absent (catalog) / failed rows
             "pooling": m.get("pooling"),
             "grid": fs.grid,
             "prefix_tokens": fs.prefix_tokens if fs.modality == "image" else None,

@@ -51,6 +51,12 @@ class SegmentedFeatureSet(FeatureSet):
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, segments={len(self.parts)})"
 
+    def presence(self) -> np.ndarray:
+        """Each segment's own presence (stored, or derived for a part written without it)."""
+        if "presence" not in self._small:
+            self._small["presence"] = np.concatenate([p.presence() for p in self.parts])
+        return self._small["presence"]
+
     def check_unchanged(self) -> None:
         for p in self.parts:
             p.check_unchanged()

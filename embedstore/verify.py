@@ -14,7 +14,13 @@ import numpy as np
 
 from . import _storage
 from .errors import EmbedStoreError
-from .format import expected_chunks, feature_arrays, main_array, parse_feature_attrs
+from .format import (
+    check_presence,
+    expected_chunks,
+    feature_arrays,
+    main_array,
+    parse_feature_attrs,
+)
 
 __all__ = ["VerifyReport", "verify_store"]
 
@@ -189,12 +195,16 @@ def _verify_feature(store, name: str, rep: VerifyReport, fast: bool) -> dict[str
             arrays[a] = grp[a]
         except KeyError:
             rep.problems.append(f"{where}/{a}: array missing")
+    try:  # optional: sets written before presence existed derive it (docs/format.md §2.5)
+        arrays["presence"] = grp["presence"]
+    except KeyError:
+        pass
     for a, arr in arrays.items():
         if not _has_crc(arr):
             rep.problems.append(f"{where}/{a}: no crc32c checksum codec")
     if meta["n_items"] != n:
         rep.problems.append(f"{where}: n_items={meta['n_items']} but the store has {n}")
-    for a in ("pooled", "done", "errors", "lengths"):
+    for a in ("pooled", "done", "errors", "lengths", "presence"):
         if a in arrays and arrays[a].shape[0] != n:
             rep.problems.append(f"{where}/{a}: {arrays[a].shape[0]} rows, expected {n}")
     pdim = meta.get("pooled_dim", meta["dim"])
@@ -207,7 +217,7 @@ def _verify_feature(store, name: str, rep: VerifyReport, fast: bool) -> dict[str
         store.location.mark_complete(f"{where}/")
     small: dict[str, np.ndarray | None] = {}
     lost: dict[str, set[int]] = {}
-    for a in ("offsets", "lengths", "done"):
+    for a in ("offsets", "lengths", "done", "presence"):
         if a in arrays:
             arr = arrays[a]
             if strict:
@@ -221,6 +231,11 @@ def _verify_feature(store, name: str, rep: VerifyReport, fast: bool) -> dict[str
         if complete and (len(done) != n or not done.all()):
             rep.problems.append(f"{where}: status is 'complete' but {n - n_done} rows are not "
                                 "done")
+    if not fast and small.get("presence") is not None and "errors" in arrays:
+        errs = _read_all(arrays["errors"], f"{where}/errors", rep)
+        why = None if errs is None else check_presence(small["presence"], errs)
+        if why:
+            rep.problems.append(f"{where}/presence: {why}; re-extract the set with --overwrite")
     off, ln = small.get("offsets"), small.get("lengths")
     if text and off is not None and ln is not None:
         off, ln = off.astype(np.int64), ln.astype(np.int64)

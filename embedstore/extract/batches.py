@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..format import ABSENT_IMAGE
+
 __all__ = ["Background", "ImageBatches", "TextBatches", "f16", "length_buckets", "make_loader",
            "to_host"]
 
@@ -65,7 +67,7 @@ class ImageBatches(torch.utils.data.Dataset):
         for r in rows:
             src = self.sources[r]
             if src is None:
-                errs[int(r)] = "missing image (empty value in the image column)"
+                errs[int(r)] = ABSENT_IMAGE  # absent (presence 0), not a failure
                 continue
             try:
                 pix.append(self.load(src))

@@ -9,7 +9,9 @@ extraction loop in :mod:`embedstore.extract.pipeline`:
 * ``write(block)``: writes one finished block (background thread).
 
 Rows that need no encoding (empty texts) are in no batch; a missing or unreadable image is a
-per-row error reported by the worker. Either way the row is written as zeros with its reason.
+per-row error reported by the worker. Either way the row is written as zeros with its reason,
+and the writer derives its presence from that reason (docs/format.md §2.5): an empty text or an
+empty image value is *absent* (0), anything else that went wrong *failed* (2).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from ..catalog import Catalog
 from ..errors import InvalidInputError
+from ..format import ABSENT_TEXT
 from .batches import ImageBatches, TextBatches, f16, length_buckets, to_host
 
 __all__ = ["ImageJob", "TextJob", "make_job"]
@@ -121,7 +124,7 @@ class TextJob(_Job):
         for r in range(s, e):
             if self.empty[r]:
                 toks.append(np.zeros((0, self.n_layers, self.dim), np.float16))
-                errs.append("empty text (no characters after stripping HTML)")
+                errs.append(ABSENT_TEXT)
             else:
                 t, p = buf[r]  # a KeyError here would be a bug: every non-empty row is encoded
                 toks.append(t)

@@ -21,6 +21,7 @@ from ..catalog import Catalog, read_catalog
 from ..create import create_store
 from ..encoders import create_encoder
 from ..errors import ExtractionError, InvalidInputError, StoreNotFoundError
+from ..format import FAILED
 from ..store import Store, open_store
 from .batches import Background, make_loader
 from .checks import check_feature_slot, check_ids, check_resumable
@@ -141,7 +142,7 @@ def _extract_one(store: Store, cat: Catalog, modality: str, name: str, enc,
     if blocks is None:
         fs = store.features[name]
         return FeatureResult(name=name, modality=modality, spec=enc.spec, n_items=fs.n_items,
-                             n_encoded=0, n_errors=fs.n_errors, errors=fs.errors(),
+                             n_encoded=0, **_outcome(fs),
                              bytes_written=store.location.nbytes(f"features/{name}"),
                              skipped=True)
     job.bind(writer, name)
@@ -190,9 +191,17 @@ def _extract_one(store: Store, cat: Catalog, modality: str, name: str, enc,
     store.refresh()
     fs = store.features[name]
     return FeatureResult(name=name, modality=modality, spec=enc.spec, n_items=fs.n_items,
-                         n_encoded=n_rows, n_errors=fs.n_errors, errors=fs.errors(),
+                         n_encoded=n_rows, **_outcome(fs),
                          wall_seconds=wall, encode_seconds=encode_s,
                          bytes_written=store.location.nbytes(f"features/{name}"))
+
+
+def _outcome(fs) -> dict[str, Any]:
+    """Failed rows (with their reasons) and absent rows of a finished set."""
+    failed = fs.presence() == FAILED
+    errors = {r: why for r, why in fs.errors().items() if failed[r]}
+    return {"n_errors": int(failed.sum()), "errors": errors,
+            "n_absent": fs.presence_counts()["absent"]}
 
 
 def _open_writer(store: Store, name: str, enc, config: ExtractConfig, ranks: Ranks,

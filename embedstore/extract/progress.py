@@ -17,8 +17,9 @@ class FeatureResult:
     spec: str
     n_items: int
     n_encoded: int  # rows encoded by this run, all ranks (resume: only the missing ones)
-    n_errors: int  # rows of the whole feature set recorded as failed
-    errors: dict[int, str] = field(default_factory=dict)
+    n_errors: int  # rows of the whole feature set that failed (presence 2; absent rows are not)
+    errors: dict[int, str] = field(default_factory=dict)  # those rows' reasons
+    n_absent: int = 0  # rows with nothing to encode in the catalog (no image path, empty text)
     wall_seconds: float = 0.0
     encode_seconds: float = 0.0
     bytes_written: int = 0  # bytes of the feature set on disk
