@@ -92,6 +92,10 @@ def train(
     label_smoothing: Annotated[float | None, typer.Option(
         help=f"Label smoothing of the cross-entropy, e.g. 0.1 (default "
         f"{T.label_smoothing}).")] = None,
+    modality_dropout: Annotated[float | None, typer.Option(
+        help=f"Chance that a training item with text and image loses one of them (at random) "
+        f"for a step, so the head learns items without a photo or text, e.g. 0.1 (default "
+        f"{T.modality_dropout}).")] = None,
     device: Annotated[str | None, typer.Option(
         help=f"auto | cpu | cuda[:N] (default {T.device}).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (1 is often "
@@ -163,7 +167,8 @@ def train(
     given = {k: v for k, v in dict(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
         patience=patience, seed=seed, seeds=parse_seeds(seeds) if seeds is not None else None,
-        inner_val=inner_val, label_smoothing=label_smoothing, device=device, layers=layers, folds=folds, fold=fold,
+        inner_val=inner_val, label_smoothing=label_smoothing,
+        modality_dropout=modality_dropout, device=device, layers=layers, folds=folds, fold=fold,
         max_ram_gb=max_ram, class_weight=class_weight, threads=threads,
         encoder_lr=encoder_lr, head_lr=head_lr, freeze_layers=freeze_layers,
         grad_accum=grad_accum, precision=precision,

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidInputError
+from .format import PRESENT
 from .readahead import DEFAULT_READ_THREADS, BlockReader
 
 if TYPE_CHECKING:
@@ -65,7 +66,8 @@ class BatchLoader:
     """Iterate padded batches over ``rows`` of a store.
 
     Yields dicts whose keys are :class:`fusion.Batch` field names (torch tensors; ``ids`` a
-    tuple; ``image_prefix`` an int).
+    tuple; ``image_prefix`` an int). ``text_present`` / ``image_present`` (B,) bool are given
+    for a feature set that has absent or failed rows (its ``presence``), else left out.
     """
 
     def __init__(self, store: Store, rows: Sequence[int] | np.ndarray, *,
@@ -107,6 +109,12 @@ class BatchLoader:
             range(lp[0], lp[-1] + 1)) else lp)
         self.labels = store.labels
         self.ids = store.ids
+        # presence per row (docs/format.md §2.5); None for a set where every row is present
+        self.present: dict[str, np.ndarray | None] = {}
+        for mod, fs in (("text", self.text), ("image", self.image)):
+            if fs is not None:
+                ok = fs.presence() == PRESENT
+                self.present[mod] = None if ok.all() else ok
         budget = max_ram
         self.streaming: list[FeatureSet] = []
         for fs in (self.text, self.image):
@@ -170,6 +178,9 @@ class BatchLoader:
                                "ids": tuple(self.ids[rows].tolist())}
         if self.labels is not None:
             out["labels"] = torch.from_numpy(self.labels[rows].astype(np.int64))
+        for mod, ok in self.present.items():
+            if ok is not None:
+                out[f"{mod}_present"] = torch.from_numpy(ok[rows])  # (B,) bool
         if self.text is not None:
             fs = self.text
             if "text_pooled" in self.fields:

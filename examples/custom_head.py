@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fusion.checks import check_head
-from fusion.heads import FusionHead, masked_mean
+from fusion.heads import FusionHead, Missing, masked_mean
 
 
 class GMUHead(FusionHead):
@@ -22,10 +22,14 @@ class GMUHead(FusionHead):
         self.image_proj = nn.Linear(self.image_dim, dim)
         self.gate = nn.Linear(self.text_dim + self.image_dim, dim)
         self.fc = nn.Linear(dim, self.num_classes)
+        # an item without text or image (batch.text_present / image_present False) gets a
+        # learned vector instead of its stored zeros
+        self.text_missing, self.image_missing = Missing(self.text_dim), Missing(self.image_dim)
 
     def forward_features(self, batch):
         t = masked_mean(batch.text_tokens[:, :, -1], batch.text_mask)  # (B, Dt), pads ignored
-        i = batch.image_pooled  # (B, Di)
+        t = self.text_missing(t, batch.text_present)
+        i = self.image_missing(batch.image_pooled, batch.image_present)  # (B, Di)
         z = torch.sigmoid(self.gate(torch.cat([t, i], dim=-1)))  # (B, dim)
         return z * torch.tanh(self.text_proj(t)) + (1 - z) * torch.tanh(self.image_proj(i))
 

@@ -16,6 +16,13 @@ class Batch:
 
     Every field may be ``None`` when the run has no feature set of that modality; a head that
     needs only one modality ignores the other.
+
+    ``text_present`` / ``image_present`` say which rows have that modality (docs/format.md
+    §2.5): False for an item whose text was empty or whose image was missing or unreadable
+    (its stored values are zeros and must not be read as content), or a modality dropped by
+    ``--modality-dropout``. ``None`` means every row has it. Use :meth:`present` to read them.
+    (Galleries, several images per item, will add a region mask over all images of an item;
+    ``image_present`` stays one flag per item.)
     """
 
     text_tokens: torch.Tensor | None = None  # (B, T, L, Dt) float, T padded per batch
@@ -27,6 +34,15 @@ class Batch:
     labels: torch.Tensor | None = None  # (B,) int64
     ids: tuple[Any, ...] | None = None  # item ids, for bookkeeping only
     rows: torch.Tensor | None = None  # (B,) int64 store row indices
+    text_present: torch.Tensor | None = None  # (B,) bool, None = every row has its text
+    image_present: torch.Tensor | None = None  # (B,) bool, None = every row has its image
+
+    def present(self, modality: str) -> torch.Tensor | None:
+        """(B,) bool of rows that have ``modality`` ("text" or "image"); None when every row
+        has it (a head can then skip masking; the loader gives None for a feature set with no
+        absent or failed row, so such stores run exactly as before)."""
+        mask = self.text_present if modality == "text" else self.image_present
+        return None if mask is None else mask.bool()
 
     @property
     def size(self) -> int:

@@ -1,7 +1,8 @@
 """Property suite every fusion head must pass (``fusion check-head``, tests, user heads).
 
-The checks run on a small random batch with variable text lengths (one text is empty), in
-float64 by default so that "unchanged" can be tested to 1e-8 rather than to float32 noise.
+The checks run on a small random batch with variable text lengths (one text is empty, and so
+absent, and one item has no image: ``text_present`` / ``image_present``), in float64 by default
+so that "unchanged" can be tested to 1e-8 rather than to float32 noise.
 """
 
 from __future__ import annotations
@@ -16,14 +17,11 @@ import torch
 from torch import Tensor
 
 from fusion.batch import Batch
+from fusion.checkbatch import keep_only, pad_more, permute_patches, random_batch, redraw
 from fusion.heads.base import BATCH_FIELDS, MODALITIES, FusionHead
 from fusion.heads.registry import create_head
 
 __all__ = ["CheckResult", "check_head", "random_batch"]
-
-LENGTHS = (7, 3, 0, 5)  # text lengths of the check batch: full, short, empty, medium
-PATCHES = 6  # image patch tokens after the prefix
-
 
 @dataclass(frozen=True)
 class CheckResult:
@@ -35,69 +33,6 @@ class CheckResult:
     passed: bool
     detail: str
     value: float
-
-
-def random_batch(
-    *,
-    text_dim: int = 16,
-    image_dim: int = 12,
-    num_classes: int = 5,
-    text_layers: int = 2,
-    image_prefix: int = 1,
-    lengths: tuple[int, ...] = LENGTHS,
-    patches: int = PATCHES,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float64,
-) -> Batch:
-    """A right-padded random batch; pad positions hold random values too (never zeros), so a
-    head that forgets the mask is caught."""
-    g = torch.Generator().manual_seed(seed)
-    b, t = len(lengths), max(max(lengths), 1)
-
-    def rand(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-
-    mask = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
-    return Batch(
-        text_tokens=rand(b, t, text_layers, text_dim),
-        text_mask=mask,
-        text_pooled=rand(b, text_dim),
-        image_regions=rand(b, image_prefix + patches, image_dim),
-        image_prefix=image_prefix,
-        image_pooled=rand(b, image_dim),
-        labels=torch.randint(0, num_classes, (b,), generator=g),
-        ids=tuple(f"item{i}" for i in range(b)),
-    )
-
-
-def _pad_more(batch: Batch, extra: int, g: torch.Generator) -> Batch:
-    """Append ``extra`` pad positions and redraw the content of every pad position."""
-    tokens, mask = batch.text_tokens, batch.text_mask
-    assert tokens is not None and mask is not None
-    b, t, n_layers, d = tokens.shape
-    noise = torch.randn(b, t + extra, n_layers, d, generator=g, dtype=torch.float64)
-    new_mask = torch.cat([mask, mask.new_zeros(b, extra)], dim=1)
-    new_tokens = torch.where(
-        new_mask[:, :, None, None],
-        torch.cat([tokens, tokens.new_zeros(b, extra, n_layers, d)], 1),
-        noise,
-    )
-    return replace(batch, text_tokens=new_tokens.to(tokens.dtype), text_mask=new_mask)
-
-
-def _permute_patches(batch: Batch, g: torch.Generator) -> Batch:
-    """Shuffle each item's image regions after the prefix with its own permutation."""
-    regions = batch.image_regions
-    assert regions is not None
-    p = batch.image_prefix
-    b, r, d = regions.shape
-    order = torch.stack([torch.randperm(r - p, generator=g) + p for _ in range(b)])  # (B, R-p)
-    order = torch.cat([torch.arange(p).expand(b, p), order], dim=1)
-    return replace(batch, image_regions=regions.gather(1, order[:, :, None].expand(b, r, d)))
-
-
-def _keep_only(batch: Batch, fields: frozenset[str]) -> Batch:
-    return replace(batch, **{f: None for f in BATCH_FIELDS - fields})
 
 
 def _max_diff(a: Tensor, b: Tensor) -> float:
@@ -132,7 +67,8 @@ def check_head(
     """Run the property suite on ``head`` (a name/spec, class, factory, or built head; a built
     head is copied and its own dims are used) and return one :class:`CheckResult` per property:
     contract, output, needs, gradients, batch_independence, padding, region_permutation,
-    attention. ``options`` go to :func:`~fusion.heads.create_head` (ignored for a built head).
+    attention, absent_values, missing_text, missing_image (the last two only for heads of both
+    modalities). ``options`` go to :func:`~fusion.heads.create_head` (ignored for a built head).
     Nothing raises: a check that crashes fails with the exception as its detail."""
     tol = atol if atol is not None else (1e-8 if dtype == torch.float64 else 1e-4)
     dims = {
@@ -149,7 +85,8 @@ def check_head(
             model = _build(head, dims, options or {}).to(dtype)
         except Exception as exc:
             return [CheckResult("construct", False, f"{type(exc).__name__}: {exc}", math.nan)]
-        batch = random_batch(**dims, image_prefix=image_prefix, seed=seed, dtype=dtype)
+        batch = random_batch(**dims, image_prefix=image_prefix, seed=seed, dtype=dtype,
+                             absent=True)
         g = torch.Generator().manual_seed(seed + 1)
         suite = _Suite(model, batch, g, tol, dtype)
         return [suite.run(name, fn) for name, fn in suite.checks()]
@@ -173,6 +110,9 @@ class _Suite:
             ("padding", self.padding),
             ("region_permutation", self.region_permutation),
             ("attention", self.attention),
+            ("absent_values", self.absent_values),
+            ("missing_text", lambda: self.one_modality_left("text")),
+            ("missing_image", lambda: self.one_modality_left("image")),
         ]
 
     def run(self, name: str, fn: Callable[[], tuple[bool, str, float]]) -> CheckResult:
@@ -230,7 +170,7 @@ class _Suite:
     def needs(self) -> tuple[bool, str, float]:
         needs = frozenset(self.head.needs)
         try:
-            reduced = self.logits(_keep_only(self.batch, needs))
+            reduced = self.logits(keep_only(self.batch, needs))
         except Exception as exc:
             return (
                 False,
@@ -285,7 +225,7 @@ class _Suite:
     def padding(self) -> tuple[bool, str, float]:
         if "text_tokens" not in self.head.needs:
             return True, "not applicable: the head does not read text tokens", 0.0
-        padded = _pad_more(self.batch, 3, self.g)
+        padded = pad_more(self.batch, 3, self.g)
         return self._within(
             "3 pad positions appended, all pad content redrawn",
             _max_diff(self.logits(padded), self.logits(self.batch)),
@@ -294,10 +234,48 @@ class _Suite:
     def region_permutation(self) -> tuple[bool, str, float]:
         if "image_regions" not in self.head.needs:
             return True, "not applicable: the head does not read image regions", 0.0
-        permuted = _permute_patches(self.batch, self.g)
+        permuted = permute_patches(self.batch, self.g)
         return self._within(
             f"regions after the {self.batch.image_prefix} prefix token(s) shuffled",
             _max_diff(self.logits(permuted), self.logits(self.batch)),
+        )
+
+    def absent_values(self) -> tuple[bool, str, float]:
+        """An absent modality's stored values do not change the output."""
+        noisy = self.batch
+        for mod in MODALITIES:
+            ok = self.batch.present(mod)
+            if ok is not None:
+                noisy = redraw(noisy, ~ok, mod, self.g)
+        return self._within(
+            "stored values of the absent text (item 2) and image (item 1) redrawn",
+            _max_diff(self.logits(noisy), self.logits(self.batch)),
+        )
+
+    def one_modality_left(self, missing: str) -> tuple[bool, str, float]:
+        """With every ``missing`` absent, the other modality still changes the logits."""
+        if set(getattr(self.head, "modalities", ())) != set(MODALITIES):
+            return True, "not applicable: the head reads one modality", 0.0
+        other = "image" if missing == "text" else "text"
+        b = self.batch.size
+        base = replace(self.batch, **{f"{missing}_present": torch.zeros(b, dtype=torch.bool),
+                                      f"{other}_present": torch.ones(b, dtype=torch.bool)})
+        if other == "text":  # every item gets a non-empty text
+            base = replace(base, text_mask=torch.ones_like(base.text_mask)
+                           if base.text_mask is not None else None)
+        moved = redraw(base, torch.ones(b, dtype=torch.bool), other, self.g)
+        if other == "text" and base.text_mask is not None:
+            moved = replace(moved, text_mask=base.text_mask)
+        dev = min(
+            _max_diff(self.logits(moved).select(0, i), self.logits(base).select(0, i))
+            for i in range(b)
+        )
+        ok = dev > self.tol
+        return (
+            ok,
+            f"every {missing} absent, the {other} redrawn: the logits of every item "
+            f"{'change' if ok else 'do NOT all change'} (smallest max abs diff {dev:.3g})",
+            dev,
         )
 
     def attention(self) -> tuple[bool, str, float]:

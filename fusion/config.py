@@ -33,6 +33,7 @@ class TrainConfig:
     seeds: tuple[int, ...] | None = None  # repeats: train every fold once per seed (None: seed)
     inner_val: float = 0.1  # share of each fold's training rows held out for model selection
     label_smoothing: float = 0.0  # passed to the head's loss (cross-entropy)
+    modality_dropout: float = 0.0  # chance a training item with both modalities loses one
     device: str = "auto"
     layers: str | None = None  # cached text layers to feed (None = all cached)
     folds: int | None = None  # train the first N store folds (None = all)
@@ -84,6 +85,9 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1:
             raise TrainError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}; "
                              "e.g. 0.1")
+        if not 0 <= self.modality_dropout < 1:
+            raise TrainError(f"--modality-dropout must be in [0, 1), got "
+                             f"{self.modality_dropout}; e.g. 0.1")
         if self.seeds is not None:
             check_seeds(self.seeds)
 
@@ -114,6 +118,10 @@ class FinetuneConfig(TrainConfig):
             raise TrainError(f"--grad-accum must be >= 1, got {self.grad_accum}")
         if self.precision not in PRECISIONS:
             raise TrainError(f"--precision must be fp32, fp16 or bf16, got {self.precision!r}")
+        if self.modality_dropout:
+            raise TrainError(f"--modality-dropout {self.modality_dropout}: not available with "
+                             "--finetune yet; train the head on the cache with it, then "
+                             "--finetune --init that run")
 
 
 def check_seeds(seeds: Any) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from .errors import TrainError
 from .heads import create_head, resolve_head, spec_of
 
 __all__ = ["Setup", "prepare", "pick_features", "cached_batches", "class_weights", "inner_split",
-           "rare_classes", "RareClassWarning"]
+           "rare_classes", "RareClassWarning", "drop_modalities"]
 
 
 @dataclass
@@ -178,6 +178,25 @@ def cached_batches(s: Setup, rows: np.ndarray, *, shuffle: bool = False, seed: i
     ld.set_epoch(epoch)
     for d in ld:
         yield Batch(**d)
+
+
+def drop_modalities(batch: Batch, p: float, rng: np.random.Generator) -> Batch:
+    """``--modality-dropout``: each row that has both modalities loses one of them (text or
+    image, even odds) with probability ``p``, by setting its presence to False (the head then
+    treats it as an item without that modality; the stored values stay, unread)."""
+    n = batch.size
+    text_ok = (np.ones(n, bool) if batch.text_present is None
+               else batch.text_present.cpu().numpy().astype(bool))
+    image_ok = (np.ones(n, bool) if batch.image_present is None
+                else batch.image_present.cpu().numpy().astype(bool))
+    drop = (rng.random(n) < p) & text_ok & image_ok
+    which = rng.random(n) < 0.5  # True: the text goes, False: the image
+    if not drop.any():
+        return batch
+    dev = batch.rows.device if batch.rows is not None else "cpu"
+    return replace(batch,
+                   text_present=torch.from_numpy(text_ok & ~(drop & which)).to(dev),
+                   image_present=torch.from_numpy(image_ok & ~(drop & ~which)).to(dev))
 
 
 def class_weights(s: Setup, rows: np.ndarray) -> torch.Tensor | None:

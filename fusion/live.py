@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from embedstore.format import PRESENT
 from embedstore.loader import resolve_layers
 from embedstore.provenance import encoder_from_feature, weights_mismatch
 
@@ -36,7 +37,9 @@ class RawBatch:
     rows: torch.Tensor  # (B,)
     labels: torch.Tensor | None  # (B,)
     text: dict[str, torch.Tensor] | None  # tokenizer output (B, T)
-    images: torch.Tensor | None  # (B, 3, H, W)
+    images: torch.Tensor | None  # (B, 3, H, W); zeros where image_present is False
+    text_present: torch.Tensor | None = None  # (B,) bool, None = every row has its text
+    image_present: torch.Tensor | None = None  # (B,) bool, None = every row has its image
 
     @property
     def size(self) -> int:
@@ -50,8 +53,12 @@ class LiveModel(nn.Module):
     """Encoders + head: RawBatch -> Batch (same fields as the cache) -> logits."""
 
     def __init__(self, head: nn.Module, text_enc=None, image_enc=None,
-                 layer_pos: list[int] | None = None):
+                 layer_pos: list[int] | None = None,
+                 present: dict[str, np.ndarray | None] | None = None):
         super().__init__()
+        # store row -> has the modality (the cache's presence, docs/format.md §2.5), so a row
+        # absent or failed at extraction is absent here too; None = every row has it
+        self.present = dict(present or {})
         self.head = head
         self.text_model = text_enc.torch_module if text_enc is not None else None
         self.image_model = image_enc.torch_module if image_enc is not None else None
@@ -60,7 +67,9 @@ class LiveModel(nn.Module):
         self._last: Batch | None = None
 
     def features(self, raw: RawBatch) -> Batch:
-        kw: dict[str, Any] = {"rows": raw.rows, "labels": raw.labels}
+        kw: dict[str, Any] = {"rows": raw.rows, "labels": raw.labels,
+                              "text_present": raw.text_present,
+                              "image_present": raw.image_present}
         te, ie = self.encoders["text"], self.encoders["image"]
         if te is not None:
             out = te.encode(raw.text)
@@ -186,11 +195,20 @@ def build_live_model(setup: Setup, cfg: FinetuneConfig, head: nn.Module) -> Live
                              f"--{mod}-spec at the original weights")
         encs[mod] = make_trainable(enc, cfg.freeze_layers, cfg.gradient_checkpointing)
     pos = resolve_layers(setup.tfs.layers, setup.layer_sel) if setup.tfs is not None else None
-    return LiveModel(head, encs.get("text"), encs.get("image"), pos)
+    present = {}
+    for mod, fs in (("text", setup.tfs), ("image", setup.ifs)):
+        if fs is not None:
+            ok = fs.presence() == PRESENT
+            present[mod] = None if ok.all() else ok
+    return LiveModel(head, encs.get("text"), encs.get("image"), pos, present)
 
 
 class RawRows(torch.utils.data.Dataset):
-    """Store row -> (row, text, preprocessed image) from the raw catalog."""
+    """Store row -> (row, text, preprocessed image, image loaded) from the raw catalog.
+
+    A row with no image value, or whose image cannot be read now, gets zero pixels as a
+    placeholder (so the batch stacks) and ``False``: the batch marks it absent, and heads never
+    read its features (never zero pixels taken for a photo; the cached path does the same)."""
 
     def __init__(self, texts, images, load_image, shape):
         self.texts, self.images, self.load, self.shape = texts, images, load_image, shape
@@ -200,29 +218,45 @@ class RawRows(torch.utils.data.Dataset):
 
     def __getitem__(self, r: int):
         text = self.texts[r] if self.texts is not None else None
-        img = None
+        img, ok = None, False
         if self.images is not None:
             try:
                 img = self.load(self.images[r]) if self.images[r] is not None else None
             except Exception:  # noqa: BLE001 - rows that failed at extraction fail here too
                 img = None
+            ok = img is not None
             if img is None:
                 img = torch.zeros(self.shape)
-        return r, text, img
+        return r, text, img, ok
 
 
 class Collate:
-    """Items of :class:`RawRows` -> one :class:`RawBatch` (texts tokenised together)."""
+    """Items of :class:`RawRows` -> one :class:`RawBatch` (texts tokenised together).
 
-    def __init__(self, tokenize, labels: np.ndarray):
+    ``present``: the store's per-row presence by modality (None = every row); an image is
+    present only if the store has it *and* it loaded now."""
+
+    def __init__(self, tokenize, labels: np.ndarray,
+                 present: dict[str, np.ndarray | None] | None = None):
         self.tokenize, self.labels = tokenize, labels
+        self.present = dict(present or {})
 
     def __call__(self, items) -> RawBatch:
-        rows = torch.tensor([r for r, _, _ in items], dtype=torch.long)
-        text = self.tokenize([t for _, t, _ in items]) if self.tokenize is not None else None
-        imgs = torch.stack([i for _, _, i in items]) if items[0][2] is not None else None
-        return RawBatch(rows=rows, labels=torch.from_numpy(self.labels[rows.numpy()]),
-                        text=text, images=imgs)
+        rows = torch.tensor([it[0] for it in items], dtype=torch.long)
+        text = self.tokenize([it[1] for it in items]) if self.tokenize is not None else None
+        has_image = items[0][2] is not None
+        imgs = torch.stack([it[2] for it in items]) if has_image else None
+        r = rows.numpy()
+        text_ok = self.present.get("text")
+        image_ok = np.array([bool(it[3]) for it in items]) if has_image else None
+        if image_ok is not None and self.present.get("image") is not None:
+            image_ok &= self.present["image"][r]
+        return RawBatch(rows=rows, labels=torch.from_numpy(self.labels[r]), text=text,
+                        images=imgs,
+                        text_present=None if text_ok is None or self.tokenize is None
+                        else torch.from_numpy(text_ok[r]),
+                        image_present=None if image_ok is None or image_ok.all()
+                        else torch.from_numpy(image_ok))
 
 
 def bucketed(rows: np.ndarray, lengths: np.ndarray | None, batch_size: int,
@@ -250,7 +284,7 @@ class RawBatches:
         te, ie = model.encoders["text"], model.encoders["image"]
         self.rows = RawRows(texts, images, ie.load_image if ie else None,
                             tuple(ie.input_shape) if ie else None)
-        self.collate = Collate(te.tokenize if te else None, labels)
+        self.collate = Collate(te.tokenize if te else None, labels, model.present)
         self.lengths, self.batch_size, self.num_workers = lengths, batch_size, num_workers
 
     def __call__(self, rows: np.ndarray, rng: np.random.Generator | None = None

@@ -23,7 +23,14 @@ import numpy as np
 import torch
 
 from .config import DEFAULT_HEAD, TrainConfig
-from .data import cached_batches, class_weights, inner_split, pick_features, prepare
+from .data import (
+    cached_batches,
+    class_weights,
+    drop_modalities,
+    inner_split,
+    pick_features,
+    prepare,
+)
 from .device import torch_threads
 from .heads import create_head
 from .loop import (
@@ -84,7 +91,10 @@ def train(store, head: Any = DEFAULT_HEAD, *, text: str | None = None, image: st
                     model.train()
                     t0 = time.perf_counter()
                     loss_sum, n_seen = 0.0, 0
+                    drop_rng = np.random.default_rng((seed, epoch, 1))  # --modality-dropout
                     for b in batches(fit_rows, shuffle=True, seed=seed, epoch=epoch):
+                        if cfg.modality_dropout and s.tfs is not None and s.ifs is not None:
+                            b = drop_modalities(b, cfg.modality_dropout, drop_rng)
                         b = b.to(s.device)
                         loss = model.loss(b, model(b), class_w, **smoothing)
                         loss.backward()

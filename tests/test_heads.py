@@ -24,6 +24,7 @@ from fusion.heads import (
     head_options,
     list_heads,
     masked_softmax,
+    present_mask,
     register_head,
     resolve_head,
 )
@@ -62,6 +63,9 @@ def test_head_passes_property_suite(name, image_prefix):
         "padding",
         "region_permutation",
         "attention",
+        "absent_values",
+        "missing_text",
+        "missing_image",
     ]
     assert failed(results) == {}
 
@@ -89,7 +93,8 @@ def test_head_variants_pass_property_suite(name, options):
 def test_property_suite_passes_in_float32_with_float32_tolerance():
     results = check_head("gated-xattn", dtype=torch.float32)
     assert failed(results) == {}
-    assert all(r.value <= 1e-4 for r in results)
+    # missing_text / missing_image report how much the logits *do* change
+    assert all(r.value <= 1e-4 for r in results if not r.name.startswith("missing_"))
 
 
 def _toy_batch(n=48, k=3, seed=0):
@@ -148,10 +153,13 @@ class _TokenHead(FusionHead):
         return masked_softmax(scores, mask)
 
     def forward_features(self, batch):
-        h, mask = batch.text_tokens[:, :, -1], batch.text_mask
+        h, mask = batch.text_tokens[:, :, -1], present_mask(batch, "text", batch.text_mask)
         w = self.weights(self.score(h).squeeze(-1), mask)  # (B, T)
         self.expose("text", w, mask)
-        return torch.cat([torch.einsum("bt,btd->bd", w, h), batch.image_pooled], dim=-1)
+        image = batch.image_pooled
+        if batch.image_present is not None:  # an absent image: zeros, never its stored values
+            image = image * batch.image_present[:, None].to(image.dtype)
+        return torch.cat([torch.einsum("bt,btd->bd", w, h), image], dim=-1)
 
 
 class UnmaskedSoftmaxHead(_TokenHead):
@@ -657,6 +665,7 @@ def test_factory_heads_are_built_and_checked():
 USER_HEAD = """
 import torch
 from torch import nn
+import fusion.heads as fh
 from fusion.heads import FusionHead, masked_mean
 
 class MeanHead(FusionHead):
@@ -667,10 +676,14 @@ class MeanHead(FusionHead):
                          text_layers=text_layers)
         self.fc = nn.Linear(text_dim + image_dim, num_classes)
         self.width = width
+        self.text_missing, self.image_missing = fh.Missing(text_dim), fh.Missing(image_dim)
 
     def forward_features(self, batch):
-        text = masked_mean(batch.text_tokens[:, :, -1], batch.text_mask)
-        return torch.cat([text, batch.image_pooled], dim=-1)
+        mask = fh.present_mask(batch, "text", batch.text_mask)  # absent texts: no valid token
+        text = masked_mean(batch.text_tokens[:, :, -1], mask)
+        text = self.text_missing(text, batch.text_present)
+        image = self.image_missing(batch.image_pooled, batch.image_present)
+        return torch.cat([text, image], dim=-1)
 
 NOT_A_HEAD = 3
 """

@@ -14,10 +14,12 @@ from fusion.heads.layers import (
     POOLS,
     AttentionPool,
     MaskedAttention,
+    Missing,
     Pool,
     ScalarMix,
     masked_mean,
     masked_softmax,
+    present_mask,
 )
 from fusion.heads.lowrank import LowRankFusionHead
 from fusion.heads.mlb import MLBHead
@@ -53,6 +55,7 @@ __all__ = [
     "MLBHead",
     "MaskedAttention",
     "MaskedBiLSTM",
+    "Missing",
     "MulTHead",
     "Pool",
     "ScalarMix",
@@ -63,6 +66,7 @@ __all__ = [
     "list_heads",
     "masked_mean",
     "masked_softmax",
+    "present_mask",
     "register_head",
     "resolve_head",
     "spec_of",

@@ -13,7 +13,15 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from fusion.batch import Batch
 from fusion.errors import HeadError
 from fusion.heads.base import FusionHead, check_dropout, check_int, check_layer
-from fusion.heads.layers import ScalarMix, image_patches, masked_softmax, neck, require
+from fusion.heads.layers import (
+    Missing,
+    ScalarMix,
+    image_patches,
+    masked_softmax,
+    neck,
+    present_mask,
+    require,
+)
 from fusion.heads.registry import register_head
 
 __all__ = ["ONE_LAYER", "CoAttentionHead", "MaskedBiLSTM"]
@@ -65,6 +73,10 @@ class CoAttentionHead(FusionHead):
         H_t = tanh(T W_q + C (I W_v))         (B, S, k)
         a_i = softmax_N(H_i w_i),  a_t = masked_softmax_S(H_t w_t)
         i^  = sum_n a_i,n I_n,     t^  = sum_s a_t,s T_s
+
+    An item without its text has no valid text state (C is 0, so the image attention reads
+    the image alone) and t^ is a learned vector; without its image, C is 0 (the text attention
+    reads the text alone) and i^ is a learned vector.
     """
 
     needs = frozenset({"text_tokens", "text_mask", "image_regions"})
@@ -106,13 +118,15 @@ class CoAttentionHead(FusionHead):
         # No bias on the scoring vectors: softmax is shift-invariant, a bias would never train.
         self.score_t = nn.Linear(attn_dim, 1, bias=False)
         self.score_i = nn.Linear(attn_dim, 1, bias=False)
+        self.text_missing = Missing(lstm_dim)  # t^ of an item without text
+        self.image_missing = Missing(self.image_dim)  # i^ of an item without image
         self.neck, width = neck(lstm_dim + self.image_dim, hidden, dropout, act=nn.Tanh)
         self.fc = nn.Linear(width, self.num_classes)
 
     def encode_text(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """-> T (B, S, lstm_dim) with exact zeros at pads, mask (B, S)."""
         tokens = require(batch, "text_tokens", self.label)  # (B, S, L, Dt)
-        mask = require(batch, "text_mask", self.label).bool()  # (B, S)
+        mask = present_mask(batch, "text", require(batch, "text_mask", self.label).bool())
         x = self.mix(tokens) if self.mix is not None else tokens[:, :, self.layer]
         if isinstance(self.encoder, MaskedBiLSTM):
             return self.encoder(x, mask), mask
@@ -123,6 +137,9 @@ class CoAttentionHead(FusionHead):
         image = image_patches(batch, self.label)  # (B, N, Di)
         affinity = torch.tanh(text @ self.w_b @ image.transpose(1, 2))  # (B, S, N)
         affinity = affinity * mask.unsqueeze(-1).to(affinity.dtype)
+        i_ok = batch.present("image")
+        if i_ok is not None:  # no image: no affinity, the text attention reads the text alone
+            affinity = affinity * i_ok.to(affinity.dtype)[:, None, None]
         tq = self.w_q(text)  # (B, S, k)
         iv = self.w_v(image)  # (B, N, k)
         h_i = torch.tanh(iv + affinity.transpose(1, 2) @ tq)  # (B, N, k)
@@ -131,6 +148,8 @@ class CoAttentionHead(FusionHead):
         a_t = masked_softmax(self.score_t(self.h_drop(h_t)).squeeze(-1), mask)  # (B, S)
         image_vec = torch.einsum("bn,bnd->bd", a_i, image)  # (B, Di)
         text_vec = torch.einsum("bs,bsh->bh", a_t, text)  # (B, h)
+        text_vec = self.text_missing(text_vec, batch.present("text"))
+        image_vec = self.image_missing(image_vec, i_ok)
         self.expose("text", a_t, mask)
         self.expose("image", a_i, torch.ones_like(a_i, dtype=torch.bool))
         self.internals["affinity"] = affinity.detach()

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from fusion.batch import Batch
 from fusion.heads.base import FusionHead, check_choice, check_dropout, check_int, check_layer
-from fusion.heads.layers import Pool, image_patches, neck
+from fusion.heads.layers import Missing, Pool, image_patches, neck
 from fusion.heads.registry import register_head
 
 __all__ = ["FiLMBlock", "FiLMHead"]
@@ -73,6 +73,10 @@ class FiLMHead(FusionHead):
         self.stem = nn.Sequential(nn.Linear(self.image_dim, dim), nn.ReLU())
         self.film = nn.Linear(self.text_dim, 2 * dim * blocks)  # all the (gamma, beta) pairs
         self.blocks = nn.ModuleList(FiLMBlock(dim) for _ in range(blocks))
+        # absent text: a learned text vector; absent image: every region a learned region, so
+        # the text still reaches the output through gamma and beta
+        self.text_missing = Missing(self.text_dim)
+        self.image_missing = Missing(self.image_dim)
         self.neck, width = neck(dim, hidden, dropout)
         self.fc = nn.Linear(width, self.num_classes)
 
@@ -80,7 +84,9 @@ class FiLMHead(FusionHead):
         t, t_attn = self.text_pool(batch)  # (B, Dt)
         if t_attn is not None:
             self.expose("text", *t_attn)
-        x = self.stem(image_patches(batch, self.label))  # (B, N, d)
+        t = self.text_missing(t, batch.present("text"))
+        regions = self.image_missing(image_patches(batch, self.label), batch.present("image"))
+        x = self.stem(regions)  # (B, N, d)
         params = self.film(t).view(t.shape[0], len(self.blocks), 2, -1)  # (B, blocks, 2, d)
         for k, block in enumerate(self.blocks):
             x = block(x, params[:, k, 0], params[:, k, 1])

@@ -10,7 +10,13 @@ from torch import Tensor, nn
 
 from fusion.batch import Batch
 from fusion.heads.base import FusionHead, check_choice, check_dropout, check_int, check_layer
-from fusion.heads.layers import MaskedAttention, image_patches, require, text_layer
+from fusion.heads.layers import (
+    MaskedAttention,
+    image_patches,
+    present_mask,
+    require,
+    text_layer,
+)
 from fusion.heads.registry import register_head
 
 __all__ = ["GatedCrossAttentionHead"]
@@ -36,7 +42,9 @@ class GatedCrossAttentionHead(FusionHead):
 
     An empty text (no valid token) is read as one learned token ``empty`` (B-rows of length 0
     get it at position 0), so the image still reaches its output through the cross-attention
-    and the gate; rows with text are exactly the paper's form.
+    and the gate; rows with text are exactly the paper's form. An item without its text (see
+    ``batch.text_present``) is read the same way; one without its image has no cross-attention
+    keys (the cross term is 0: the text's self-attention alone).
     """
 
     needs = frozenset({"text_tokens", "text_mask", "image_regions", "image_pooled"})
@@ -75,6 +83,7 @@ class GatedCrossAttentionHead(FusionHead):
     def text(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """h (B, T, Dt) and its mask, an empty text replaced by the one token ``empty``."""
         h, mask = text_layer(batch, self.layer, self.label)  # (B, T, Dt), (B, T)
+        mask = present_mask(batch, "text", mask)  # an absent text has no valid token
         if h.shape[1] == 0:  # a batch of empty texts padded to no position at all
             h, mask = h.new_zeros(h.shape[0], 1, h.shape[2]), mask.new_zeros(mask.shape[0], 1)
         blank = ~mask.any(dim=1)  # (B,) rows with no valid token
@@ -89,7 +98,9 @@ class GatedCrossAttentionHead(FusionHead):
         h, mask = self.text(batch)  # (B, T, Dt), (B, T)
         v = image_patches(batch, self.label)  # (B, P, Di)
         self_out, self_w = self.self_attn(h, h, key_mask=mask, query_mask=mask)  # (B, T, d)
-        cross_out, cross_w = self.cross_attn(h, v, key_mask=None, query_mask=mask)  # (B, T, d)
+        i_ok = batch.present("image")  # no image: no key to attend to, the cross term is 0
+        keys = None if i_ok is None else i_ok.to(v.device)[:, None].expand(v.shape[:2])
+        cross_out, cross_w = self.cross_attn(h, v, key_mask=keys, query_mask=mask)  # (B, T, d)
         gate = torch.sigmoid(
             self.gate_text(h) + self.gate_image(self.global_image(batch))[:, None]
         )  # (B, T, 1)
@@ -99,6 +110,7 @@ class GatedCrossAttentionHead(FusionHead):
         if self.reduce == "mean":
             pooled = pooled / m.sum(dim=1).clamp(min=1.0)
         self.expose("self", self_w, mask[:, None, :, None] & mask[:, None, None, :])
-        self.expose("cross", cross_w, mask[:, None, :, None])
+        valid = mask[:, None, :, None]
+        self.expose("cross", cross_w, valid if keys is None else valid & keys[:, None, None, :])
         self.internals["gate"] = (gate.squeeze(-1) * m.squeeze(-1)).detach()  # (B, T)
         return pooled

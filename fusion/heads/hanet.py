@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from fusion.batch import Batch
 from fusion.heads.base import FusionHead, check_choice, check_dropout, check_int, check_layer
-from fusion.heads.layers import Pool, neck
+from fusion.heads.layers import Pool, masked_softmax, neck
 from fusion.heads.registry import register_head
 
 __all__ = ["HANetHead"]
@@ -21,6 +21,10 @@ HYBRIDS = ("joint", "paper")
 def _d_net(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
     """A hybrid network D: one hidden layer (the paper's N = 1)."""
     return nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, outputs))
+
+
+def _zero_absent(x: Tensor, ok: Tensor | None) -> Tensor:
+    return x if ok is None else torch.where(ok.to(x.device)[:, None], x, torch.zeros_like(x))
 
 
 @register_head("hanet")
@@ -49,6 +53,11 @@ class HANetHead(FusionHead):
 
         s_l = softmax([w_t.v_t + b_t, w_i.v_i + b_i]),  s_b = softmax(s_b raw)   (B, 2) each
         alpha_t = D_t([s_l,t ; s_b,t]),  alpha_i = D_i([s_l,i ; s_b,i])           (B,) each
+
+    A stream an item lacks gets weight 0 (the softmax runs over the streams it has; eq. 7's
+    weights are multiplied by presence) and its pooled vector is zeroed before the scores, so
+    the other stream's key-based score never reads the absent stream's stored values (a learned
+    vector would get no gradient: its stream's weight is 0).
     """
 
     needs = frozenset({"text_pooled", "text_tokens", "text_mask", "image_pooled", "image_regions"})
@@ -114,11 +123,12 @@ class HANetHead(FusionHead):
             parts.append(s_b / k_t.shape[-1] ** 0.5)
         return torch.cat(parts, dim=-1)
 
-    def paper_weights(self, scores: Tensor) -> Tensor:
+    def paper_weights(self, scores: Tensor, valid: Tensor | None = None) -> Tensor:
         """eqs. 3, 5, 7: softmax each score pair over the streams, then D_t / D_i per stream
         (hybrid mode) or the softmax weights themselves (keyless / keybased: no D)."""
-        everywhere = torch.ones(scores.shape[0], 2, dtype=torch.bool, device=scores.device)
-        pairs = [torch.softmax(pair, dim=-1) for pair in scores.split(2, dim=-1)]  # (B, 2) each
+        everywhere = (torch.ones(scores.shape[0], 2, dtype=torch.bool, device=scores.device)
+                      if valid is None else valid)
+        pairs = [masked_softmax(pair, valid) for pair in scores.split(2, dim=-1)]  # (B, 2) each
         names = {"hybrid": ("keyless", "keybased"), "keyless": ("keyless",),
                  "keybased": ("keybased",)}[self.mode]
         for name, pair in zip(names, pairs, strict=True):
@@ -126,8 +136,9 @@ class HANetHead(FusionHead):
         if self.mode != "hybrid":
             return pairs[0]
         s_l, s_b = pairs
-        return torch.cat([self.hybrid_text(torch.stack([s_l[:, 0], s_b[:, 0]], dim=-1)),
-                          self.hybrid_image(torch.stack([s_l[:, 1], s_b[:, 1]], dim=-1))], dim=-1)
+        alpha = torch.cat([self.hybrid_text(torch.stack([s_l[:, 0], s_b[:, 0]], dim=-1)),
+                           self.hybrid_image(torch.stack([s_l[:, 1], s_b[:, 1]], dim=-1))], dim=-1)
+        return alpha if valid is None else alpha * valid.to(alpha.dtype)
 
     def forward_features(self, batch: Batch) -> Tensor:
         t, t_attn = self.text_pool(batch)  # (B, Dt)
@@ -136,12 +147,20 @@ class HANetHead(FusionHead):
             self.expose("text", *t_attn)
         if i_attn is not None:
             self.expose("image", *i_attn)
+        t_ok, i_ok = batch.present("text"), batch.present("image")
+        t, i = _zero_absent(t, t_ok), _zero_absent(i, i_ok)
         v_t, v_i = self.text_proj(t), self.image_proj(i)  # (B, d) each
+        valid = None  # (B, 2): the streams each item has
+        if t_ok is not None or i_ok is not None:
+            ones = torch.ones(v_t.shape[0], dtype=torch.bool, device=v_t.device)
+            valid = torch.stack([ones if t_ok is None else t_ok.to(v_t.device),
+                                 ones if i_ok is None else i_ok.to(v_t.device)], dim=-1)
         if self.hybrid_form == "joint":
-            alpha = torch.softmax(self.hybrid(self.scores(v_t, v_i)), dim=-1)  # (B, 2)
-            self.expose("streams", alpha, torch.ones_like(alpha, dtype=torch.bool))
+            alpha = masked_softmax(self.hybrid(self.scores(v_t, v_i)), valid)  # (B, 2)
+            self.expose("streams", alpha, torch.ones_like(alpha, dtype=torch.bool)
+                        if valid is None else valid)
         else:
-            alpha = self.paper_weights(self.scores(v_t, v_i))
+            alpha = self.paper_weights(self.scores(v_t, v_i), valid)
             self.internals["streams"] = alpha.detach()
         self.internals.update(v_text=v_t.detach(), v_image=v_i.detach())
         if self.fuse == "concat":

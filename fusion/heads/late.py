@@ -29,6 +29,10 @@ class LateHead(FusionHead):
     weights), 0.5 until :meth:`on_fit_end` picks the value on an ``alpha_grid``-point grid over
     [0, 1] that maximises validation macro-F1 (ties: lower validation log-loss). `fusion train`
     passes the fold's inner validation rows, never the rows the fold predicts.
+
+    An item without its image is scored by the text half alone (alpha = 1 for that row), one
+    without its text by the image half (alpha = 0); each half scores an item lacking its
+    modality by its learned class prior (see :mod:`fusion.heads.unimodal`).
     """
 
     needs = TextHead.needs | ImageHead.needs
@@ -68,7 +72,9 @@ class LateHead(FusionHead):
     def forward(self, batch: Batch) -> Tensor:
         self.attention, self.internals = {}, {}
         parts = self.forward_features(batch)
-        logits = self.forward_head(parts)
+        text, image = parts.split(self.num_classes, dim=-1)  # (B, K) each
+        logits = _mix(F.log_softmax(text, -1), F.log_softmax(image, -1),
+                      _row_alpha(self.alpha, batch.present("text"), batch.present("image")))
         # Kept for loss() so the halves are not computed twice; only while a graph is built,
         # and dropped by loss(), so a trained head holds no graph (deepcopy keeps working).
         self._last = (logits, parts) if torch.is_grad_enabled() else None
@@ -92,7 +98,7 @@ class LateHead(FusionHead):
     def on_fit_end(self, val_batches: Callable[[], Iterable[Batch]]) -> dict[str, Any]:
         was_training = self.training
         self.eval()
-        text_lp, image_lp, labels = [], [], []
+        text_lp, image_lp, labels, t_ok, i_ok = [], [], [], [], []
         for batch in val_batches():
             batch = batch.to(self.alpha.device)  # the caller's loader may yield CPU batches
             parts = self.forward_features(batch)
@@ -100,19 +106,39 @@ class LateHead(FusionHead):
             text_lp.append(F.log_softmax(text.double(), -1).cpu())
             image_lp.append(F.log_softmax(image.double(), -1).cpu())
             labels.append(self._labels(batch).cpu())
+            for ok, mod in ((t_ok, "text"), (i_ok, "image")):
+                have = batch.present(mod)
+                ok.append(torch.ones(len(text), dtype=torch.bool) if have is None
+                          else have.cpu())
         self.train(was_training)
         if not labels:
             raise HeadError("late: on_fit_end got no validation batches; alpha needs a val split")
         lt, li, y = torch.cat(text_lp), torch.cat(image_lp), torch.cat(labels)
+        tok, iok = torch.cat(t_ok), torch.cat(i_ok)
         best = (-1.0, -math.inf, 0.5)  # (macro-F1, -log-loss, alpha)
         for alpha in torch.linspace(0.0, 1.0, self.alpha_grid, dtype=torch.float64):
-            mixed = _mix(lt, li, alpha)  # (N, K) log-probabilities
+            mixed = _mix(lt, li, _row_alpha(alpha, tok, iok))  # (N, K) log-probabilities
             f1 = macro_f1(y.numpy(), mixed.argmax(-1).numpy(), self.num_classes)
             nll = float(F.nll_loss(mixed, y))
             if (f1, -nll) > best[:2]:
                 best = (float(f1), -nll, float(alpha))
         self.alpha.fill_(best[2])
         return {"alpha": best[2], "val_macro_f1": best[0], "val_nll": -best[1]}
+
+
+def _row_alpha(alpha: Tensor, text_ok: Tensor | None, image_ok: Tensor | None) -> Tensor:
+    """alpha per row (B, 1): 1 where only the text is there, 0 where only the image is, the
+    tuned alpha elsewhere (both there, or neither: each half then gives its prior)."""
+    if text_ok is None and image_ok is None:
+        return alpha
+    ok = text_ok if text_ok is not None else image_ok
+    t = torch.ones_like(ok) if text_ok is None else text_ok
+    i = torch.ones_like(ok) if image_ok is None else image_ok
+    a = alpha.to(torch.float64 if alpha.dtype == torch.float64 else torch.float32)
+    a = a.expand(len(ok)).to(t.device).clone()
+    a[t & ~i] = 1.0
+    a[~t & i] = 0.0
+    return a[:, None]
 
 
 def _mix(text_lp: Tensor, image_lp: Tensor, alpha: Tensor) -> Tensor:

@@ -1,7 +1,10 @@
 """Masked building blocks shared by the heads (and meant for user heads too).
 
 Every reduction over tokens takes the padding mask, so pad content never reaches the output and
-a zero-length text gives zero weights and a zero vector instead of NaN.
+a zero-length text gives zero weights and a zero vector instead of NaN. An absent modality
+(``batch.text_present`` / ``image_present`` False, docs/heads.md "Missing modalities") is masked
+the same way (:func:`present_mask`) and its vector replaced by a learned one (:class:`Missing`),
+so its stored values never reach the output.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ __all__ = [
     "POOLS",
     "AttentionPool",
     "MaskedAttention",
+    "Missing",
     "Pool",
+    "present_mask",
     "ScalarMix",
     "image_patches",
     "masked_mean",
@@ -59,6 +64,41 @@ def neck(in_dim: int, hidden: int, dropout: float, act: type[nn.Module] = nn.GEL
         return nn.Dropout(dropout), in_dim
     layers = [nn.Dropout(dropout), nn.Linear(in_dim, hidden), act(), nn.Dropout(dropout)]
     return nn.Sequential(*layers), hidden
+
+
+def present_mask(batch: Batch, modality: str, mask: Tensor | None = None) -> Tensor | None:
+    """``mask`` (B, T) with the rows that lack ``modality`` switched off, or, without ``mask``,
+    the (B,) presence itself; None when every row has the modality and there is no mask."""
+    ok = batch.present(modality)
+    if mask is None or ok is None:
+        return ok if mask is None else mask
+    return mask & ok.to(mask.device)[:, None]
+
+
+def _missing_weights_default(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """Weights saved before missing embeddings existed load with them at their initial value
+    (zeros), so older run directories and bundles stay usable."""
+    if prefix + "value" not in state_dict:
+        state_dict[prefix + "value"] = torch.zeros_like(module.value)
+
+
+class Missing(nn.Module):
+    """A learned vector (zeros at first) standing in for an absent modality's vector.
+
+    ``forward(x, present)``: x (B, D) or (B, N, D); rows where ``present`` (B,) is False become
+    ``value`` (broadcast over N), whatever x held there. ``present=None`` returns x unchanged.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.zeros(dim))
+        self.register_load_state_dict_pre_hook(_missing_weights_default)
+
+    def forward(self, x: Tensor, present: Tensor | None) -> Tensor:
+        if present is None:
+            return x
+        keep = present.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(keep, x, self.value.to(x.dtype))
 
 
 def require(batch: Batch, field: str, head: str) -> Tensor:
@@ -138,7 +178,8 @@ class Pool(nn.Module):
         return frozenset({"image_regions"})
 
     def forward(self, batch: Batch) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """-> vector (B, D) and, for attention pooling, (weights, valid_mask)."""
+        """-> vector (B, D) and, for attention pooling, (weights, valid_mask). Rows lacking the
+        modality get no weight (their vector is for the head's :class:`Missing` to replace)."""
         if self.mode == "pooled":
             return require(batch, f"{self.modality}_pooled", self.head), None
         if self.modality == "text":
@@ -146,6 +187,7 @@ class Pool(nn.Module):
         else:
             x = image_patches(batch, self.head)
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        mask = present_mask(batch, self.modality, mask)
         if self.attn is None:
             return masked_mean(x, mask), None
         pooled, weights = self.attn(x, mask)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from fusion.batch import Batch
 from fusion.heads.base import FusionHead, check_dropout, check_int, check_layer
-from fusion.heads.layers import Pool, neck
+from fusion.heads.layers import Missing, Pool, neck
 from fusion.heads.registry import register_head
 
 __all__ = ["LowRankFusionHead"]
@@ -56,6 +56,8 @@ class LowRankFusionHead(FusionHead):
         self.image_factor = nn.Parameter(torch.empty(rank, self.image_dim + 1, dim))
         for factor in (self.text_factor, self.image_factor):
             nn.init.xavier_normal_(factor)
+        self.text_missing = Missing(self.text_dim)  # stands in for an absent modality
+        self.image_missing = Missing(self.image_dim)
         self.rank_weights = nn.Parameter(torch.full((rank,), 1.0 / rank))
         self.neck, width = neck(dim, hidden, dropout)
         self.fc = nn.Linear(width, self.num_classes)
@@ -67,6 +69,8 @@ class LowRankFusionHead(FusionHead):
             self.expose("text", *t_attn)
         if i_attn is not None:
             self.expose("image", *i_attn)
+        t = self.text_missing(t, batch.present("text"))
+        i = self.image_missing(i, batch.present("image"))
         t1 = torch.cat([t, t.new_ones(t.shape[0], 1)], dim=-1)  # (B, Dt+1)
         i1 = torch.cat([i, i.new_ones(i.shape[0], 1)], dim=-1)  # (B, Di+1)
         f_t = torch.einsum("bx,rxd->brd", t1, self.text_factor)  # (B, r, d)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from fusion.batch import Batch
 from fusion.heads.base import FusionHead, check_dropout, check_int, check_layer
-from fusion.heads.layers import Pool, image_patches, neck
+from fusion.heads.layers import Missing, Pool, image_patches, neck
 from fusion.heads.registry import register_head
 
 __all__ = ["MLBHead"]
@@ -60,6 +60,9 @@ class MLBHead(FusionHead):
         self.attn_score = nn.Linear(attn_dim, glimpses, bias=False)
         self.fuse_image = nn.Linear(glimpses * self.image_dim, dim)  # W_v
         self.fuse_text = nn.Linear(self.text_dim, dim)  # W_q
+        # absent text: a learned text vector; absent image: every region a learned region
+        self.text_missing = Missing(self.text_dim)
+        self.image_missing = Missing(self.image_dim)
         self.neck, width = neck(dim, hidden, dropout)
         self.fc = nn.Linear(width, self.num_classes)
 
@@ -67,7 +70,8 @@ class MLBHead(FusionHead):
         q, t_attn = self.text_pool(batch)  # (B, Dt)
         if t_attn is not None:
             self.expose("text", *t_attn)
-        regions = image_patches(batch, self.label)  # (B, N, Di)
+        q = self.text_missing(q, batch.present("text"))
+        regions = self.image_missing(image_patches(batch, self.label), batch.present("image"))
         joint = torch.tanh(self.attn_image(self.drop(regions))) * torch.tanh(
             self.attn_text(self.drop(q))
         )[:, None]  # (B, N, a)

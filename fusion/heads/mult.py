@@ -11,7 +11,15 @@ from torch import Tensor, nn
 from fusion.batch import Batch
 from fusion.errors import HeadError
 from fusion.heads.base import FusionHead, check_dropout, check_int, check_layer
-from fusion.heads.layers import MaskedAttention, image_patches, masked_mean, neck, text_layer
+from fusion.heads.layers import (
+    MaskedAttention,
+    Missing,
+    image_patches,
+    masked_mean,
+    neck,
+    present_mask,
+    text_layer,
+)
 from fusion.heads.registry import register_head
 
 __all__ = ["CrossModalLayer", "MulTHead"]
@@ -57,7 +65,9 @@ class MulTHead(FusionHead):
     MulT's temporal convolutions and positional embeddings are left out: the cached tokens
     are already contextual and the regions are a set. Its final self-attention over the
     concatenated streams is left out too (pooled then an MLP). An empty text gives Z_t's
-    pooled half 0 and leaves the regions' half to their own residual path.
+    pooled half 0 and leaves the regions' half to their own residual path. An item without its
+    text or image (``batch.*_present``) is masked out as keys of the other stream, and its own
+    pooled half is a learned vector.
     """
 
     needs = frozenset({"text_tokens", "text_mask", "image_regions"})
@@ -86,19 +96,26 @@ class MulTHead(FusionHead):
         self.to_text = nn.ModuleList(CrossModalLayer(dim, heads, dropout) for _ in range(layers))
         self.to_image = nn.ModuleList(CrossModalLayer(dim, heads, dropout) for _ in range(layers))
         self.norm_t, self.norm_i = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.text_missing, self.image_missing = Missing(dim), Missing(dim)
         self.neck, width = neck(2 * dim, hidden, dropout)
         self.fc = nn.Linear(width, self.num_classes)
 
     def forward_features(self, batch: Batch) -> Tensor:
         h, mask = text_layer(batch, self.layer, self.label)  # (B, T, Dt), (B, T)
+        mask = present_mask(batch, "text", mask)  # an absent text has no valid token
         x_t = self.text_proj(h)  # (B, T, d)
         x_i = self.image_proj(image_patches(batch, self.label))  # (B, N, d)
+        i_ok = batch.present("image")
+        keys_i = None if i_ok is None else i_ok.to(x_i.device)[:, None].expand(x_i.shape[:2])
         z_t, z_i = x_t, x_i
         for k, (to_text, to_image) in enumerate(zip(self.to_text, self.to_image, strict=True)):
-            z_t, w_t = to_text(z_t, x_i, key_mask=None, query_mask=mask)
+            z_t, w_t = to_text(z_t, x_i, key_mask=keys_i, query_mask=mask)
             z_i, w_i = to_image(z_i, x_t, key_mask=mask, query_mask=None)
-            self.expose(f"text_to_image{k}", w_t, mask[:, None, :, None])
+            self.expose(f"text_to_image{k}", w_t, mask[:, None, :, None] if keys_i is None
+                        else mask[:, None, :, None] & keys_i[:, None, None, :])
             self.expose(f"image_to_text{k}", w_i, mask[:, None, None, :])
         text_vec = masked_mean(self.norm_t(z_t), mask)  # (B, d)
         image_vec = self.norm_i(z_i).mean(dim=1)  # (B, d)
+        text_vec = self.text_missing(text_vec, batch.present("text"))
+        image_vec = self.image_missing(image_vec, i_ok)
         return torch.cat([text_vec, image_vec], dim=-1)  # (B, 2d)

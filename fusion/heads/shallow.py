@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from fusion.batch import Batch
 from fusion.heads.base import FusionHead, check_dropout, check_int, check_layer
-from fusion.heads.layers import Pool, neck
+from fusion.heads.layers import Missing, Pool, neck
 from fusion.heads.registry import register_head
 
 __all__ = ["AddHead", "ConcatHead"]
@@ -30,6 +30,9 @@ class _TwoStreamHead(FusionHead):
         self.needs = self.text_pool.needs | self.image_pool.needs
         self.text_proj = nn.Linear(self.text_dim, dim)  # Verma: Conv1d(k=1) == Linear, no act
         self.image_proj = nn.Linear(self.image_dim, dim)
+        # an absent modality's pooled vector is replaced by a learned one (docs/heads.md)
+        self.text_missing = Missing(self.text_dim)
+        self.image_missing = Missing(self.image_dim)
 
     def _streams(self, batch: Batch) -> tuple[Tensor, Tensor]:
         t, t_attn = self.text_pool(batch)  # (B, Dt)
@@ -38,6 +41,8 @@ class _TwoStreamHead(FusionHead):
             self.expose("text", *t_attn)
         if i_attn is not None:
             self.expose("image", *i_attn)
+        t = self.text_missing(t, batch.present("text"))
+        i = self.image_missing(i, batch.present("image"))
         return self.text_proj(t), self.image_proj(i)  # (B, d) each
 
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from fusion.batch import Batch
 from fusion.heads.base import FusionHead, check_dropout, check_int, check_layer
-from fusion.heads.layers import Pool, neck
+from fusion.heads.layers import Missing, Pool, neck
 from fusion.heads.registry import register_head
 
 __all__ = ["TensorFusionHead"]
@@ -52,6 +52,8 @@ class TensorFusionHead(FusionHead):
         self.needs = self.text_pool.needs | self.image_pool.needs
         self.text_proj = nn.Sequential(nn.Linear(self.text_dim, dim), nn.ReLU())
         self.image_proj = nn.Sequential(nn.Linear(self.image_dim, dim), nn.ReLU())
+        self.text_missing = Missing(self.text_dim)  # stands in for an absent modality
+        self.image_missing = Missing(self.image_dim)
         self.neck, width = neck((dim + 1) ** 2, hidden, dropout, act=nn.ReLU)
         self.fc = nn.Linear(width, self.num_classes)
 
@@ -62,6 +64,8 @@ class TensorFusionHead(FusionHead):
             self.expose("text", *t_attn)
         if i_attn is not None:
             self.expose("image", *i_attn)
+        t = self.text_missing(t, batch.present("text"))
+        i = self.image_missing(i, batch.present("image"))
         v_t, v_i = self.text_proj(t), self.image_proj(i)  # (B, d) each
         one = v_t.new_ones(v_t.shape[0], 1)
         z = torch.einsum("bi,bj->bij", torch.cat([v_t, one], -1), torch.cat([v_i, one], -1))
