@@ -15,7 +15,14 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from embedstore import open_store
-from fusion.config import DEFAULT_HEAD, FinetuneConfig, TrainConfig, config_for, parse_seeds
+from fusion.config import (
+    DEFAULT_HEAD,
+    DENSE_MAX_CLASSES,
+    FinetuneConfig,
+    TrainConfig,
+    config_for,
+    parse_seeds,
+)
 from fusion.errors import TrainError
 from fusion.finetune import finetune as run_finetune
 from fusion.keyvalue import parse_key_values
@@ -107,6 +114,9 @@ def train(
     class_weight: Annotated[bool | None, typer.Option(
         "--class-weight/--no-class-weight", help="Balanced class weights (default off).")]
     = None,
+    top_k_store: Annotated[int | None, typer.Option(
+        help=f"Probabilities kept per item once the store has more than {DENSE_MAX_CLASSES} "
+        f"classes (top-k layout, docs/runs.md 2.3; default {T.top_k_store}).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<head>; with "
                                              "--config: <that run>-rerun).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Head option KEY=VALUE "
@@ -169,7 +179,7 @@ def train(
         patience=patience, seed=seed, seeds=parse_seeds(seeds) if seeds is not None else None,
         inner_val=inner_val, label_smoothing=label_smoothing,
         modality_dropout=modality_dropout, device=device, layers=layers, folds=folds, fold=fold,
-        max_ram_gb=max_ram, class_weight=class_weight, threads=threads,
+        max_ram_gb=max_ram, class_weight=class_weight, threads=threads, top_k_store=top_k_store,
         encoder_lr=encoder_lr, head_lr=head_lr, freeze_layers=freeze_layers,
         grad_accum=grad_accum, precision=precision,
         gradient_checkpointing=gradient_checkpointing, catalog=catalog,

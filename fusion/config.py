@@ -12,11 +12,15 @@ from typing import Any, Self
 
 from .errors import TrainError
 
-__all__ = ["DEFAULT_HEAD", "TrainConfig", "FinetuneConfig", "config_for", "check_seeds",
-           "parse_seeds"]
+__all__ = ["DEFAULT_HEAD", "DENSE_MAX_CLASSES", "TOP_K_STORE", "TrainConfig", "FinetuneConfig",
+           "config_for", "check_seeds", "parse_seeds"]
 
 DEFAULT_HEAD = "concat"  # the head `fusion train` and `fusion.train` use when none is named
 PRECISIONS = ("fp32", "fp16", "bf16")
+# run probabilities (docs/runs.md section 2.3): dense (N, K) float32 up to this many classes,
+DENSE_MAX_CLASSES = 256
+# else the TOP_K_STORE largest per row (float16) + their class indices + the remaining mass
+TOP_K_STORE = 20
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class TrainConfig:
     class_weight: bool = False
     grad_clip: float = 1.0
     threads: int | None = None  # torch intra-op threads on CPU (None = torch's default)
+    top_k_store: int = TOP_K_STORE  # probabilities kept per row once K > DENSE_MAX_CLASSES
     options: dict[str, Any] = field(default_factory=dict)  # head options (--set key=value)
 
     def __post_init__(self) -> None:
@@ -77,6 +82,8 @@ class TrainConfig:
                                  f"{getattr(self, key)}")
         if not self.lr > 0:
             raise TrainError(f"--lr must be > 0, got {self.lr}")
+        if self.top_k_store < 1:
+            raise TrainError(f"--top-k-store must be >= 1, got {self.top_k_store}; e.g. 20")
         if self.threads is not None and self.threads < 1:
             raise TrainError(f"--threads must be >= 1, got {self.threads}")
         if not 0 < self.inner_val < 1:

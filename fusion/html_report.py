@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .bootstrap import DEFAULT_RESAMPLES
-from .leaderboard import SPLITS, as_run, compare, interval_text, verdict
+from .leaderboard import as_run, compare, interval_text, verdict
 from .metrics import BUCKETS, confusion, f1_by_frequency, frequency_buckets, per_class_f1
 from .report import complementarity, train_counts
 from .rundir import Run
@@ -146,10 +146,9 @@ def _bars_svg(values: dict[str, float], title: str) -> str:
 
 def _labelled(run: Run, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(labels, predicted class) of the labelled rows ``run`` scored on ``split``."""
-    _, probs, rows = SPLITS[split]
-    y = np.asarray(run.config["labels"], np.int64)[getattr(run, rows)]
+    y = np.asarray(run.config["labels"], np.int64)[run.rows(split)]
     keep = y >= 0
-    return y[keep], np.asarray(getattr(run, probs))[keep].argmax(1)
+    return y[keep], run.probs(split).argmax(1)[keep]  # either layout (docs/runs.md 2.3)
 
 
 def confused_pairs(run: Run, split: str = "holdout", top: int = 10) -> list[dict[str, Any]]:
@@ -165,6 +164,13 @@ def confused_pairs(run: Run, split: str = "holdout", top: int = 10) -> list[dict
     return [{"true": str(run.classes[i // k]), "predicted": str(run.classes[i % k]),
              "count": int(flat[i]), "share": float(flat[i] / support[i // k])}
             for i in order if flat[i] > 0]
+
+
+def _split_block(av: dict[str, Any] | None, split: str) -> dict[str, Any] | None:
+    """The by-availability block of ``split`` (OOF at the top level, holdout nested)."""
+    if not av:
+        return None
+    return av.get("holdout") if split == "holdout" else av
 
 
 def _config_view(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -216,6 +222,16 @@ def _sections(loaded: list[Run], board: list[dict[str, Any]], split: str, top: i
         out.append(f"<h2>Text vs image: {_e(text_run.name)} / {_e(image_run.name)}</h2>"
                    + "".join(comp))
     names = [r.name for r in loaded]
+    avail = [(r.name, _split_block(r.metrics.get("by_availability"), split)) for r in loaded]
+    if any(b for _, b in avail):
+        groups = ("both", "text_only", "image_only")
+        out.append(f"<h2>By availability ({split})</h2>" + _table(
+            ["run", *(f"{g.replace('_', ' ')} macro-F1 (n)" for g in groups)],
+            [[n, *(f"{_f(b[g]['macro_f1'])} ({b[g]['n']})" if b else "" for g in groups)]
+             for n, b in avail], tid="availability")
+            + '<p class="note">Items by what they have in the store: both modalities, the text '
+            "only (no photo, or an unreadable one), the image only (empty text); macro-F1 over "
+            "all classes.</p>")
     k = len(loaded[0].classes)
     per = [per_class_f1(*_labelled(r, split), k) for r in loaded]
     support = np.bincount(_labelled(loaded[0], split)[0], minlength=k)

@@ -58,9 +58,9 @@ def _scores(r: Run) -> tuple[dict[str, Any], dict[str, Any]]:
     if labels is None:
         return r.metrics, r.metrics.get("holdout") or {}
     y = np.asarray(labels)
-    hold = (classification_metrics(y[r.holdout_rows], r.holdout) if len(r.holdout_rows)
-            else {})
-    return classification_metrics(y[r.oof_rows], r.oof), hold
+    hold = (classification_metrics(y[r.holdout_rows], r.probs("holdout"))
+            if len(r.holdout_rows) else {})
+    return classification_metrics(y[r.oof_rows], r.probs("oof")), hold
 
 
 def seed_spread(r: Run) -> dict[str, Any] | None:
@@ -88,10 +88,10 @@ def _selection(r: Run) -> str:
 
 def _predictions(r: Run, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(store rows, predicted class) of the labelled rows ``r`` scored on ``split``."""
-    _, probs, rows = SPLITS[split]
-    rows_, probs_ = getattr(r, rows), getattr(r, probs)
+    rows_ = np.asarray(r.rows(split))
     keep = np.asarray(r.config["labels"])[rows_] >= 0
-    return np.asarray(rows_)[keep], np.asarray(probs_)[keep].argmax(1)
+    # either layout (docs/runs.md section 2.3): a top-k run answers argmax from its indices
+    return rows_[keep], r.probs(split).argmax(1)[keep]
 
 
 def _paired(run: Run, base: Run, split: str, **boot: Any) -> dict[str, Any] | None:
@@ -104,8 +104,8 @@ def _paired(run: Run, base: Run, split: str, **boot: Any) -> dict[str, Any] | No
     if not len(common):
         return None
     y = np.asarray(run.config["labels"], np.int64)[common]
-    res = paired_bootstrap(y, pred_a[ia], pred_b[ib], len(run.classes) or run.oof.shape[1],
-                           **boot)
+    k = len(run.classes) or run.probs("oof").shape[1]
+    res = paired_bootstrap(y, pred_a[ia], pred_b[ib], k, **boot)
     return {"n": int(len(common)), **{m: iv.as_dict() for m, iv in res.items()}}
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from embedstore.classes import BUCKETS, frequency_buckets
 
 __all__ = ["confusion", "f1_from_counts", "macro_f1", "per_class_f1", "classification_metrics",
-           "f1_by_frequency", "frequency_buckets", "BUCKETS"]
+           "f1_by_frequency", "frequency_buckets", "BUCKETS", "AVAILABILITY", "by_availability"]
 
 
 def confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
@@ -54,7 +54,8 @@ def macro_f1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
 def classification_metrics(y: np.ndarray, probs: np.ndarray,
                            classes: list[Any] | None = None) -> dict[str, Any]:
     """``{"accuracy", "macro_f1", "n"}`` (+ ``"per_class_f1"``, a list aligned with ``classes``,
-    when ``classes`` is given) for probabilities ``probs`` (N, K) against labels ``y`` (N,).
+    when ``classes`` is given) for probabilities ``probs`` (N, K) against labels ``y`` (N,);
+    ``probs`` may be a dense array or a top-k block (:class:`fusion.probs.TopK`).
 
     Rows with ``y < 0`` are ignored; with no labelled row the metrics are ``None``.
     """
@@ -66,7 +67,9 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray,
         if classes is not None:
             out["per_class_f1"] = None
         return out
-    y, pred = y[keep], np.asarray(probs)[keep].argmax(1)
+    # a fusion.probs.TopK answers argmax(1) from its stored indices (no N x K array)
+    pred = (probs.argmax(1) if hasattr(probs, "argmax") else np.asarray(probs).argmax(1))[keep]
+    y = y[keep]
     per = per_class_f1(y, pred, k)
     out = {"accuracy": float((pred == y).mean()), "macro_f1": float(per.mean()),
            "n": int(keep.sum())}
@@ -92,4 +95,25 @@ def f1_by_frequency(per_class: np.ndarray | list[float], counts: np.ndarray
         sel = bucket == j
         out[name] = {"classes": int(sel.sum()), "items": int(counts[sel].sum()),
                      "macro_f1": float(per[sel].mean()) if sel.any() else None}
+    return out
+
+
+AVAILABILITY = ("both", "text_only", "image_only")
+
+
+def by_availability(y: np.ndarray, probs: np.ndarray, text_ok: np.ndarray,
+                    image_ok: np.ndarray) -> dict[str, dict[str, Any]]:
+    """:func:`classification_metrics` (accuracy, macro-F1 over all K classes, n) of the items
+    with both modalities, with the text only and with the image only (``text_ok`` /
+    ``image_ok``: (N,) bool, what each item has in the store; docs/runs.md §2.6). Items with
+    neither are in no group (they still count in the overall metrics)."""
+    t, i = np.asarray(text_ok, bool), np.asarray(image_ok, bool)
+    y = np.asarray(y, np.int64)
+    groups = {"both": t & i, "text_only": t & ~i, "image_only": ~t & i}
+    out = {}
+    for name in AVAILABILITY:
+        rows = np.flatnonzero(groups[name])
+        # classification_metrics: macro-F1 over all K columns, as every other score
+        out[name] = (classification_metrics(y[rows], probs[rows]) if len(rows)
+                     else {"accuracy": None, "macro_f1": None, "n": 0})
     return out

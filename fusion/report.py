@@ -40,14 +40,14 @@ def complementarity(text_run: Run | str, image_run: Run | str, *, split: str = "
     t, i = as_run(text_run), as_run(image_run)
     if t.store_fingerprint != i.store_fingerprint:
         raise RunDirError(f"runs {t.name!r} and {i.name!r} come from different stores")
-    tp, tr = (t.holdout, t.holdout_rows) if split == "holdout" else (t.oof, t.oof_rows)
-    ip, ir = (i.holdout, i.holdout_rows) if split == "holdout" else (i.oof, i.oof_rows)
+    tp, tr = t.probs(split), t.rows(split)  # either layout (docs/runs.md section 2.3)
+    ip, ir = i.probs(split), i.rows(split)
     common, ti, ii = np.intersect1d(tr, ir, return_indices=True)
     if not len(common):
         raise RunDirError(f"runs {t.name!r} and {i.name!r} share no {split} rows")
     y = _labels_for(t, common)
-    tc = tp[ti].argmax(1) == y
-    ic = ip[ii].argmax(1) == y
+    tc = tp.argmax(1)[ti] == y
+    ic = ip.argmax(1)[ii] == y
     n = len(common)
     out = {"split": split, "n": n,
            "both_right": int((tc & ic).sum()), "only_text_right": int((tc & ~ic).sum()),
@@ -80,11 +80,11 @@ def frequency_f1(run: Run | str) -> dict[str, Any]:
     r = as_run(run)
     counts, k = train_counts(r), len(r.classes)
     out: dict[str, Any] = {}
-    for split, probs, rows in (("oof", r.oof, r.oof_rows), ("holdout", r.holdout,
-                                                             r.holdout_rows)):
-        y = _labels_for(r, rows)
+    for split in ("oof", "holdout"):
+        y = _labels_for(r, r.rows(split))
         keep = y >= 0
-        out[split] = (f1_by_frequency(_per_class_scores(y[keep], probs[keep].argmax(1), k),
+        pred = r.probs(split).argmax(1)[keep]
+        out[split] = (f1_by_frequency(_per_class_scores(y[keep], pred, k),
                                       counts) if keep.any() else None)
     return out
 
@@ -113,8 +113,8 @@ def _frequency_png(run: Run, freq: dict[str, Any], path: Path) -> Path:
 
 def _confusion_png(run: Run, path: Path) -> Path:
     y = _labels_for(run, run.oof_rows)
-    k = run.oof.shape[1]
-    cm = confusion(y, run.oof.argmax(1), k).astype(np.float64)
+    k = run.probs("oof").shape[1]
+    cm = confusion(y, run.probs("oof").argmax(1), k).astype(np.float64)
     cm = np.divide(cm, cm.sum(1, keepdims=True), out=np.zeros_like(cm),
                    where=cm.sum(1, keepdims=True) > 0)  # row-normalised
     size = max(5, min(16, 0.35 * k + 3))
@@ -151,7 +151,8 @@ def report(run: Run | str, *, out_dir: str | os.PathLike | None = None,
            text_run: Run | str | None = None, image_run: Run | str | None = None
            ) -> dict[str, Any]:
     """Metrics, confusion matrix + per-class F1 PNGs, F1 by frequency bucket (head / torso /
-    tail, :func:`frequency_f1`, and its PNG), complementarity (given a text and an
+    tail, :func:`frequency_f1`, and its PNG), scores by what the items had (both modalities,
+    text only, image only: ``metrics.json["by_availability"]``), complementarity (given a text and an
     image run) and, for stacks, the per-source contribution summary and chart."""
     r = as_run(run)
     out = Path(out_dir) if out_dir is not None else r.path
@@ -160,6 +161,8 @@ def report(run: Run | str, *, out_dir: str | os.PathLike | None = None,
         k: r.metrics.get(k) for k in ("accuracy", "macro_f1", "holdout", "train_seconds",
                                       "epoch_seconds")}}
     res["frequency"] = frequency_f1(r)
+    # both / text only / image only (docs/runs.md §2.6); None for runs written before #14
+    res["availability"] = r.metrics.get("by_availability")
     res["plots"] = [str(_confusion_png(r, out / "confusion.png")),
                     str(_per_class_png(r, out / "per_class_f1.png")),
                     str(_frequency_png(r, res["frequency"], out / "f1_by_frequency.png"))]

@@ -13,6 +13,9 @@ Layout (see docs/runs.md)::
       holdout_rows.npy  (N_holdout,) int64 store row index of each holdout row
       holdout_folds.npy (F, N_holdout, K) float32 holdout probabilities of each fold model,
                         rows in holdout_rows order (optional: older runs lack it)
+      oof.topk.npz, holdout.topk.npz, holdout_folds.topk.npz   instead of the three above when
+                        config.probs.layout is "topk" (K > dense_max_classes): idx int32,
+                        p float16, rest float32 (fusion.probs.TopK)
       predictions.csv   id, split, fold, true, predicted, probability
       weights/fold{i}.safetensors
       DONE              written last: a run without it is incomplete and is refused by readers
@@ -36,6 +39,7 @@ import numpy as np
 
 from .errors import RunDirError
 from .metrics import classification_metrics
+from .probs import DENSE, TOPK, Probs, TopK, layout_for, load_topk, save_topk, to_topk
 
 __all__ = ["Run", "load_run", "RunWriter", "write_run", "PREDICTION_COLUMNS"]
 
@@ -50,12 +54,30 @@ class Run:
     path: Path
     config: dict[str, Any]
     metrics: dict[str, Any]
-    oof: np.ndarray  # (N_trainable, K)
+    oof: Probs  # (N_trainable, K): dense float32, or TopK (config.probs.layout "topk")
     oof_rows: np.ndarray  # (N_trainable,)
-    holdout: np.ndarray  # (N_holdout, K)
+    holdout: Probs  # (N_holdout, K)
     holdout_rows: np.ndarray  # (N_holdout,)
     extra: dict[str, Any] = field(default_factory=dict)
-    holdout_folds: np.ndarray | None = None  # (F, N_holdout, K) per fold model, or None (old runs)
+    holdout_folds: Probs | None = None  # (F, N_holdout, K) per fold model, or None (old runs)
+
+    def probs(self, split: str) -> Probs:
+        """The probabilities of ``split`` ("oof", "holdout" or "holdout_folds"), in the run's
+        layout: a dense (N, K) float32 array, or a :class:`fusion.probs.TopK` that answers
+        ``shape``, ``block[rows]``, ``argmax(1)`` and ``dense()`` (docs/runs.md section 2.3).
+        Every consumer (compare, report, stack) reads probabilities through this."""
+        if split not in ("oof", "holdout", "holdout_folds"):
+            raise ValueError(f"split {split!r} is not oof, holdout or holdout_folds")
+        return getattr(self, split)
+
+    def rows(self, split: str) -> np.ndarray:
+        """The store rows of ``split`` ("oof" or "holdout")."""
+        return self.oof_rows if split == "oof" else self.holdout_rows
+
+    @property
+    def layout(self) -> str:
+        """"dense" or "topk" (runs written before section 2.3 are dense)."""
+        return (self.config.get("probs") or {}).get("layout", DENSE)
 
     @property
     def name(self) -> str:
@@ -98,15 +120,27 @@ def load_run(path: str | os.PathLike) -> Run:
                           "interrupted or failed; re-run it")
     config = _read_json(p / "config.json")
     metrics = _read_json(p / "metrics.json")
-    arrays = {}
+    arrays: dict[str, Any] = {}
     for name in ("oof", "oof_rows", "holdout", "holdout_rows"):
-        f = p / f"{name}.npy"
-        if not f.exists():
+        f, t = p / f"{name}.npy", p / f"{name}.topk.npz"
+        if name in ("oof", "holdout") and t.exists():
+            arrays[name] = _load_topk(t)
+        elif f.exists():
+            arrays[name] = np.load(f, allow_pickle=False)
+        else:
             raise RunDirError(f"run directory {str(p)!r} lacks {name}.npy; re-run it")
-        arrays[name] = np.load(f, allow_pickle=False)
-    f = p / "holdout_folds.npy"  # optional (docs/runs.md section 2.7); memory-mapped: F x holdout
-    folds = np.load(f, mmap_mode="r", allow_pickle=False) if f.exists() else None
+    f, t = p / "holdout_folds.npy", p / "holdout_folds.topk.npz"
+    # optional (docs/runs.md section 2.7); the dense one memory-mapped: F x holdout
+    folds = (_load_topk(t) if t.exists() else
+             np.load(f, mmap_mode="r", allow_pickle=False) if f.exists() else None)
     return Run(path=p, config=config, metrics=metrics, holdout_folds=folds, **arrays)
+
+
+def _load_topk(path: Path) -> TopK:
+    try:
+        return load_topk(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise RunDirError(f"{path} is not a readable top-k file ({e}); re-run the run") from None
 
 
 class RunWriter:
@@ -137,15 +171,23 @@ class RunWriter:
     def write_array(self, name: str, arr: np.ndarray) -> None:
         np.save(self.file(f"{name}.npy"), np.ascontiguousarray(arr), allow_pickle=False)
 
+    def write_probs(self, name: str, probs: Probs) -> None:
+        """``<name>.npy`` (dense) or ``<name>.topk.npz`` (:class:`fusion.probs.TopK`)."""
+        if isinstance(probs, TopK):
+            save_topk(self.file(f"{name}.topk.npz"), probs)
+        else:
+            self.write_array(name, probs)
+
     def write_predictions(self, ids: list[Any], splits: list[str], folds: list[int],
-                          true: list[Any], probs: np.ndarray, classes: list[Any]) -> None:
-        pred = probs.argmax(1)
+                          true: list[Any], pred: np.ndarray, top: np.ndarray,
+                          classes: list[Any]) -> None:
+        """predictions.csv: ``pred`` the predicted class and ``top`` its probability per row."""
         with self.file("predictions.csv").open("w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(PREDICTION_COLUMNS)
             for i in range(len(ids)):
                 w.writerow([ids[i], splits[i], folds[i], true[i], classes[pred[i]],
-                            f"{probs[i, pred[i]]:.6f}"])
+                            f"{top[i]:.6f}"])
 
     def finish(self) -> Path:
         (self.tmp / "DONE").write_text("ok\n")
@@ -171,11 +213,12 @@ class RunWriter:
 
 
 def write_run(out: str | os.PathLike | None, *, config: dict[str, Any],
-              metrics: dict[str, Any], oof: np.ndarray, oof_rows: np.ndarray,
-              holdout: np.ndarray, holdout_rows: np.ndarray, ids: Sequence[Any],
+              metrics: dict[str, Any], oof: Probs, oof_rows: np.ndarray,
+              holdout: Probs, holdout_rows: np.ndarray, ids: Sequence[Any],
               labels: np.ndarray, folds: np.ndarray, classes: list[Any],
               extra_files: Callable[[RunWriter], None] | None = None,
-              holdout_folds: np.ndarray | None = None) -> Run:
+              holdout_folds: Probs | None = None, top_k: int | None = None,
+              dense_max_classes: int | None = None) -> Run:
     """Write a run directory: the one writer used by train, fine-tune, stack and the tests.
 
     ``metrics`` holds what only the caller knows (``head``, ``kind``, timings, folds); the
@@ -187,6 +230,11 @@ def write_run(out: str | os.PathLike | None, *, config: dict[str, Any],
     probabilities of each fold model in ``holdout_rows`` order, is written as
     ``holdout_folds.npy`` when given (docs/runs.md section 2.7). With ``out=None`` nothing is
     written and the run is returned in memory.
+
+    Probabilities may be dense arrays or :class:`fusion.probs.TopK`; the layout written is
+    :func:`fusion.probs.layout_for` (``top_k`` kept per row once K > ``dense_max_classes``;
+    defaults in :mod:`fusion.config`), recorded as ``config["probs"]``: a dense input is ranked
+    to top-k in blocks of rows, a top-k input below the threshold is expanded.
     """
     clash = {"accuracy", "macro_f1", "per_class_f1", "holdout", "n"} & set(metrics)
     if clash:
@@ -194,11 +242,15 @@ def write_run(out: str | os.PathLike | None, *, config: dict[str, Any],
     labels = np.asarray(labels)
     oof_rows = np.asarray(oof_rows, np.int64)
     holdout_rows = np.asarray(holdout_rows, np.int64)
-    oof = np.ascontiguousarray(oof, np.float32)
-    holdout = np.ascontiguousarray(holdout, np.float32).reshape(len(holdout_rows), len(classes))
+    layout = layout_for(len(classes), top_k, dense_max_classes)
+    config = {**config, "probs": layout}
+    oof = _as_layout(oof, layout)
+    if isinstance(oof, TopK) and oof.k != layout["k"]:  # e.g. a candidate stack keeps its depth
+        layout["k"] = oof.k
+    holdout = _as_layout(holdout, layout, shape=(len(holdout_rows), len(classes)))
     if holdout_folds is not None:
-        holdout_folds = np.ascontiguousarray(holdout_folds, np.float32)
-        if holdout_folds.ndim != 3 or holdout_folds.shape[1:] != holdout.shape:
+        holdout_folds = _as_layout(holdout_folds, layout)
+        if len(holdout_folds.shape) != 3 or holdout_folds.shape[1:] != holdout.shape:
             raise ValueError(f"holdout_folds has shape {holdout_folds.shape}, expected "
                              f"(F, {holdout.shape[0]}, {holdout.shape[1]})")
     head = {key: metrics[key] for key in ("head", "kind") if key in metrics}
@@ -212,23 +264,45 @@ def write_run(out: str | os.PathLike | None, *, config: dict[str, Any],
     with RunWriter(out) as w:
         w.write_json("config.json", config)
         w.write_json("metrics.json", full)
-        w.write_array("oof", oof)
+        w.write_probs("oof", oof)
         w.write_array("oof_rows", oof_rows)
-        w.write_array("holdout", holdout)
+        w.write_probs("holdout", holdout)
         w.write_array("holdout_rows", holdout_rows)
         if holdout_folds is not None:
-            w.write_array("holdout_folds", holdout_folds)
+            w.write_probs("holdout_folds", holdout_folds)
         rows = np.concatenate([oof_rows, holdout_rows])
         w.write_predictions(
             ids=[ids[r] for r in rows.tolist()],
             splits=["oof"] * len(oof_rows) + ["holdout"] * len(holdout_rows),
             folds=np.asarray(folds)[rows].astype(int).tolist(),
             true=[classes[c] if c >= 0 else "" for c in labels[rows].tolist()],
-            probs=np.concatenate([oof, holdout]), classes=classes)
+            pred=np.concatenate([oof.argmax(1), holdout.argmax(1)]),
+            top=np.concatenate([_top(oof), _top(holdout)]), classes=classes)
         if extra_files is not None:
             extra_files(w)
         path = w.finish()
     return load_run(path)
+
+
+def _as_layout(probs: Probs, layout: dict[str, Any],
+               shape: tuple[int, int] | None = None) -> Probs:
+    """``probs`` in ``layout``: dense float32, or TopK with the layout's k."""
+    if layout["layout"] == TOPK:
+        if isinstance(probs, TopK):
+            return probs
+        return to_topk(np.asarray(probs, np.float32).reshape(shape or np.shape(probs)),
+                       layout["k"])
+    if isinstance(probs, TopK):
+        return probs.dense()
+    arr = np.ascontiguousarray(probs, np.float32)
+    return arr.reshape(shape) if shape is not None else arr
+
+
+def _top(probs: Probs) -> np.ndarray:
+    """The probability of each row's predicted class."""
+    if isinstance(probs, TopK):
+        return probs.max()
+    return probs.max(1) if len(probs) else np.zeros(0, np.float32)
 
 
 def _json_default(o: Any) -> Any:

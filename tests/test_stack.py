@@ -29,7 +29,7 @@ from .conftest import make_complementary_store
 # contention (measured 5-10x slower under load), so the tests pin one thread. Every other
 # default is the shipped one.
 ONE_THREAD = {"lightgbm": {"n_jobs": 1}, "xgboost": {"n_jobs": 1}, "logreg": None, "mlp": None,
-              "ensemble": None, "lightgbm-monotone": {"n_jobs": 1}}
+              "ensemble": None, "lightgbm-monotone": {"n_jobs": 1}, "candidate": {"n_jobs": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +92,13 @@ def _rewrite(
 
 
 # -- registry and params ------------------------------------------------------------------------
-def test_registry_lists_the_six_stackers():
-    assert list_stackers() == ["ensemble", "lightgbm", "lightgbm-monotone", "logreg", "mlp",
-                               "xgboost"]
+def test_registry_lists_the_seven_stackers():
+    assert list_stackers() == ["candidate", "ensemble", "lightgbm", "lightgbm-monotone", "logreg",
+                               "mlp", "xgboost"]
 
 
 def test_unknown_stacker_is_refused_with_the_list(sources, tmp_path):
-    with pytest.raises(StackError, match=r"unknown stacker 'catboost'; available: ensemble, lightgbm"):
+    with pytest.raises(StackError, match=r"unknown stacker 'catboost'; available: candidate, ensemble, lightgbm"):
         stack(sources, stacker="catboost", out=tmp_path / "s")
 
 
@@ -683,7 +683,7 @@ def test_cli_passes_params_threads_and_defaults_to_the_library(cli, sources, tmp
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--stacker", "catboost"], "unknown stacker 'catboost'; available: ensemble, lightgbm"),
+        (["--stacker", "catboost"], "unknown stacker 'catboost'; available: candidate, ensemble, lightgbm"),
         (["-p", "num_leaves"], "--params 'num_leaves' is not KEY=VALUE; write e.g."),
         (["--pooled", "minilm"], "--pooled minilm is used only with --features probs+pooled"),
     ],

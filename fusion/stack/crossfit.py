@@ -12,6 +12,10 @@ schemes (recorded as ``holdout_scheme``):
   the fold models, scores the fold-averaged holdout probabilities.
 
 The store rows of every split are returned as ``cv`` (written to ``cv_indices.npz``).
+
+A stacker whose ``predict_proba`` returns top-k blocks (:class:`fusion.probs.TopK`, the
+candidate stacker) gets top-k ``oof`` / ``hold``: the per-fold holdout mean is then
+:func:`fusion.probs.mean_topk`, so no N x K array is built.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..metrics import classification_metrics
+from ..probs import Probs, TopK, mean_topk
 from .stackers import Stacker
 
 __all__ = ["CrossFit", "cross_fit", "inner_split"]
@@ -52,8 +57,8 @@ class CrossFit:
     """What the loop produced; rows of ``oof`` follow ``trainable``, rows of ``hold`` follow
     ``holdout`` (the store rows passed to :func:`cross_fit`)."""
 
-    oof: np.ndarray  # (N_trainable, K) out-of-fold probabilities
-    hold: np.ndarray  # (N_holdout, K) refit probabilities
+    oof: Probs  # (N_trainable, K) out-of-fold probabilities (dense, or TopK)
+    hold: Probs  # (N_holdout, K) holdout probabilities
     contrib: np.ndarray | None  # (N_trainable + N_holdout, G) grouped TreeSHAP, or None
     cv: dict[str, np.ndarray]  # store rows of fold{f}_fit/_valid/_scored, refit_fit/_scored
     folds: list[dict[str, Any]]  # per fold: sizes, scores, best_iteration, seconds
@@ -90,14 +95,14 @@ def cross_fit(
     """
     probe = new_model()
     k, uses_early_stopping = probe.n_classes, probe.uses_early_stopping
-    oof = np.zeros((len(y), k))
+    oof: Probs | None = None  # allocated at the first fold, in the stacker's output layout
     contrib_oof = np.zeros((len(y), group.shape[1])) if group is not None else None
     cv: dict[str, np.ndarray] = {}
     folds: list[dict[str, Any]] = []
     models: list[tuple[str, Stacker]] = []
     train_seconds = 0.0
     per_fold = X_ho_folds is not None and len(X_ho) > 0
-    hold_sum = np.zeros((len(X_ho), k))
+    hold_parts: list[Probs] = []  # per_fold: each fold model's holdout probabilities
     for f in range(n_folds):
         scored = np.flatnonzero(fold_of == f)
         if len(scored) == 0:
@@ -114,6 +119,9 @@ def cross_fit(
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         probs = model.predict_proba(X[scored])
+        if oof is None:
+            oof = (TopK.empty(len(y), probs.k, k) if isinstance(probs, TopK)
+                   else np.zeros((len(y), k)))
         oof[scored] = probs
         if contrib_oof is not None:
             contrib_oof[scored] = model.contributions(X[scored], probs.argmax(1)) @ group
@@ -133,14 +141,14 @@ def cross_fit(
         })
         models.append((f"fold{f}", model))
         if per_fold:
-            hold_sum += model.predict_proba(X_ho_folds[f])
+            hold_parts.append(model.predict_proba(X_ho_folds[f]))
         say(
             f"fold {f + 1}/{n_folds}: fit {len(fit)} rows (+{len(valid)} early-stopping), "
             f"scored {len(scored)}, macro-F1 {s['macro_f1']:.4f} ({seconds:.1f} s)"
         )
 
     if per_fold:
-        return _per_fold_result(oof, hold_sum, contrib_oof, cv, folds, models, X_ho_folds,
+        return _per_fold_result(oof, hold_parts, contrib_oof, cv, folds, models, X_ho_folds,
                                 group, holdout, train_seconds, uses_early_stopping, say)
     # Refit on every trainable row for the median best round count of the fold models.
     rounds = None
@@ -168,11 +176,12 @@ def cross_fit(
                     train_seconds=train_seconds)
 
 
-def _per_fold_result(oof, hold_sum, contrib_oof, cv, folds, models, X_ho_folds, group, holdout,
-                     train_seconds, uses_early_stopping, say) -> CrossFit:
+def _per_fold_result(oof, hold_parts, contrib_oof, cv, folds, models, X_ho_folds, group,
+                     holdout, train_seconds, uses_early_stopping, say) -> CrossFit:
     """Scheme ``per_fold``: the holdout is the mean of the fold models' outputs, each on its own
     fold's holdout inputs; contributions likewise averaged (for the averaged prediction)."""
-    hold = hold_sum / len(models)
+    hold = (mean_topk(hold_parts) if isinstance(hold_parts[0], TopK)
+            else sum(hold_parts) / len(models))
     contrib = None
     if contrib_oof is not None:
         pred = hold.argmax(1)

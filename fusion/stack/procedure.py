@@ -33,16 +33,21 @@ from ..rundir import Run, RunWriter, write_run
 from .attribution import CONTRIBUTIONS_FILE, group_matrix, write_contributions
 from .crossfit import CrossFit, cross_fit
 from .dask import connect
-from .inputs import StackInputs, feature_matrix, fingerprint, label, modalities
+from .inputs import StackInputs, candidate_matrix, feature_matrix, fingerprint, label, modalities
 from .stackers import Stacker, create_stacker, stacker_class
 
-__all__ = ["AUTO", "AUTO_CANDIDATES", "AUTO_TOLERANCE", "DEFAULT_SEED", "DEFAULT_STACKER",
-           "FEATURES", "default_out", "stack"]
+__all__ = ["AUTO", "AUTO_CANDIDATES", "AUTO_MAX_PER_CLASS_K", "AUTO_TOLERANCE", "DEFAULT_SEED",
+           "DEFAULT_STACKER", "FEATURES", "auto_candidates", "default_out", "stack"]
 
 AUTO = "auto"  # choose the stacker by the candidates' out-of-fold macro-F1
 DEFAULT_STACKER = AUTO
 AUTO_CANDIDATES = ("ensemble", "logreg", "mlp", "lightgbm")  # fastest first; ties: the earlier
 AUTO_TOLERANCE = 0.001  # a later candidate must beat the chosen one's OOF macro-F1 by more
+# above this many classes `auto` picks the candidate stacker alone: the per-class stackers grow
+# with K (K trees per round over runs x K columns; LightGBM did not finish 10,000 x 4 runs at
+# K=200 in 600 s), the candidate stacker's cost is O(N x k x runs) (issue 15)
+AUTO_MAX_PER_CLASS_K = 64
+LARGE_K_STACKER = "candidate"
 FEATURES = ("probs", "probs+pooled")  # the first is the default
 DEFAULT_SEED = 0
 
@@ -114,7 +119,8 @@ def stack(
     n_pooled = 0 if pooled is None else pooled.shape[1]
     if pooled_dims is not None:
         n_pooled = min(n_pooled, pooled_dims)
-    candidates = AUTO_CANDIDATES if stacker == AUTO else (stacker,)
+    auto = stacker == AUTO
+    candidates = auto_candidates(inp.k) if auto else (stacker,)
     tried: list[dict[str, Any]] = []
     best: tuple[str, Stacker, CrossFit, list[str]] | None = None
     best_f1 = -1.0
@@ -131,7 +137,8 @@ def stack(
                 best, best_f1 = (name, *one), f1
     assert best is not None  # candidates is never empty
     stacker, probe, fit, feature_names = best
-    selection = _selection(tried, stacker) if len(candidates) > 1 else None
+    selection = (_selection(tried, stacker) if len(candidates) > 1 else
+                 _by_k(tried, inp.k) if auto else None)
     if selection is not None:
         say(f"auto: chose {stacker!r}: {selection['why']}")
     sources = _sources(inp)
@@ -195,15 +202,39 @@ def _cross_fit_one(inp: StackInputs, stacker: str, params: dict[str, Any] | None
                               n_sources=len(inp.runs), pooled_dims=pooled_dims)
 
     probe = new_model()
-    X, X_ho, names, X_hf = feature_matrix(inp, probe.log_probs, pooled)
-    if pooled_dims is not None:  # the columns the models see after their own PCA
-        names = names[: len(inp.runs) * inp.k] + [f"pooled_pca:{j}" for j in range(n_pooled)]
-    group = group_matrix(len(inp.runs), inp.k, n_pooled) if probe.explain else None
+    if getattr(probe, "topk_input", False):  # the candidate stacker: top-k inputs, never N x K
+        if pooled is not None:
+            raise StackError(f"stacker {stacker!r} takes the runs' top-k probabilities only; "
+                             "drop --features probs+pooled or pick another --stacker")
+        X, X_ho, _, X_hf = candidate_matrix(inp)
+        names = probe.feature_names(inp.names)
+        group = probe.group_matrix() if probe.explain else None
+    else:
+        X, X_ho, names, X_hf = feature_matrix(inp, probe.log_probs, pooled, stacker)
+        if pooled_dims is not None:  # the columns the models see after their own PCA
+            names = names[: len(inp.runs) * inp.k] + [f"pooled_pca:{j}"
+                                                       for j in range(n_pooled)]
+        group = group_matrix(len(inp.runs), inp.k, n_pooled) if probe.explain else None
     fit = cross_fit(new_model, X, inp.labels[inp.trainable], X_ho,
                     inp.assignment[inp.trainable], n_folds=inp.n_folds,
                     trainable=inp.trainable, holdout=inp.holdout, seed=seed, group=group,
                     say=say, X_ho_folds=X_hf)
     return probe, fit, names
+
+
+def auto_candidates(k: int) -> tuple[str, ...]:
+    """What ``auto`` cross-fits at ``k`` classes: :data:`AUTO_CANDIDATES` up to
+    :data:`AUTO_MAX_PER_CLASS_K`, else the candidate stacker alone."""
+    return AUTO_CANDIDATES if k <= AUTO_MAX_PER_CLASS_K else (LARGE_K_STACKER,)
+
+
+def _by_k(tried: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    """config/metrics ``selection`` when ``auto`` picked by the number of classes."""
+    return {"by": "number of classes", "max_per_class_k": AUTO_MAX_PER_CLASS_K,
+            "candidates": tried, "chosen": LARGE_K_STACKER,
+            "why": f"K={k} > {AUTO_MAX_PER_CLASS_K}: the per-class stackers grow with K "
+                   f"(K trees per round over runs x K columns); {LARGE_K_STACKER!r} scores "
+                   "(item, candidate class) rows, O(N x k x runs) whatever K"}
 
 
 def _selection(tried: list[dict[str, Any]], chosen: str) -> dict[str, Any]:
@@ -269,7 +300,9 @@ def _extra_files(w: RunWriter, inp: StackInputs, fit: CrossFit, n_pooled: int) -
             folds=inp.assignment[rows].tolist(),
             true=[inp.classes[v] if v >= 0 else "" for v in inp.labels[rows]],
             predicted=[inp.classes[p] for p in preds],
-            groups=list(inp.names) + (["pooled"] if n_pooled else []) + ["bias"],
+            groups=list(inp.names) + (["pooled"] if n_pooled else [])
+            + (["shared"] if fit.contrib.shape[1] == len(inp.names) + 2 and not n_pooled else [])
+            + ["bias"],
             values=fit.contrib,
         )
     for tag, model in fit.models:
