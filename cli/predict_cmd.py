@@ -96,7 +96,8 @@ def predict(
 
 @handle_errors
 def export(
-    run: Annotated[Path, typer.Argument(help="A head run directory (`fusion train --out`).")],
+    run: Annotated[Path, typer.Argument(help="A head run (`fusion train --out`) or a stack "
+                                        "run (`fusion stack --out`) directory.")],
     out: Annotated[Path, typer.Option(help="Bundle directory to write.")],
     store: Annotated[str | None, typer.Option(help="The run's store (default: the URL its "
                                               "config records).")] = None,
@@ -105,8 +106,12 @@ def export(
     """Package a head run for serving: fold models (safetensors), head config, classes, and
     the encoders' provenance with their weights' sha256 (the weights themselves are not
     copied; `Predictor.load` checks them). A user-code head's source is copied into code/.
+    A stack run is packaged with its saved stackers and each source run as a bundle under
+    sources/.
 
     Example: fusion export runs/hanet --out model --overwrite
+
+    Example: fusion export runs/stack-auto --out stack-model && fusion predict --bundle stack-model --catalog new.csv --out preds.csv
     """
     path = export_bundle(run, out, store=store, overwrite=overwrite)
     console.print(f"bundle -> {escape(str(path))}")

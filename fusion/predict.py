@@ -293,8 +293,8 @@ def _head_fold_probs(run: Run, job: _Job) -> np.ndarray:
     if kind != "train":
         raise PredictError(
             f"run {run.path.name!r} is a {kind!r} run; `fusion predict` applies head runs "
-            "(`fusion train`) and stacks of them: export a fine-tuned run as a bundle "
-            "(`fusion export`) and predict with `--bundle`")
+            "(`fusion train`) and stacks of them: a fine-tuned run's encoders are part of its "
+            "model, which predict does not run yet; use the head trained on the cache")
     names = check_features(run, job.store)
     classes = list(run.config["classes"])
     files = weight_files(run.path / "weights")

@@ -14,14 +14,21 @@ encoder's own transform. Token states and image regions are rounded to the store
 cache holds them, so the fold models see what they saw in training and the probabilities equal
 `fusion predict` on the same items extracted into a store, up to the encoder's batch padding.
 An image that cannot be read gives zero image features, as a failed row has in the store.
+
+A stack bundle holds its source runs as bundles under ``sources/``: each batch is encoded once
+per distinct feature configuration (encoders are shared between sources that name the same
+ones), every source predicts per fold model, and the stack's saved stackers are applied as
+`fusion predict` applies them (:mod:`fusion.stack.apply`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -36,7 +43,8 @@ from embedstore.provenance import encoder_from_feature, weights_mismatch
 from .batch import Batch
 from .bundle import read_bundle
 from .device import resolve_device
-from .predict import PredictError, load_fold_models, mean_probs
+from .predict import PredictError, fold_of, load_fold_models
+from .stack.apply import apply_stack, load_stack_models
 
 __all__ = ["Predictor"]
 
@@ -52,27 +60,52 @@ class _RecordedSet:
 
 
 class Predictor:
-    """Encoders + the fold models of a head run; :meth:`predict` maps raw items to (N, K)."""
+    """Encoders + the fold models of a head run (or a stack's saved stackers over source
+    predictors); :meth:`predict` maps raw items to (N, K)."""
 
     def __init__(self, doc: dict[str, Any], encoders: dict[str, Any], models: list[torch.nn.Module],
-                 layer_pos: list[int] | None, device: torch.device):
+                 layer_pos: list[int] | None, device: torch.device, *,
+                 slots: np.ndarray | None = None, sources: Sequence[Predictor] = (),
+                 stack: Any = None):
         self.doc, self.encoders, self.models = doc, encoders, models
         self.layer_pos, self.device = layer_pos, device
         self.classes: list[Any] = list(doc["classes"])
-        text = (doc["features"].get("text") or {}).get("meta") or {}
-        image = (doc["features"].get("image") or {}).get("meta") or {}
+        self.slots = np.zeros(len(models), np.int64) if slots is None else slots  # fold per model
+        self.sources, self.stack = list(sources), stack  # a stack bundle: sub-predictors, plan
+        heads = list(self._heads())
+        text = next(((h.doc["features"].get("text") or {}).get("meta") for h in heads
+                     if h.doc["features"].get("text")), None) or {}
+        image = next(((h.doc["features"].get("image") or {}).get("meta") for h in heads
+                      if h.doc["features"].get("image")), None) or {}
         cat_t, cat_i = text.get("catalog") or {}, image.get("catalog") or {}
         self.text_cols = tuple(cat_t.get("text_cols") or ("title", "description"))
         self.image_col = cat_i.get("image_col") or "image"
+        self.feature_doc = {"text": text, "image": image}
+
+    def _heads(self) -> Iterator[Predictor]:
+        """Every head predictor of this bundle (itself, or its sources', recursively)."""
+        if self.stack is None:
+            yield self
+        for s in self.sources:
+            yield from s._heads()
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str = "auto", trust_code: bool = False,
-             text_spec: str | None = None, image_spec: str | None = None) -> Predictor:
+             text_spec: str | None = None, image_spec: str | None = None,
+             _encoders: dict[str, Any] | None = None) -> Predictor:
         """Read bundle ``path``; rebuild its encoders (``*_spec`` overrides where the weights
-        lie; their sha256 must still match) and its fold models. User-code heads need
-        ``trust_code``; nothing is unpickled."""
+        lie; their sha256 must still match) and its fold models (or, for a stack bundle, its
+        sources and stackers). User-code heads need ``trust_code``; nothing is unpickled."""
         root = Path(path)
         doc = read_bundle(root)
+        shared = {} if _encoders is None else _encoders  # one encoder per set, across sources
+        if doc.get("kind") == "stack":
+            sources = [cls.load(root / s["path"], device=device, trust_code=trust_code,
+                                text_spec=text_spec, image_spec=image_spec, _encoders=shared)
+                       for s in doc["stack"]["sources"]]
+            plan = SimpleNamespace(path=root, config=doc["stack"])
+            return cls(doc, {}, [], None, resolve_device(device), sources=sources,
+                       stack=(plan, load_stack_models(plan)))
         code = doc.get("code") or {}
         hc = dict(doc["head_config"])
         if not code.get("builtin"):
@@ -95,17 +128,23 @@ class Predictor:
             if rec is None:
                 continue
             fs = _RecordedSet(rec["name"], rec["meta"])
-            enc = encoder_from_feature(fs, device=str(dev), spec=spec, flag=f"--{mod}-spec")
-            wm = weights_mismatch(fs, enc)
-            if wm:
-                raise PredictError(f"{wm}; point --{mod}-spec at the weights the bundle names")
-            enc.torch_module.eval()
-            encoders[mod] = enc
+            key = json.dumps([mod, rec["meta"].get("encoder")], sort_keys=True, default=str)
+            if key not in shared:
+                enc = encoder_from_feature(fs, device=str(dev), spec=spec, flag=f"--{mod}-spec")
+                wm = weights_mismatch(fs, enc)
+                if wm:
+                    raise PredictError(f"{wm}; point --{mod}-spec at the weights the bundle "
+                                       "names")
+                enc.torch_module.eval()
+                shared[key] = enc
+            encoders[mod] = shared[key]
             if mod == "text":
                 layer_pos = resolve_layers(fs.layers, doc.get("layers"))
         files = sorted((root / "weights").rglob("fold*.safetensors"))
         models = load_fold_models(hc, files, dev, trust_code=True, what=f"bundle {root}")
-        return cls(doc, encoders, models, layer_pos, dev)
+        folds = sorted({fold_of(f) for f in files})
+        return cls(doc, encoders, models, layer_pos, dev,
+                   slots=np.array([folds.index(fold_of(f)) for f in files]))
 
     def _features(self, texts: Sequence[str], images: Sequence[Any]) -> Batch:
         kw: dict[str, Any] = {}
@@ -144,8 +183,7 @@ class Predictor:
                         ) -> tuple[list[str], np.ndarray]:
         """(ids, (N, K) probabilities) for a catalog file (CSV / Parquet / JSONL) read with the
         columns the bundle's store was extracted from."""
-        text = (self.doc["features"].get("text") or {}).get("meta") or {}
-        image = (self.doc["features"].get("image") or {}).get("meta") or {}
+        text, image = self.feature_doc["text"], self.feature_doc["image"]
         cat = read_catalog(path, id_col=((text or image).get("catalog") or {}).get("id_col", "id"),
                            text_cols=self.text_cols, image_col=self.image_col, label_col=None,
                            need_text=bool(text), need_image=bool(image))
@@ -160,11 +198,55 @@ class Predictor:
         out = np.zeros((n, len(self.classes)), np.float32)
         for s in range(0, n, batch_size):
             e = min(n, s + batch_size)
-            out[s:e] = mean_probs(self.models, self._features(texts[s:e], images[s:e])
-                                  ).cpu().numpy()
+            out[s:e] = self._batch_probs(texts[s:e], images[s:e], {})[0]
             if progress:
                 progress(e, n)
-        return out / np.maximum(out.sum(1, keepdims=True), 1e-12)
+        return out
+
+    def _batch(self, texts: Sequence[str], images: Sequence[Any], cache: dict[str, Batch]
+               ) -> Batch:
+        """This head's features for one batch, encoded once per distinct configuration."""
+        key = json.dumps([self.doc["features"], self.layer_pos], sort_keys=True, default=str)
+        if key not in cache:
+            cache[key] = self._features(texts, images)
+        return cache[key]
+
+    def _batch_probs(self, texts: Sequence[str], images: Sequence[Any],
+                     cache: dict[str, Batch]) -> tuple[np.ndarray, np.ndarray | None]:
+        """((B, K) probabilities, (F, B, K) per fold model or None for a stack), rows
+        normalised, as `fusion predict` computes them from a store."""
+        if self.stack is not None:
+            plan, models = self.stack
+            per_fold, mean = [], []
+            for src in self.sources:
+                m, fp = src._batch_probs(texts, images, cache)
+                mean.append(m)
+                if fp is not None:
+                    per_fold.append(fp)
+            pooled = None
+            if plan.config.get("features") == "probs+pooled":
+                pooled = np.hstack([self._pooled(n, texts, images, cache)
+                                    for n in plan.config.get("pooled_sets") or []])
+            return apply_stack(plan, models, per_fold=per_fold, mean=mean, pooled=pooled), None
+        b = self._batch(texts, images, cache)
+        fp = np.zeros((int(self.slots.max()) + 1, b.size, len(self.classes)), np.float32)
+        for m, s in zip(self.models, self.slots, strict=True):
+            fp[s] += torch.softmax(m(b).float(), -1).cpu().numpy()
+        fp /= np.bincount(self.slots).astype(np.float32)[:, None, None]
+        fp /= np.maximum(fp.sum(2, keepdims=True), 1e-12)
+        mean = fp.mean(0)
+        return mean / np.maximum(mean.sum(1, keepdims=True), 1e-12), fp
+
+    def _pooled(self, name: str, texts: Sequence[str], images: Sequence[Any],
+                cache: dict[str, Batch]) -> np.ndarray:
+        """(B, P) pooled vectors of feature set ``name`` (one of the sources' sets)."""
+        for h in self._heads():
+            for mod, rec in h.doc["features"].items():
+                if rec and rec["name"] == name:
+                    b = h._batch(texts, images, cache)
+                    return getattr(b, f"{mod}_pooled").cpu().numpy()
+        raise PredictError(f"the stack bundle uses the pooled vectors of {name!r}, which none "
+                           "of its sources' feature sets provides; re-export it")
 
     def top_k(self, probs: np.ndarray, k: int = 5) -> list[list[tuple[Any, float]]]:
         """Per item, the ``k`` most probable (class, probability), most probable first."""

@@ -85,3 +85,27 @@ def test_a_user_code_bundle_needs_trust_and_an_unchanged_source(served, tmp_path
     src.write_text(src.read_text() + "\n# changed\n")
     with pytest.raises(PredictError, match="differs from the code"):
         Predictor.load(out, trust_code=True)
+
+
+def test_a_stack_bundle_equals_stack_predict_on_the_store(served, tmp_path):
+    """A stack (LightGBM-free logreg over a text run and the hanet run, plus PCA-reduced pooled
+    image vectors) exported with its sources: the live prediction equals `fusion predict` of
+    the stack run on the store, and the two sources share one MiniLM encoder."""
+    from fusion.stack import stack
+
+    store, items, root = served["store"], served["items"], served["root"]
+    text = fusion.train(store, "text", out=root / "runs" / "text", epochs=2, batch_size=8,
+                        layers="-1", threads=1)
+    st = stack([text.path, served["run"].path], stacker="logreg", features="probs+pooled",
+               pooled=store.features["tf-efficientnet-lite0"].pooled_all(),
+               pooled_sets=["tf-efficientnet-lite0"],
+               pooled_dims=2, threads=1, out=tmp_path / "stack")
+    out = export_bundle(st.path, tmp_path / "stack-model")
+    assert json.loads((out / "bundle.json").read_text())["kind"] == "stack"
+    assert (out / "sources" / "0" / "bundle.json").is_file()
+    p = Predictor.load(out, device="cpu")
+    assert p.sources[0].encoders["text"] is p.sources[1].encoders["text"]  # loaded once
+    live = p.predict(items, batch_size=7)
+    cached = predict(st, store, ids=[it["id"] for it in items]).probs
+    np.testing.assert_allclose(live, cached, atol=1e-4)
+    assert (live.argmax(1) == cached.argmax(1)).all()
