@@ -141,9 +141,10 @@ def predict_stage(out: Path, store_url: Path, runs: dict[str, Any], rows: list[d
                   *, n: int, n_new: int, n_classes: int, seed: int, say=print
                   ) -> list[dict[str, Any]]:
     """Tomorrow's listings: ``n_new`` new unlabelled items are appended to the store (a new
-    segment; every feature set filled with its recorded encoder), then the winning head run
-    predicts them (`fusion predict --rows unlabelled`); a few predictions are printed next to
-    the items' titles and all are written to predictions.csv."""
+    segment; every feature set filled with its recorded encoder), then the winning head run and
+    the winning stack predict them (`fusion predict --rows unlabelled`); a few predictions are
+    printed next to the items' titles and all are written to predictions.csv (head) and
+    predictions-stack.csv (stack)."""
     import csv
 
     from embedstore.extract.append import append
@@ -153,21 +154,33 @@ def predict_stage(out: Path, store_url: Path, runs: dict[str, Any], rows: list[d
                                                   seed=seed + 1, n_classes=n_classes,
                                                   first_id=n, labelled=False)
     append(new_csv, store_url)
-    best = next(r["name"] for r in rows if r["kind"] == "train")
-    pred = predict(runs[best].path, store_url, rows="unlabelled")
-    pred.write_csv(out / "predictions.csv", k=3)
+    winners = {"head": next(r["name"] for r in rows if r["kind"] == "train")}
+    stacks = [r["name"] for r in rows if r["kind"] == "stack"]
+    if stacks:
+        winners["stack"] = stacks[0]
+    preds = {}
+    for what, name in winners.items():
+        preds[what] = predict(runs[name].path, store_url, rows="unlabelled")
+        preds[what].write_csv(out / ("predictions.csv" if what == "head" else
+                                     f"predictions-{what}.csv"), k=3)
     titles = {r["id"]: r["title"] for r in csv.DictReader(new_csv.open())}
-    idx, p = pred.top_k(3)
+    top = {what: p.top_k(3) for what, p in preds.items()}
+    ids = preds["head"].ids
     shown = []
-    for i in range(min(5, len(pred.ids))):
-        item = {"id": str(pred.ids[i]), "title": titles[str(pred.ids[i])],
-                "top3": [(pred.classes[j], round(float(q), 3)) for j, q in zip(idx[i], p[i],
-                                                                           strict=True)]}
+    for i in range(min(5, len(ids))):
+        item = {"id": str(ids[i]), "title": titles[str(ids[i])]}
+        for what, (idx, p) in top.items():
+            item["top3" if what == "head" else f"{what}_top3"] = [
+                (preds[what].classes[j], round(float(q), 3)) for j, q in zip(idx[i], p[i],
+                                                                             strict=True)]
         shown.append(item)
-        say(f"   {item['id']}  {item['title'][:48]:<48}  -> " + ", ".join(
-            f"{c} {q:.2f}" for c, q in item["top3"]))
-    say(f"   {len(pred.ids)} new items appended and predicted by {best!r}; all in "
-        f"{out / 'predictions.csv'}")
+        say(f"   {item['id']}  {item['title'][:40]:<40}  -> " + " | ".join(
+            f"{winners[w]}: " + ", ".join(f"{c} {q:.2f}" for c, q in
+                                          item["top3" if w == "head" else f"{w}_top3"][:2])
+            for w in top))
+    say(f"   {len(ids)} new items appended and predicted by "
+        f"{' and '.join(repr(v) for v in winners.values())}; all in {out / 'predictions.csv'}"
+        + (f" and {out / 'predictions-stack.csv'}" if "stack" in winners else ""))
     return shown
 
 
