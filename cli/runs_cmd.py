@@ -139,6 +139,12 @@ def report(
             console.print(f"{split} macro-F1 by class frequency: " + ", ".join(
                 f"{b} {_fmt(v['macro_f1'])} ({v['classes']} classes)" for b, v in fr.items()),
                 markup=False)
+    av = res.get("availability")
+    for split, block in (("oof", av), ("holdout", (av or {}).get("holdout"))):
+        if block:
+            console.print(f"{split} by availability: " + ", ".join(
+                f"{k.replace('_', ' ')} macro-F1 {_fmt(block[k]['macro_f1'])} (n={block[k]['n']})"
+                for k in ("both", "text_only", "image_only") if block[k]["n"]), markup=False)
     for split, c in (res.get("complementarity") or {}).items():
         t = Table(f"{split} (n={c['n']})", "items", "share", title="text vs image")
         for key in ("both_right", "only_text_right", "only_image_right", "both_wrong"):

@@ -68,7 +68,7 @@ photo still show the drawn class). The label noise comes from its own seed strea
 mode's files are byte-identical to those written before the mode existed.
 
 Run ``python examples/make_catalog.py --out DIR [--n 2000] [--seed 0] [--classes 24]
-[--image-size 128] [--long-tail] [--harder]``.
+[--image-size 128] [--long-tail] [--harder] [--missing-image P] [--empty-text P]``.
 """
 
 from __future__ import annotations
@@ -388,6 +388,8 @@ def make_catalog(
     harder: bool = False,
     first_id: int = 0,
     labelled: bool = True,
+    missing_image: float = 0.0,
+    empty_text: float = 0.0,
 ) -> Path:
     """Write ``n`` items (csv + PNGs) under ``out_dir`` and return the path of catalog.csv.
 
@@ -400,6 +402,11 @@ module docstring). Ids are ``SKU-<first_id + i>`` (``first_id``: new items for a
 ``labelled=False`` the csv has no label column (items to predict). Each item is drawn from its
 own seed stream; files of an
     earlier run in ``out_dir`` are overwritten (images beyond the new ``n`` are left alone).
+
+    ``missing_image`` / ``empty_text``: the share of items (each drawn independently, from
+    their own seed streams) written with an empty image value (no photo; its PNG is not
+    written) / an empty title and description. Both 0 by default: the files are then
+    byte-identical to those written before these options existed.
     """
     _check_int("n_classes", n_classes, 2, MAX_CLASSES)
     _check_int("n", n, n_classes, 10_000_000)
@@ -424,6 +431,11 @@ own seed stream; files of an
                       if c != ys[i]]
             if others:
                 written[i] = others[int(noise_rng.integers(len(others)))]
+    for name, share in (("missing_image", missing_image), ("empty_text", empty_text)):
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+            raise ValueError(f"{name} must be a share in [0, 1], got {share!r}")
+    no_image = np.random.default_rng(np.random.SeedSequence([seed, 3])).random(n) < missing_image
+    no_text = np.random.default_rng(np.random.SeedSequence([seed, 4])).random(n) < empty_text
     modes = MODE_PROBS_HARDER if harder else MODE_PROBS
     rows = []
     for i in range(n):
@@ -432,7 +444,12 @@ own seed stream; files of an
         item_id = f"SKU-{first_id + i:06d}"
         title, desc, img = _make_item(rng, y, n_classes, image_size, modes)
         rel = f"images/{item_id}.png"
-        img.save(out / rel, format="PNG", compress_level=6)
+        if no_image[i]:
+            rel = ""  # no photo: an empty value in the image column
+        else:
+            img.save(out / rel, format="PNG", compress_level=6)
+        if no_text[i]:
+            title = desc = ""
         rows.append((item_id, title, desc, rel, labels[int(written[i])]))
     path = out / "catalog.csv"
     with path.open("w", newline="", encoding="utf-8") as f:
@@ -734,12 +751,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="ids start at SKU-<first-id> (new items to append; default 0)")
     p.add_argument("--no-labels", action="store_true",
                    help="write no label column (items to predict)")
+    p.add_argument("--missing-image", type=float, default=0.0, metavar="P",
+                   help="share of items with no photo (empty image value; default 0)")
+    p.add_argument("--empty-text", type=float, default=0.0, metavar="P",
+                   help="share of items with an empty title and description (default 0)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         path = make_catalog(args.out, args.n, args.seed, args.classes, args.image_size,
                             long_tail=args.long_tail, harder=args.harder,
-                            first_id=args.first_id, labelled=not args.no_labels)
+                            first_id=args.first_id, labelled=not args.no_labels,
+                            missing_image=args.missing_image, empty_text=args.empty_text)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

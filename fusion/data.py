@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from embedstore import Store, open_store
+from embedstore.format import PRESENT
 from embedstore.loader import resolve_layers
 
 from .batch import Batch
@@ -25,7 +26,7 @@ from .errors import TrainError
 from .heads import create_head, resolve_head, spec_of
 
 __all__ = ["Setup", "prepare", "pick_features", "cached_batches", "class_weights", "inner_split",
-           "rare_classes", "RareClassWarning", "drop_modalities"]
+           "rare_classes", "RareClassWarning", "drop_modalities", "availability"]
 
 
 @dataclass
@@ -197,6 +198,21 @@ def drop_modalities(batch: Batch, p: float, rng: np.random.Generator) -> Batch:
     return replace(batch,
                    text_present=torch.from_numpy(text_ok & ~(drop & which)).to(dev),
                    image_present=torch.from_numpy(image_ok & ~(drop & ~which)).to(dev))
+
+
+def availability(s: Setup) -> tuple[np.ndarray, np.ndarray]:
+    """(text_ok, image_ok): (N,) bool per store row, what each item has (presence 1). A
+    modality the run does not read is taken from the store's only feature set of that modality
+    (a text-only run is still broken down by which items have a photo); with none or several
+    such sets every item counts as having it."""
+    out = []
+    for mod, fs in (("text", s.tfs), ("image", s.ifs)):
+        if fs is None:
+            cands = [n for n in s.store.features if s.store.features[n].modality == mod]
+            fs = s.store.features[cands[0]] if len(cands) == 1 else None
+        out.append(np.ones(s.store.n_items, bool) if fs is None
+                   else fs.presence() == PRESENT)
+    return out[0], out[1]
 
 
 def class_weights(s: Setup, rows: np.ndarray) -> torch.Tensor | None:

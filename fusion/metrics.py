@@ -16,7 +16,7 @@ import numpy as np
 from embedstore.classes import BUCKETS, frequency_buckets
 
 __all__ = ["confusion", "f1_from_counts", "macro_f1", "per_class_f1", "classification_metrics",
-           "f1_by_frequency", "frequency_buckets", "BUCKETS"]
+           "f1_by_frequency", "frequency_buckets", "BUCKETS", "AVAILABILITY", "by_availability"]
 
 
 def confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
@@ -95,4 +95,25 @@ def f1_by_frequency(per_class: np.ndarray | list[float], counts: np.ndarray
         sel = bucket == j
         out[name] = {"classes": int(sel.sum()), "items": int(counts[sel].sum()),
                      "macro_f1": float(per[sel].mean()) if sel.any() else None}
+    return out
+
+
+AVAILABILITY = ("both", "text_only", "image_only")
+
+
+def by_availability(y: np.ndarray, probs: np.ndarray, text_ok: np.ndarray,
+                    image_ok: np.ndarray) -> dict[str, dict[str, Any]]:
+    """:func:`classification_metrics` (accuracy, macro-F1 over all K classes, n) of the items
+    with both modalities, with the text only and with the image only (``text_ok`` /
+    ``image_ok``: (N,) bool, what each item has in the store; docs/runs.md §2.6). Items with
+    neither are in no group (they still count in the overall metrics)."""
+    t, i = np.asarray(text_ok, bool), np.asarray(image_ok, bool)
+    y = np.asarray(y, np.int64)
+    groups = {"both": t & i, "text_only": t & ~i, "image_only": ~t & i}
+    out = {}
+    for name in AVAILABILITY:
+        rows = np.flatnonzero(groups[name])
+        # classification_metrics: macro-F1 over all K columns, as every other score
+        out[name] = (classification_metrics(y[rows], probs[rows]) if len(rows)
+                     else {"accuracy": None, "macro_f1": None, "n": 0})
     return out

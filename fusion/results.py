@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .data import Setup
+from .data import Setup, availability
 from .loop import EarlyStopping, predict
-from .metrics import classification_metrics
+from .metrics import by_availability, classification_metrics
 from .rundir import Run, RunWriter, write_run
 
 __all__ = ["FoldResults", "run_config", "spread"]
@@ -202,6 +202,12 @@ class FoldResults:
                    "epoch_seconds": float(np.mean(self.epoch_times)) if self.epoch_times else 0.0,
                    "n_parameters": int(sum(p.numel() for p in s.probe.parameters())),
                    "device": str(s.device)}
+        text_ok, image_ok = availability(s)  # docs/runs.md §2.6
+        metrics["by_availability"] = {
+            **by_availability(s.labels[rows], oof, text_ok[rows], image_ok[rows]),
+            "holdout": (by_availability(s.labels[self.hold_rows], hold, text_ok[self.hold_rows],
+                                        image_ok[self.hold_rows])
+                        if len(self.hold_rows) else None)}
         return write_run(self.out, config=run_config(s, kind=kind, name=name, out=self.out,
                                                      extra=extra_config),
                          metrics=metrics, oof=oof, oof_rows=rows, holdout=hold,

@@ -284,3 +284,61 @@ def test_modality_dropout_is_recorded_and_checked(tmp_path):
         fusion.train(store, "concat", epochs=1, modality_dropout=1.5)
     with pytest.raises(TrainError, match="not available with --finetune"):
         FinetuneConfig(modality_dropout=0.1).check()
+
+
+# --------------------------------------------------------------------------- metrics, catalog
+
+
+def test_metrics_and_report_break_results_down_by_availability(tmp_path):
+    store = _absent_image_store(tmp_path / "s.zarr")
+    run = fusion.train(store, "text", out=tmp_path / "run", epochs=1, batch_size=8, hidden=8)
+    av = json.loads((tmp_path / "run" / "metrics.json").read_text())["by_availability"]
+    rows, hold = run.oof_rows, run.holdout_rows
+    image_ok = store.features["img"].presence() == PRESENT  # the text run is broken down too
+    text_ok = store.features["txt"].presence() == PRESENT
+    assert av["text_only"]["n"] == int((text_ok & ~image_ok)[rows].sum())
+    assert av["text_only"]["n"] + av["holdout"]["text_only"]["n"] == 5  # 4 absent + 1 failed
+    assert av["both"]["n"] == int((text_ok & image_ok)[rows].sum())
+    assert av["holdout"]["image_only"]["n"] == int((~text_ok & image_ok)[hold].sum())
+    y, p = store.labels[rows], np.asarray(run.oof)
+    sel = (text_ok & ~image_ok)[rows]
+    from fusion.metrics import macro_f1
+
+    assert av["text_only"]["macro_f1"] == pytest.approx(macro_f1(y[sel], p[sel].argmax(1), 3))
+    from cli.fusion_app import app as fusion_app
+
+    res = runner.invoke(fusion_app, ["report", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "oof by availability: both macro-F1" in res.output and "text only" in res.output
+    res = runner.invoke(fusion_app, ["report", str(tmp_path / "run"), "--html",
+                                     str(tmp_path / "r.html")])
+    assert res.exit_code == 0, res.output
+    assert "By availability" in (tmp_path / "r.html").read_text()
+
+
+def test_sample_catalog_drops_images_and_texts_on_request(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "make_catalog.py"
+    spec = importlib.util.spec_from_file_location("make_catalog", script)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["make_catalog"] = mod
+    spec.loader.exec_module(mod)
+    plain = mod.make_catalog(tmp_path / "a", n=60, seed=3, n_classes=4, image_size=32)
+    holes = mod.make_catalog(tmp_path / "b", n=60, seed=3, n_classes=4, image_size=32,
+                             missing_image=0.3, empty_text=0.2)
+    a = list(csv.DictReader(open(plain)))
+    b = list(csv.DictReader(open(holes)))
+    no_img = [r["image"] == "" for r in b]
+    no_txt = [r["title"] == "" and r["description"] == "" for r in b]
+    assert 8 <= sum(no_img) <= 28 and 4 <= sum(no_txt) <= 20
+    assert not any(r["image"] == "" for r in a)
+    for ra, rb, ni, nt in zip(a, b, no_img, no_txt, strict=True):  # nothing else moves
+        assert ra["label"] == rb["label"] and ra["id"] == rb["id"]
+        assert ni or rb["image"] == ra["image"]
+        assert nt or (rb["title"], rb["description"]) == (ra["title"], ra["description"])
+    assert not (tmp_path / "b" / b[no_img.index(True)]["id"]).with_suffix(".png").exists()
+    with pytest.raises(ValueError, match="missing_image must be a share in"):
+        mod.make_catalog(tmp_path / "c", n=8, n_classes=4, image_size=32, missing_image=1.5)
