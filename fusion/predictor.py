@@ -13,7 +13,8 @@ bundle's provenance (its weights' sha256 checked); its image decoded and transfo
 encoder's own transform. Token states and image regions are rounded to the store's fp16 as the
 cache holds them, so the fold models see what they saw in training and the probabilities equal
 `fusion predict` on the same items extracted into a store, up to the encoder's batch padding.
-An image that cannot be read gives zero image features, as a failed row has in the store.
+An image that is missing or cannot be read is absent (``Batch.image_present`` False, zero
+features), and so is an empty text, as presence says in the store (docs/format.md §2.5).
 
 A stack bundle holds its source runs as bundles under ``sources/``: each batch is encoded once
 per distinct feature configuration (encoders are shared between sources that name the same
@@ -154,12 +155,16 @@ class Predictor:
             tok = f16(out["tokens"]).float()
             if self.layer_pos is not None:
                 tok = tok[:, :, self.layer_pos]
+            has = [bool(t.strip()) for t in texts]  # an empty text is absent, as extraction says
             kw.update(text_tokens=tok, text_mask=out["mask"].bool(),
-                      text_pooled=out["pooled"].float())
+                      text_pooled=out["pooled"].float(),
+                      text_present=None if all(has) else torch.tensor(has))
         if ie is not None:
             pix, ok = [], []
             for src in images:
                 try:
+                    if src is None or (isinstance(src, str) and not src.strip()):
+                        raise ValueError("no image")  # absent in the catalog
                     pix.append(ie.load_image(src))
                     ok.append(True)
                 except (ImageLoadError, TypeError, ValueError):
@@ -169,7 +174,8 @@ class Predictor:
             good = torch.tensor(ok, device=out["regions"].device)
             regions = f16(out["regions"]).float() * good[:, None, None]
             pooled = out["pooled"].float() * good[:, None]
-            kw.update(image_regions=regions, image_pooled=pooled, image_prefix=ie.prefix_tokens)
+            kw.update(image_regions=regions, image_pooled=pooled, image_prefix=ie.prefix_tokens,
+                      image_present=None if all(ok) else good)
         return Batch(**kw).to(self.device)
 
     def predict(self, items: Sequence[Mapping[str, Any]], batch_size: int = 32) -> np.ndarray:

@@ -30,16 +30,23 @@ ROOT_EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "exa
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
     cat = write_tiny_catalog(root, n=24, n_classes=3)
+    rows = list(csv.DictReader(cat.open()))
+    rows[3]["image"] = ""  # no photo: absent
+    rows[5]["image"] = "images/gone.jpg"  # a broken link: failed, absent for the heads
+    with cat.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
     lite0 = convert_efficientnet_lite0(root / "lite0.safetensors")
     extract(cat, root / "s.zarr", ExtractConfig(
         text=minilm_spec(), image=f"timm:tf_efficientnet_lite0@{lite0}", image_size=64,
-        layers="-2,-1", folds=2, holdout=0.25, block_rows=8, device="cpu"))
+        layers="-2,-1", folds=2, holdout=0.25, block_rows=8, device="cpu", max_error_rate=0.1))
     store = es.open_store(root / "s.zarr")
     run = fusion.train(store, "hanet", out=root / "runs" / "hanet", epochs=2, batch_size=8,
                        layers="-1", threads=1)
     items = list(csv.DictReader(cat.open()))
     for it in items:  # the catalog's image paths are relative to its folder
-        it["image"] = str(root / it["image"])
+        it["image"] = str(root / it["image"]) if it["image"] else None
     return {"root": root, "store": store, "run": run, "items": items, "catalog": cat}
 
 
@@ -54,6 +61,8 @@ def test_bundle_predictions_equal_store_predictions_on_the_same_items(served, tm
     cached = predict(run, store, ids=[it["id"] for it in items]).probs
     np.testing.assert_allclose(live, cached, atol=1e-4)  # measured: 3e-8
     assert (live.argmax(1) == cached.argmax(1)).mean() >= 0.95
+    # items 3 (no photo) and 5 (broken link) are absent for the head, live as in the store
+    assert served["store"].features["tf-efficientnet-lite0"].presence()[[3, 5]].tolist() == [0, 2]
     # bytes work as well as paths
     one = dict(items[0], image=open(items[0]["image"], "rb").read())
     np.testing.assert_allclose(p.predict([one]), live[:1], atol=2e-3)
