@@ -74,13 +74,21 @@ def synthetic_store(path: Path, n: int, k: int = 24, dim: int = 64, seed: int = 
     return store
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _paired_medians(ours, baseline, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``ours()`` and ``baseline()``, run alternately (a load that changes
+    during the run hits both sides alike). A callable returning a float reports its own time."""
+    a, b = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, out in ((ours, a), (baseline, b)):
+            t = _timed(lambda f=fn, o=out: o.append(f()))
+            out[-1] = out[-1] if isinstance(out[-1], float) else t
+    return statistics.median(a), statistics.median(b)
 
 
 def store_section(work: Path, n: int, repeats: int, head: str) -> dict:
@@ -97,8 +105,8 @@ def store_section(work: Path, n: int, repeats: int, head: str) -> dict:
                               fields=frozenset(getattr(m, "needs", ()))):
             m(Batch(**d))
 
-    t_pred = _median_time(lambda: predict(run, store, batch_size=256), repeats)
-    t_fwd = _median_time(forward_epoch, repeats)
+    t_pred, t_fwd = _paired_medians(lambda: predict(run, store, batch_size=256),
+                                    forward_epoch, repeats)
     return {"section": "store", "items": n, "head": head, "fold_models": len(models),
             "predict_s": round(t_pred, 3), "forward_epoch_s": round(t_fwd, 3),
             "ratio_per_model": round(t_pred / (len(models) * t_fwd), 3), "goal": 1.2}
@@ -133,8 +141,8 @@ def bundle_section(work: Path, n: int, repeats: int, batch_size: int = 32) -> di
             te.encode(te.tokenize(c.texts[s:s + batch_size]))
             ie.encode(torch.stack([ie.load_image(x) for x in c.images[s:s + batch_size]]))
 
-    t_bundle = _median_time(lambda: p.predict_catalog(cat, batch_size=batch_size), repeats)
-    t_bare = _median_time(bare, repeats)
+    t_bundle, t_bare = _paired_medians(lambda: p.predict_catalog(cat, batch_size=batch_size),
+                                       bare, repeats)
     return {"section": "bundle", "items": len(c.ids), "bundle_s": round(t_bundle, 3),
             "bare_encoders_s": round(t_bare, 3), "ratio": round(t_bundle / t_bare, 3),
             "goal": 1.15}
@@ -184,8 +192,7 @@ def append_section(work: Path, cat: Path, cfg: ExtractConfig, repeats: int) -> d
         extract(new, work / "f.zarr", fresh_cfg)
         return time.perf_counter() - t
 
-    t_app = statistics.median(one_append() for _ in range(repeats))
-    t_fresh = statistics.median(one_fresh() for _ in range(repeats))
+    t_app, t_fresh = _paired_medians(one_append, one_fresh, repeats)
     return {"section": "append", "items": n_new, "append_s": round(t_app, 3),
             "fresh_extract_s": round(t_fresh, 3), "ratio": round(t_app / t_fresh, 3),
             "goal": 1.10}
