@@ -111,6 +111,20 @@ def test_a_set_without_the_presence_array_derives_it(tmp_path):
     assert verify_store(store).ok
 
 
+def test_segments_keep_their_own_presence_stored_or_derived(tmp_path):
+    from embedstore.segments import SegmentedFeatureSet
+
+    old = _absent_image_store(tmp_path / "a.zarr")  # segment 0 written before presence existed
+    del old.features["img"].group["presence"]
+    old.consolidate()
+    old = es.open_store(tmp_path / "a.zarr")
+    new = _absent_image_store(tmp_path / "b.zarr", n=20, absent=(2,), failed=(0,))
+    seg = SegmentedFeatureSet(old, "img", [old.features["img"], new.features["img"]])
+    p = seg.presence()
+    assert len(p) == 60 and p[[3, 11, 40, 42]].tolist() == [ABSENT, FAILED, FAILED, ABSENT]
+    assert int((p == PRESENT).sum()) == 60 - 7
+
+
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
     """24 items: row 1 has no image value, row 4 an unreadable file, row 2 an empty text."""
