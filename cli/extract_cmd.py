@@ -29,6 +29,7 @@ from embedstore.errors import ExtractionError, InvalidInputError
 from embedstore.extract import ExtractConfig, FeatureResult
 from embedstore.extract import extract as run_extract
 from embedstore.extract.append import append as run_append
+from embedstore.extract.fill import fill as run_fill
 
 from ._common import (
     Quiet,
@@ -132,6 +133,12 @@ def extract(
     no_folds: Annotated[bool, typer.Option("--no-folds", help="With --append: keep the new "
                         "items out of every fold and the holdout (for prediction only).")]
     = False,
+    only: Annotated[list[str] | None, typer.Option("--only", help="With --append: fill only "
+                    "this feature set (repeatable); the others stay 'partial' until --fill.")]
+    = None,
+    fill: Annotated[list[str] | None, typer.Option("--fill", help="Write the appended "
+                    "segments a feature set lacks (after --append --only), from a catalog "
+                    "holding their items (repeatable).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for the encoder "
                                                 "(torch.set_num_threads); default: torch's "
                                                 "choice (OMP_NUM_THREADS).")] = None,
@@ -154,6 +161,8 @@ def extract(
 
       python examples/make_catalog.py --out new --n 24 --seed 7 --first-id 900000 --no-labels && embedstore extract new/catalog.csv --store cat.zarr --append
 
+      embedstore extract new/catalog.csv --store cat.zarr --append --only minilm-l6 && embedstore extract new/catalog.csv --store cat.zarr --fill effnet-lite0
+
     Exit codes: 0 done; 1 done, but more failed rows than --max-error-rate (data kept); 2 bad
     input, nothing written (one `error:` line). See docs/extract.md.
     """
@@ -173,19 +182,25 @@ def extract(
         block_rows=block_rows, storage_options=parse_storage_options(storage_option))
     if label_col == "":  # '' = the catalog has no labels
         cfg = dataclasses.replace(cfg, label_col=None)
-    if no_folds and not append:
-        raise InvalidInputError("--no-folds applies to --append only")
-    if append and (text or image or overwrite):
-        raise InvalidInputError("--append fills the store's feature sets with their recorded "
-                                "encoders: drop --text/--image/--overwrite")
+    if (no_folds or only) and not append:
+        raise InvalidInputError(f"{'--no-folds' if no_folds else '--only'} applies to --append "
+                                "only")
+    if (append or fill) and (text or image or overwrite):
+        raise InvalidInputError(f"{'--append' if append else '--fill'} uses the feature sets' "
+                                "recorded encoders: drop --text/--image/--overwrite")
+    if append and fill:
+        raise InvalidInputError("--append and --fill are separate steps: append with --only "
+                                "first, then --fill the other sets")
     prog = RichProgress(quiet or not main_rank)
     failed = None
     try:
+        run_opts = dict(progress=prog, storage_options=cfg.storage_options, device=device,
+                        batch_size=batch_size, num_workers=num_workers, precision=precision)
         if append:
             results = run_append(catalog, store, resume=bool(resume), no_folds=no_folds,
-                                 progress=prog, storage_options=cfg.storage_options,
-                                 device=device, batch_size=batch_size, num_workers=num_workers,
-                                 precision=precision)
+                                 only=only, **run_opts)
+        elif fill:
+            results = run_fill(catalog, store, fill, **run_opts)
         else:
             results = run_extract(catalog, store, cfg, progress=prog)
     except ExtractionError as e:

@@ -8,7 +8,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,12 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def take(self, rows: Sequence[int]) -> Catalog:
+        """The catalog of items ``rows`` (in that order): every per-item list is subset."""
+        n = len(self.ids)
+        return replace(self, **{f.name: [v[i] for i in rows] for f in fields(self)
+                                if isinstance(v := getattr(self, f.name), list) and len(v) == n})
 
 
 def _read_frame(path: str, str_cols: dict[str, type]):

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .errors import FeatureIncompleteError
 from .features import FeatureSet
 
 __all__ = ["SegmentedFeatureSet"]
@@ -31,16 +32,23 @@ class _Shape(NamedTuple):
 class SegmentedFeatureSet(FeatureSet):
     """Feature set ``name`` over ``parts`` (one :class:`FeatureSet` per segment, in row order)."""
 
-    def __init__(self, store: Any, name: str, parts: Sequence[FeatureSet]):
+    def __init__(self, store: Any, name: str, parts: Sequence[FeatureSet],
+                 missing: Sequence[int] = ()):
         # no FeatureSet.__init__: there is no single group to parse; the parts did that
         self.store, self.name, self.parts = store, name, list(parts)
+        # ids of segments appended without this set (`--append --only`): the set is "partial"
+        # until `embedstore extract CATALOG --store S --fill NAME` writes their parts
+        self.missing = list(missing)
         self.group = self.parts[0].group
         self._ram: dict[str, np.ndarray] = {}
         self._small: dict[str, np.ndarray] = {}
         meta = dict(self.parts[0].meta)
-        meta["n_items"] = sum(p.n_items for p in self.parts)
-        meta["status"] = ("complete" if all(p.status == "complete" for p in self.parts)
+        meta["n_items"] = store.n_items if self.missing else sum(p.n_items for p in self.parts)
+        meta["status"] = ("partial" if self.missing else
+                          "complete" if all(p.status == "complete" for p in self.parts)
                           else "writing")
+        if self.missing:
+            meta["missing_segments"] = self.missing
         gens = [p.generation for p in self.parts]
         meta["generation"] = None if None in gens else "+".join(gens)
         self.meta = meta
@@ -51,8 +59,23 @@ class SegmentedFeatureSet(FeatureSet):
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, segments={len(self.parts)})"
 
+    # counts are sums over the parts written, so `info` can show a partial set
+    @property
+    def n_done(self) -> int:
+        return sum(p.n_done for p in self.parts)
+
+    @property
+    def n_errors(self) -> int:
+        return sum(p.n_errors for p in self.parts)
+
+    def presence_counts(self) -> dict[str, int]:
+        counts = [p.presence_counts() for p in self.parts]
+        return {k: sum(c[k] for c in counts) for k in counts[0]}
+
     def presence(self) -> np.ndarray:
         """Each segment's own presence (stored, or derived for a part written without it)."""
+        if self.missing:
+            self.require_complete()
         if "presence" not in self._small:
             self._small["presence"] = np.concatenate([p.presence() for p in self.parts])
         return self._small["presence"]
@@ -66,7 +89,17 @@ class SegmentedFeatureSet(FeatureSet):
         n = int(self._tokens[-1]) if name == "tokens" else self.n_items + (name == "offsets")
         return _Shape((n, *first.shape[1:]), first.dtype)
 
+    def require_complete(self) -> None:
+        if self.missing:
+            raise FeatureIncompleteError(
+                f"feature set {self.name!r} lacks the rows of appended segment(s) "
+                f"{self.missing} (appended with --only); fill them: embedstore extract CATALOG "
+                f"--store {self.store.url} --fill {self.name}")
+        super().require_complete()
+
     def _read(self, names_sels: Sequence[tuple[str, Any]]) -> list[np.ndarray]:
+        if self.missing:
+            self.require_complete()
         return [self._read_one(key, sel) for key, sel in names_sels]
 
     def _read_one(self, key: str, sel: slice) -> np.ndarray:

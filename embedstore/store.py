@@ -295,8 +295,12 @@ class FeatureSets(Mapping):
         if name not in self._open:
             fs = FeatureSet(self._store, name, self._store.feature_group(name))
             if self._store.segment_stores:  # format 2: one part per segment
+                segs = self._store.segments[1:]
+                missing = [s["id"] for s, p in zip(segs, self._store.segment_stores,
+                                                   strict=True) if name not in p.features]
                 fs = SegmentedFeatureSet(self._store, name, [fs] + [
-                    p.features[name] for p in self._store.segment_stores])
+                    p.features[name] for p in self._store.segment_stores
+                    if name in p.features], missing=missing)
             self._open[name] = fs
         return self._open[name]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -66,15 +67,23 @@ def _set_config(fs, **over: Any) -> ExtractConfig:
     return ExtractConfig(**opts)
 
 
-def _checks(store: Store, catalog: str, no_folds: bool) -> tuple[Any, list, dict]:
-    sets = [store.features[n] for n in store.features]
-    if not sets:
+def _checks(store: Store, catalog: str, no_folds: bool, only: Sequence[str] | None = None
+            ) -> tuple[Any, list, dict]:
+    names = list(store.features)
+    if not names:
         raise InvalidInputError(f"store {store.url!r} has no feature sets to fill; extract one "
                                 "before appending")
-    writing = [fs.name for fs in sets if fs.status != "complete"]
+    unknown = [n for n in (only or []) if n not in names]
+    if unknown:
+        raise InvalidInputError(f"--only {unknown[0]}: store {store.url!r} has no such feature "
+                                f"set; it has {names}")
+    sets = [store.features[n] for n in (list(dict.fromkeys(only)) if only else names)]
+    writing = [fs.name for fs in sets if fs.status == "writing"]
     if writing:
         raise InvalidInputError(f"feature set {writing[0]!r} of {store.url!r} is incomplete; "
                                 "finish it (`embedstore extract ... --resume`) before appending")
+    if not only:  # a set a previous `--only` append left partial is filled for the new rows
+        sets = [fs for fs in sets if fs.status in ("complete", "partial")]
     confs = [_set_config(fs) for fs in sets]
     rec = confs[0]
     text = next((c for c in confs if c.text), None)
@@ -115,14 +124,17 @@ def _pending(store: Store) -> list[int]:
 
 
 def append(catalog: str | os.PathLike, store_url: str | os.PathLike, *, resume: bool = False,
-           no_folds: bool = False, progress: Progress | None = None,
-           storage_options: dict | None = None, **overrides: Any) -> list:
+           no_folds: bool = False, only: Sequence[str] | None = None,
+           progress: Progress | None = None, storage_options: dict | None = None,
+           **overrides: Any) -> list:
     """Append ``catalog``'s items to the store as a new segment and fill every feature set for
-    them; returns the per-set extraction results. ``overrides``: ExtractConfig fields that do
-    not change what is stored (``device``, ``batch_size``, ``num_workers``, ``precision``)."""
+    them (``only``: just these sets; the others stay "partial" until
+    :func:`embedstore.extract.fill.fill` writes their part); returns the per-set extraction
+    results. ``overrides``: ExtractConfig fields that do not change what is stored
+    (``device``, ``batch_size``, ``num_workers``, ``precision``)."""
     url, catalog = os.fspath(store_url), os.fspath(catalog)
     store = open_store(url, mode="r", storage_options=storage_options)
-    cat, sets, plan = _checks(store, catalog, no_folds)
+    cat, sets, plan = _checks(store, catalog, no_folds, only)
     pending = _pending(store)
     seg_id = (max(s["id"] for s in store.segments) + 1)
     if pending and not resume:

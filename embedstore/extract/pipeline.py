@@ -30,7 +30,7 @@ from .distributed import Ranks, resolve_device
 from .jobs import make_job
 from .progress import FeatureResult, Progress
 
-__all__ = ["extract"]
+__all__ = ["extract", "extract_catalog"]
 
 _VERSIONED = ("embedstore-fusion", "torch", "transformers", "timm", "open_clip_torch", "zarr")
 
@@ -53,8 +53,15 @@ def extract(catalog: str | os.PathLike, store_url: str | os.PathLike,
                        image_col=config.image_col, label_col=config.label_col,
                        need_text=bool(config.text), need_image=bool(config.image),
                        group_col=config.group_col or None)
+    return extract_catalog(cat, store_url, config, progress=progress)
+
+
+def extract_catalog(cat: Catalog, store_url: str | os.PathLike, config: ExtractConfig, *,
+                    progress: Progress | None = None) -> list[FeatureResult]:
+    """:func:`extract` on a catalog already read (e.g. the rows of one segment)."""
+    config.check()
     with Ranks(resolve_device(config.device)) as ranks:
-        return _run(cat, store_url, config, ranks, progress)
+        return _run(cat, os.fspath(store_url), config, ranks, progress or Progress())
 
 
 def _run(cat: Catalog, url: str, config: ExtractConfig, ranks: Ranks,
