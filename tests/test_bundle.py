@@ -118,3 +118,35 @@ def test_a_stack_bundle_equals_stack_predict_on_the_store(served, tmp_path):
     cached = predict(st, store, ids=[it["id"] for it in items]).probs
     np.testing.assert_allclose(live, cached, atol=1e-4)
     assert (live.argmax(1) == cached.argmax(1)).all()
+
+
+def test_train_append_predict_equals_the_bundle_on_the_raw_new_items(served, tmp_path):
+    """Issue 13's end-to-end check: a head trained on a store; tomorrow's unlabelled items are
+    appended (a new segment, encoders from provenance); `fusion predict --rows unlabelled`
+    on the store equals the exported bundle's live prediction on the same raw items."""
+    import shutil
+
+    from embedstore.extract.append import append
+
+    root = served["root"]
+    store = tmp_path / "grown.zarr"
+    shutil.copytree(served["store"].url, store)
+    new = []
+    for it in served["items"][:5] + served["items"][6:8]:  # not the broken link (row 5)
+        new.append({"id": "new-" + it["id"], "title": it["title"] + " v2",
+                    "description": it["description"], "image": it["image"] or ""})
+    new[1]["image"] = ""  # tomorrow's listings include one without a photo
+    cat = tmp_path / "new.csv"
+    with cat.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(new[0]))
+        w.writeheader()
+        w.writerows(new)
+    append(cat, store)
+    s = es.open_store(store)
+    assert s.n_items == served["store"].n_items + 7 and len(s.segments) == 2
+    pred = predict(served["run"], s, rows="unlabelled")
+    assert pred.ids.tolist() == [r["id"] for r in new]
+    p = Predictor.load(export_bundle(served["run"].path, tmp_path / "model",
+                                     store=root / "s.zarr"), device="cpu")
+    live = p.predict([{**r, "image": r["image"] or None} for r in new], batch_size=3)
+    np.testing.assert_allclose(live, pred.probs, atol=1e-4)
