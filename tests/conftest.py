@@ -290,3 +290,24 @@ def make_catalog(tmp_path):
         return path
 
     return make
+
+
+def kill_when(cmd: list[str], env: dict[str, str], marker, timeout: float = 180) -> None:
+    """Run ``cmd`` and SIGKILL it (a real kill, no cleanup runs) as soon as file ``marker``
+    exists; fails if the process exits first or the marker never appears."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"{marker} never appeared"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL

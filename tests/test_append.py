@@ -10,10 +10,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ from embedstore.extract import ExtractConfig, extract
 from embedstore.extract.append import append
 from embedstore.verify import verify_store
 
-from .conftest import minilm_spec, write_tiny_catalog
+from .conftest import kill_when, minilm_spec, write_tiny_catalog
 
 runner = CliRunner()
 VIT = "timm:vit_tiny_patch16_224@random"
@@ -184,19 +182,7 @@ def test_sigkill_during_an_append_then_resume_gives_the_bytes_of_an_uninterrupte
         new = write_rows(catalogs["root"] / "new_blocked.csv", rows)
         cmd = [str(BIN / "embedstore"), "extract", str(new), "--store", str(store), "--append",
                "--threads", "1", "-q"]
-        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            block0 = store / "segments" / ".1.new" / "features" / "i" / "done" / "c" / "0"
-            deadline = time.monotonic() + 180
-            while not block0.exists():
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "block 0 was never finished"
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.communicate()
-        assert proc.returncode == -signal.SIGKILL
+        kill_when(cmd, ENV, store / "segments" / ".1.new" / "features" / "i" / "done" / "c" / "0")
         s = open_store(store)  # readers never see half an append
         assert s.n_items == 20 and s.meta["format"] == 1
         res = runner.invoke(app, ["extract", str(new), "--store", str(store), "--append"])

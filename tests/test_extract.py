@@ -15,11 +15,9 @@ import os
 import pickle
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,8 @@ from embedstore.catalog import read_catalog
 from embedstore.extract import ExtractConfig, Progress, extract
 from embedstore.extract.batches import Background, ImageBatches, TextBatches, length_buckets
 from embedstore.features import FeatureWriter
+
+from .conftest import kill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -471,19 +471,7 @@ def test_resume_after_sigkill_gives_the_bytes_of_an_uninterrupted_run(tmp_path, 
     os.mkfifo(blocked)
     store = tmp_path / "s.zarr"
     cmd = [str(BIN / "embedstore"), "extract", str(cat), "--store", str(store), *args]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        block0 = store / "features" / VIT_NAME / "done" / "c" / "0"
-        deadline = time.monotonic() + 180
-        while not block0.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "block 0 was never finished"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when(cmd, ENV, store / "features" / VIT_NAME / "done" / "c" / "0")
     s = open_store(store)
     assert s.features[MINILM_NAME].status == "complete"
     img = s.features[VIT_NAME]
