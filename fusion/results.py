@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from .data import Setup, availability
 from .loop import EarlyStopping, predict
 from .metrics import by_availability, classification_metrics
+from .probs import BLOCK_ROWS, TOPK, Probs, TopK, layout_for, mean_topk, to_topk
 from .rundir import Run, RunWriter, write_run
 
 __all__ = ["FoldResults", "run_config", "spread"]
@@ -78,13 +79,13 @@ class FoldResults:
         self.setup, self.out = setup, out
         k, n = len(setup.classes), len(setup.folds)
         self.seeds = list(setup.cfg.seed_list)
-        self.oof = np.zeros((n, k), np.float32)  # the current seed's
-        self.oof_sum = np.zeros((n, k), np.float64)  # over finished seeds
         self.oof_mask = np.zeros(n, bool)
         self.hold_rows = setup.hold_rows
-        self.hold = np.zeros((len(self.hold_rows), k), np.float64)  # current seed, fold sum
-        self.hold_sum = np.zeros((len(self.hold_rows), k), np.float64)  # mean per seed, summed
-        self.hold_fold: dict[int, np.ndarray] = {}  # fold -> its model's holdout, summed over seeds
+        # probabilities in the run's layout (docs/runs.md section 2.3): top-k runs never hold
+        # an N x K array, each fold's predictions are ranked BLOCK_ROWS rows at a time
+        layout = layout_for(k, setup.cfg.top_k_store)
+        self.acc = (_TopKSums(n, len(self.hold_rows), k, layout["k"])
+                    if layout["layout"] == TOPK else _DenseSums(n, len(self.hold_rows), k))
         self.inner: dict[str, np.ndarray] = {}  # "seed{s}_fold{f}_inner" -> store rows
         self.fold_metrics: list[dict[str, Any]] = []
         self.seed_metrics: list[dict[str, Any]] = []
@@ -114,15 +115,13 @@ class FoldResults:
         """Predict fold ``fold``'s rows (out-of-fold) and the holdout with ``model`` (the
         weights of the epoch chosen on ``inner_rows``), and record the fold."""
         s = self.setup
-        vp, vr = predict(model, batches(va_rows), s.device)
-        self.oof[vr], self.oof_mask[vr] = vp, True
+        vp, vr = self.acc.predict(model, batches, va_rows, s.device)
+        self.acc.set_oof(vr, vp)
+        self.oof_mask[vr] = True
         self.inner[f"seed{seed}_fold{fold}_inner"] = np.asarray(inner_rows, np.int64)
         if len(self.hold_rows):
-            hp, hr = predict(model, batches(self.hold_rows), s.device)
-            at = np.searchsorted(self.hold_rows, hr)
-            self.hold[at] += hp
-            mine = self.hold_fold.setdefault(fold, np.zeros_like(self.hold))
-            mine[at] += hp
+            hp, hr = self.acc.predict(model, batches, self.hold_rows, s.device)
+            self.acc.add_hold(fold, np.searchsorted(self.hold_rows, hr), hp)
         fm = classification_metrics(s.labels[vr], vp)
         self.epoch_times += stop.epoch_times
         self.fold_metrics.append({"seed": seed, "fold": fold, "best_epoch": stop.best_epoch,
@@ -135,23 +134,12 @@ class FoldResults:
         """Close seed ``seed``: score its own OOF / holdout, add them to the seed means."""
         s = self.setup
         rows = np.flatnonzero(self.oof_mask)
-        hold = self._normalised(self.hold / max(1, len(s.fold_ids)))
-        m = classification_metrics(s.labels[rows], self.oof[rows])
+        oof, hold = self.acc.end_seed()
+        m = classification_metrics(s.labels[rows], oof[rows])
         h = classification_metrics(s.labels[self.hold_rows], hold) if len(hold) else None
         keep = ("accuracy", "macro_f1", "n")
         self.seed_metrics.append({"seed": seed, **{k: m[k] for k in keep},
                                   "holdout": {k: h[k] for k in keep} if h else None})
-        self.oof_sum += self.oof
-        self.hold_sum += hold
-        self.oof[:] = 0
-        self.hold[:] = 0
-
-    @staticmethod
-    def _normalised(p: np.ndarray) -> np.ndarray:
-        p = p.astype(np.float32)
-        if len(p):
-            p /= p.sum(1, keepdims=True)
-        return p
 
     def save_weights(self, name: str, module: torch.nn.Module) -> None:
         """Stage ``weights/{name}.safetensors`` for the run (no-op without ``out``)."""
@@ -181,14 +169,9 @@ class FoldResults:
         if len(self.seed_metrics) != len(self.seeds):
             raise RuntimeError("FoldResults.write before end_seed of every seed")
         rows = np.flatnonzero(self.oof_mask)
-        oof = (self.oof_sum[rows] / len(self.seeds)).astype(np.float32)
-        hold = self._normalised(self.hold_sum / len(self.seeds))
         # each fold model's holdout probabilities (mean over seeds): what a stacker fitted on
         # that fold's OOF rows should score (docs/runs.md section 2.7)
-        hold_folds = (np.stack([self._normalised(self.hold_fold[f] / len(self.seeds))
-                                for f in s.fold_ids])
-                      if len(self.hold_rows) and set(s.fold_ids) <= self.hold_fold.keys()
-                      else None)
+        oof, hold, hold_folds = self.acc.final(rows, s.fold_ids)
         sm = self.seed_metrics
         has_hold = all(x["holdout"] for x in sm)
         metrics = {"head": s.head_spec, "kind": kind, "folds": self.fold_metrics,
@@ -215,3 +198,111 @@ class FoldResults:
                          folds=s.folds, classes=s.classes,
                          extra_files=lambda w: self._extra_files(w, rows),
                          holdout_folds=hold_folds, top_k=s.cfg.top_k_store)
+
+
+def _normalised(p: np.ndarray) -> np.ndarray:
+    p = p.astype(np.float32)
+    if len(p):
+        p /= p.sum(1, keepdims=True)
+    return p
+
+
+class _DenseSums:
+    """Dense (N, K) sums of a run's probabilities over folds and seeds (K <= dense_max)."""
+
+    def __init__(self, n: int, n_hold: int, k: int):
+        self.oof = np.zeros((n, k), np.float32)  # the current seed's
+        self.oof_sum = np.zeros((n, k), np.float64)  # over finished seeds
+        self.hold = np.zeros((n_hold, k), np.float64)  # current seed, fold sum
+        self.hold_sum = np.zeros((n_hold, k), np.float64)  # mean per seed, summed
+        self.hold_fold: dict[int, np.ndarray] = {}  # fold -> its holdout, summed over seeds
+        self.n_seeds = self.n_folds = 0
+
+    def predict(self, model, batches, rows, device) -> tuple[Probs, np.ndarray]:
+        return predict(model, batches(rows), device)
+
+    def set_oof(self, rows: np.ndarray, p: np.ndarray) -> None:
+        self.oof[rows] = p
+
+    def add_hold(self, fold: int, at: np.ndarray, p: np.ndarray) -> None:
+        self.hold[at] += p
+        self.hold_fold.setdefault(fold, np.zeros_like(self.hold))[at] += p
+        self.n_folds = len(self.hold_fold)
+
+    def end_seed(self) -> tuple[Probs, Probs]:
+        """(this seed's OOF, this seed's fold-mean holdout), then reset for the next seed."""
+        hold = _normalised(self.hold / max(1, self.n_folds))
+        oof = self.oof.copy()
+        self.oof_sum += self.oof
+        self.hold_sum += hold
+        self.oof[:] = 0
+        self.hold[:] = 0
+        self.n_seeds += 1
+        return oof, hold
+
+    def final(self, rows: np.ndarray, fold_ids: list[int]
+              ) -> tuple[Probs, Probs, Probs | None]:
+        s = max(1, self.n_seeds)
+        oof = (self.oof_sum[rows] / s).astype(np.float32)
+        hold = _normalised(self.hold_sum / s)
+        folds = (np.stack([_normalised(self.hold_fold[f] / s) for f in fold_ids])
+                 if len(hold) and set(fold_ids) <= self.hold_fold.keys() else None)
+        return oof, hold, folds
+
+
+class _TopKSums:
+    """The same sums as :class:`_DenseSums` kept top-k (K > dense_max): each fold's rows are
+    predicted and ranked BLOCK_ROWS at a time; means over folds and seeds are
+    :func:`fusion.probs.mean_topk` (exact for every class some model kept)."""
+
+    def __init__(self, n: int, n_hold: int, k: int, top_k: int):
+        self.n, self.n_hold, self.k, self.top_k = n, n_hold, k, min(top_k, k)
+        self.oof = TopK.empty(n, self.top_k, k)  # the current seed's
+        self.oof_seeds: list[TopK] = []
+        self.hold_cur: list[TopK] = []  # the current seed's fold models' holdout
+        self.hold_seeds: list[TopK] = []  # each seed's fold mean
+        self.hold_fold: dict[int, list[TopK]] = {}  # fold -> its holdout, one per seed
+
+    def predict(self, model, batches, rows, device) -> tuple[Probs, np.ndarray]:
+        parts, out_rows = [], []
+        for s in range(0, len(rows), BLOCK_ROWS):
+            p, r = predict(model, batches(rows[s:s + BLOCK_ROWS]), device)
+            parts.append(to_topk(p, self.top_k))
+            out_rows.append(r)
+        if not parts:
+            return TopK.empty(0, self.top_k, self.k), np.zeros(0, np.int64)
+        return (TopK(*(np.concatenate([getattr(t, a) for t in parts])
+                       for a in ("idx", "p", "rest")), self.k), np.concatenate(out_rows))
+
+    def set_oof(self, rows: np.ndarray, p: TopK) -> None:
+        self.oof[rows] = p
+
+    def add_hold(self, fold: int, at: np.ndarray, p: TopK) -> None:
+        block = TopK.empty(self.n_hold, self.top_k, self.k)
+        block[at] = p
+        self.hold_cur.append(block)
+        self.hold_fold.setdefault(fold, []).append(block)
+
+    def end_seed(self) -> tuple[Probs, Probs]:
+        hold = (mean_topk(self.hold_cur) if self.hold_cur
+                else TopK.empty(0, self.top_k, self.k))
+        oof = self.oof
+        self.oof_seeds.append(oof)
+        self.hold_seeds.append(hold)
+        self.oof = TopK.empty(self.n, self.top_k, self.k)
+        self.hold_cur = []
+        return oof, hold
+
+    def final(self, rows: np.ndarray, fold_ids: list[int]
+              ) -> tuple[Probs, Probs, Probs | None]:
+        def mean(blocks: list[TopK]) -> TopK:
+            return blocks[0] if len(blocks) == 1 else mean_topk(blocks)
+
+        oof = mean([o[rows] for o in self.oof_seeds])
+        hold = mean(self.hold_seeds)
+        folds = None
+        if self.n_hold and set(fold_ids) <= self.hold_fold.keys():
+            per = [mean(self.hold_fold[f]) for f in fold_ids]
+            folds = TopK(*(np.stack([getattr(t, a) for t in per]) for a in ("idx", "p", "rest")),
+                         self.k)
+        return oof, hold, folds

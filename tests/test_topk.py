@@ -16,6 +16,7 @@ from fusion.report import complementarity, frequency_f1
 from fusion.rundir import load_run, write_run
 from fusion.stack import stack
 from fusion.testing import make_many_class_runs, make_synthetic_runs
+from fusion.train import train
 
 
 def _rewrite(run, out, **kw):
@@ -134,3 +135,23 @@ def test_compare_and_stack_read_topk_runs_at_many_classes(tmp_path):
     assert {row["name"] for row in rows} == {"run0", "run1"}
     res = CliRunner().invoke(app, ["compare", *map(str, srcs)])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("seeds", [(0,), (0, 1)])
+def test_train_writes_topk_with_the_same_argmax_metrics_as_dense(small_store, tmp_path,
+                                                                  monkeypatch, seeds):
+    """A 3-class store with the threshold lowered to 2 classes trains into a top-2 run whose
+    argmax metrics equal the dense run's (same seed, same fold models on CPU)."""
+    kw = {"epochs": 2, "folds": 2, "seeds": seeds, "device": "cpu", "threads": 1}
+    dense = train(small_store, "concat", out=tmp_path / "dense", **kw)
+    monkeypatch.setattr("fusion.probs.DENSE_MAX_CLASSES", 2)
+    topk = train(small_store, "concat", out=tmp_path / "topk", top_k_store=2, **kw)
+    assert dense.layout == "dense" and topk.layout == "topk"
+    assert topk.config["probs"] == {"layout": "topk", "k": 2}
+    assert topk.probs("holdout_folds").shape == dense.holdout_folds.shape
+    if len(seeds) == 1:  # one seed: no mean over seeds, so the argmax cannot move
+        for key in ("accuracy", "macro_f1", "per_class_f1"):
+            assert topk.metrics[key] == dense.metrics[key], key
+    np.testing.assert_allclose(topk.probs("oof").dense().sum(1), 1.0, atol=1e-3)
+    assert [s["accuracy"] for s in topk.metrics["seeds"]] == \
+        [s["accuracy"] for s in dense.metrics["seeds"]]
