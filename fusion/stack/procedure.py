@@ -157,6 +157,8 @@ def stack(
         "user_params": dict(params or {}),
         "seed": seed,
         "selection": selection,
+        # -p tune=true: what each fitted model tried and chose (stackers/tuning.py)
+        "tuning": {tag: m.tuning for tag, m in fit.models if m.tuning is not None} or None,
         "holdout_scheme": _scheme_note(fit, inp),
         "dask": dask is not None,
         "sources": sources,

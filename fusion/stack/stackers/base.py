@@ -26,6 +26,7 @@ from sklearn.decomposition import PCA
 from embedstore.registry import Registry
 
 from ...errors import StackError
+from .tuning import GRIDS, tuned_fit
 
 __all__ = [
     "STACKERS",
@@ -122,7 +123,8 @@ class Stacker:
 
     Options that belong to the procedure rather than the model (popped from ``params``):
     ``early_stopping_rounds``, ``valid_fraction`` (inner early-stopping split of the training
-    rows), ``log_probs`` (feed log-probabilities instead of probabilities) and ``explain``
+    rows), ``log_probs`` (feed log-probabilities instead of probabilities), ``tune`` (GBDTs:
+    choose the regularisation on the inner split, :mod:`.tuning`) and ``explain``
     (GBDTs: write TreeSHAP contributions, default true).
     """
 
@@ -160,6 +162,11 @@ class Stacker:
         )
         self.valid_fraction = float(params.pop("valid_fraction", 0.1))
         self.log_probs = bool(params.pop("log_probs", self.log_probs_default))
+        self.tune = bool(params.pop("tune", False))
+        if self.tune and self.name not in GRIDS:
+            raise StackError(f"tune=true: stacker {self.name!r} has no tuning grid; use it with "
+                             f"{' or '.join(sorted(GRIDS))}, or drop -p tune")
+        self.tuning: dict[str, Any] | None = None  # what tune=true tried and chose
         # TreeSHAP costs about as much as the fit at 27 classes (all classes are explained);
         # explain=false skips contributions.csv
         self.explain = bool(params.pop("explain", True)) and self.attribution
@@ -179,6 +186,7 @@ class Stacker:
             "early_stopping_rounds": self.early_stopping_rounds,
             "valid_fraction": self.valid_fraction,
             "log_probs": self.log_probs,
+            **({"tune": True, "tune_grid": list(GRIDS[self.name])} if self.tune else {}),
         }
 
     def fit(
@@ -212,7 +220,10 @@ class Stacker:
             X_valid, y_valid = X_valid[keep], remap[y_valid[keep]]
             if len(y_valid) == 0:
                 X_valid = y_valid = None
-        self.fit_local(X, remap[y], X_valid, y_valid, len(present), rounds)
+        if self.tune:  # the regularisation chosen on the inner split (.tuning)
+            tuned_fit(self, X, remap[y], X_valid, y_valid, len(present), rounds)
+        else:
+            self.fit_local(X, remap[y], X_valid, y_valid, len(present), rounds)
         return self
 
     def reduce(self, X: np.ndarray) -> np.ndarray:
@@ -284,7 +295,8 @@ class Stacker:
         self.save_model(path_stem)
         self.save_reducer(path_stem)
         meta = {"stacker": self.name, "present": [int(c) for c in self.present],
-                "best_iteration": self.best_iteration, "n_classes": self.n_classes}
+                "best_iteration": self.best_iteration, "n_classes": self.n_classes,
+                "tuning": self.tuning}
         path_stem.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
 
     @classmethod
