@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-scale clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,11 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python examples/bench.py --out docs/benchmarks.md
+
+# issue 15: N in {10k, 50k, 150k} x K in {27, 1000, 5600}, time and peak RSS of train / stack /
+# predict (each in its own pinned child process); not part of `make test` or `make bench`
+bench-scale: $(STAMP)
+	$(BIN)/python examples/bench_scale.py --json docs/bench_scale.json --plot docs/bench_scale.png
 
 clean:
 	rm -rf demo-output .pytest_cache build *.egg-info

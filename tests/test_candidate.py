@@ -77,6 +77,12 @@ def test_cost_counts_candidate_rows_not_classes(tmp_path):
         rows[k] = model.n_candidate_rows
         assert rows[k] <= len(X) * model.depth * 3
     assert abs(rows[5000] - rows[200]) <= 0.01 * rows[200], rows
+    # max_fit_items caps the fit whatever N: 100 items' candidate rows at most
+    capped = create_stacker("candidate", n_classes=5000, n_sources=3,
+                            params={"n_jobs": 1, "n_estimators": 5, "max_fit_items": 100})
+    capped.fit(X, inp.labels[inp.trainable])
+    assert 100 * 1 <= capped.n_candidate_rows <= 100 * capped.depth * 3
+    assert capped.class_count.sum() == len(X)  # the frequency prior still counts every row
 
 
 def test_saved_candidate_model_reloads_and_predicts_the_same(many):
@@ -103,3 +109,5 @@ def test_bad_inputs_are_one_line(many, tmp_path, monkeypatch):
         stack(srcs, stacker="logreg", out=tmp_path / "l")
     with pytest.raises(StackError, match="depth=0 must be >= 1"):
         create_stacker("candidate", n_classes=10, n_sources=2, params={"depth": 0})
+    with pytest.raises(StackError, match="max_fit_items=0 must be >= 1"):
+        create_stacker("candidate", n_classes=10, n_sources=2, params={"max_fit_items": 0})

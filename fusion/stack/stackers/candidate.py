@@ -60,14 +60,21 @@ class CandidateStacker(Stacker):
         "verbose": -1,
     }
     depth_default: ClassVar[int] = 10
+    # items whose candidate rows a model fits on (a seeded sample above it; every row is still
+    # scored): caps the fit at O(max_fit_items x depth x runs), whatever N and K
+    max_fit_items_default: ClassVar[int] = 20_000
 
     def __init__(self, **kw: Any):
         params = dict(kw.pop("params", None) or {})
         self.depth = int(params.pop("depth", self.depth_default))
+        self.max_fit_items = int(params.pop("max_fit_items", self.max_fit_items_default))
         super().__init__(params=params, **kw)
         if self.depth < 1:
             raise StackError(f"candidate stacker: depth={self.depth} must be >= 1 (candidate "
                              "classes taken from each run's top; e.g. 10)")
+        if self.max_fit_items < 1:
+            raise StackError(f"candidate stacker: max_fit_items={self.max_fit_items} must be "
+                             ">= 1 (items per model fit; e.g. 20000)")
         if self.n_sources is None:
             raise StackError("the candidate stacker needs n_sources (the number of source runs)")
         self.class_count = np.zeros(self.n_classes, np.int64)
@@ -76,7 +83,8 @@ class CandidateStacker(Stacker):
         self.n_candidate_rows = 0  # rows of the last fit (the cost measure, tests)
 
     def procedure_params(self) -> dict[str, Any]:
-        return {**super().procedure_params(), "depth": self.depth}
+        return {**super().procedure_params(), "depth": self.depth,
+                "max_fit_items": self.max_fit_items}
 
     # -- the candidate rows ---------------------------------------------------------------------
     def _split(self, X: np.ndarray) -> tuple[int, list[tuple[np.ndarray, ...]]]:
@@ -148,6 +156,13 @@ class CandidateStacker(Stacker):
         self.class_count = np.bincount(y, minlength=self.n_classes)
         self.n_fit = len(y)
         self.present = np.flatnonzero(self.class_count)
+        rng = np.random.default_rng(self.seed)
+        if len(y) > self.max_fit_items:  # the class counts above still use every fit row
+            keep = np.sort(rng.choice(len(y), self.max_fit_items, replace=False))
+            X, y = X[keep], y[keep]
+        if X_valid is not None and y_valid is not None and len(y_valid) > self.max_fit_items // 4:
+            keep = np.sort(rng.choice(len(y_valid), self.max_fit_items // 4, replace=False))
+            X_valid, y_valid = X_valid[keep], np.asarray(y_valid)[keep]
         item, cls, F = self.candidates(X)
         target = (cls == y[item]).astype(np.float32)
         self.covered = float(np.bincount(item, weights=target, minlength=len(y)).clip(0, 1).mean())
