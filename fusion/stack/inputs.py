@@ -28,8 +28,8 @@ from ..probs import Probs, TopK, topk_of
 from ..rundir import Run, load_run
 
 __all__ = ["DENSE_FEATURES_MAX_BYTES", "PROB_FLOOR", "ROW_SUM_TOL", "StackInputs",
-           "candidate_matrix", "feature_matrix", "input_block", "fingerprint", "label",
-           "modalities", "same_probs"]
+           "candidate_columns", "candidate_matrix", "feature_matrix", "input_block", "fingerprint",
+           "label", "modalities", "same_probs"]
 
 ROW_SUM_TOL = 1e-3
 # the largest (N, runs x K) float64 matrix the per-class stackers may build (the candidate
@@ -363,9 +363,11 @@ def feature_matrix(
     return X_tr, X_ho, names, X_hf
 
 
-def _encode(blocks: list[Probs], k: int) -> np.ndarray:
-    """(N, runs x (2k + 1)) float32: per run its top-k class indices (exact in float32 below
-    2**24 classes), their probabilities and the rest; dense blocks ranked in blocks of rows."""
+def candidate_columns(blocks: Sequence[Probs], k: int) -> np.ndarray:
+    """The candidate stacker's input from the source runs' (N, K) blocks, in run order:
+    (N, runs x (2k + 1)) float32, per run its top-k class indices (exact in float32 below 2**24
+    classes), their probabilities and the rest; dense blocks ranked in blocks of rows. The one
+    rule for fitting a candidate stack and for applying it to new items."""
     parts = []
     for b in blocks:
         idx, p = topk_of(b, k)
@@ -380,11 +382,11 @@ def candidate_matrix(inp: StackInputs, k: int | None = None
     ``k`` (default :attr:`StackInputs.source_k`) class indices, probabilities and the rest,
     (N, runs x (2k + 1)) float32, never an N x K array."""
     k = min(k or inp.source_k, inp.k)
-    X_tr, X_ho = _encode(inp.oof, k), _encode(inp.hold, k)
+    X_tr, X_ho = candidate_columns(inp.oof, k), candidate_columns(inp.hold, k)
     names = [f"{n}:{what}" for n in inp.names
              for what in [*(f"idx{j}" for j in range(k)), *(f"p{j}" for j in range(k)), "rest"]]
     X_hf = None
     if inp.hold_folds is not None:
-        X_hf = np.stack([_encode([b[f] for b in inp.hold_folds], k)
+        X_hf = np.stack([candidate_columns([b[f] for b in inp.hold_folds], k)
                          for f in range(inp.n_folds)])
     return X_tr, X_ho, names, X_hf
