@@ -7,7 +7,7 @@ EfficientNet-Lite0, as examples/demo.py builds it) and head runs trained on it b
 - ``harder``: the same with ``--harder`` (more weak-modality items, 8% label noise in a family);
 - ``noisy``: the demo's runs with the image run replaced by a near-chance image run (the image
   head trained for one epoch at learning rate 1e-7: it learned nothing, like a run on an
-  encoder that does not suit the photos).
+  encoder that does not suit the photos); ``harder-noisy``: the same on the harder catalog.
 
 Every stacker (and the default, ``auto``) is stacked over each case's runs; one JSON row per
 (case, stacker) goes to ``OUT/rows.jsonl`` (holdout and OOF macro-F1, fit seconds, the paired 95%
@@ -49,7 +49,7 @@ HEADS: dict[str, tuple[str, dict[str, Any]]] = {
     "hanet": ("hanet", {}),
 }
 NOISE_RUN = "image-untrained"  # the near-chance run of the noisy case
-CASES = ("demo", "harder", "noisy")
+CASES = ("demo", "harder", "noisy", "harder-noisy")
 STACKERS = ("ensemble", "logreg", "mlp", "lightgbm", "lightgbm-tuned", "lightgbm-monotone",
             "xgboost", "xgboost-tuned", "auto")
 # a table label -> (stacker, params): the "-tuned" rows choose their regularisation by inner CV
@@ -98,15 +98,14 @@ def prepare(out: Path, case: str, *, n: int = 2000, seed: int = 0, say=print) ->
 
 def train_runs(out: Path, case: str, *, epochs: int = 10, seed: int = 0, threads: int = 1,
                say=print) -> dict[str, Path]:
-    """The head runs of ``case`` under ``out/case/runs`` (finished runs are kept); the demo case
-    also trains the near-chance run :data:`NOISE_RUN`."""
+    """The head runs of ``case`` ("demo" or "harder") under ``out/case/runs`` (finished runs
+    are kept), and the near-chance run :data:`NOISE_RUN`."""
     from embedstore import open_store
     from fusion import train
 
     store = open_store(out / case / "catalog.zarr")
     jobs = dict(HEADS)
-    if case == "demo":
-        jobs[NOISE_RUN] = ("image", {"lr": 1e-7, "epochs": 1, "patience": 1})
+    jobs[NOISE_RUN] = ("image", {"lr": 1e-7, "epochs": 1, "patience": 1})
     paths = {}
     for name, (head, opts) in jobs.items():
         path = out / case / "runs" / name
@@ -123,12 +122,16 @@ def train_runs(out: Path, case: str, *, epochs: int = 10, seed: int = 0, threads
     return paths
 
 
+def _base(case: str) -> str:
+    """The catalog a case's runs come from."""
+    return "harder" if case.startswith("harder") else "demo"
+
+
 def case_sources(out: Path, case: str) -> tuple[list[Path], list[Path]]:
     """(the source runs of ``case``, the runs the best source is chosen from)."""
-    base = "harder" if case == "harder" else "demo"
-    runs = out / base / "runs"
+    runs = out / _base(case) / "runs"
     names = list(HEADS)
-    if case == "noisy":
+    if case.endswith("noisy"):
         names = [NOISE_RUN if n == "image" else n for n in names]
     srcs = [runs / n for n in names]
     return srcs, [p for p in srcs if p.name != NOISE_RUN]
@@ -210,7 +213,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 def run_all(out: Path, cases: Sequence[str], stackers: Sequence[str], *, epochs: int,
             threads: int, say: Callable[[str], None] = print) -> None:
-    for base in sorted({"harder" if c == "harder" else "demo" for c in cases}):
+    for base in sorted({_base(c) for c in cases}):
         prepare(out, base, say=say)
         train_runs(out, base, epochs=epochs, threads=threads, say=say)
     for case in cases:
