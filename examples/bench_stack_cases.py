@@ -1,6 +1,6 @@
 """The stacking evidence through the real pipeline (issue 17): docs/stacking.md's table.
 
-Three cases, each a store built by the real encoders (MiniLM-L6, last layer cached, and
+Four cases over two stores, each built by the real encoders (MiniLM-L6, last layer cached, and
 EfficientNet-Lite0, as examples/demo.py builds it) and head runs trained on it by `fusion train`:
 
 - ``demo``: the demo catalog (examples/make_catalog.py, 2,000 items, 24 classes);
@@ -12,8 +12,8 @@ EfficientNet-Lite0, as examples/demo.py builds it) and head runs trained on it b
 Every stacker (and the default, ``auto``) is stacked over each case's runs; one JSON row per
 (case, stacker) goes to ``OUT/rows.jsonl`` (holdout and OOF macro-F1, fit seconds, the paired 95%
 bootstrap interval of stack minus the best source on the holdout, ``fusion.bootstrap``), and
-``--table`` prints the markdown table from them. Every stage skips what is already done, so a
-killed run resumes:
+``--table`` prints the markdown table from them (the last row of each (case, stacker)). Stores
+and head runs already complete are kept, so a killed run resumes; stack rows are re-measured:
 
     python examples/bench_stack_cases.py --out /tmp/s17                 # everything, ~1 h on 2 cores
     python examples/bench_stack_cases.py --out /tmp/s17 --cases demo --stackers ensemble,auto
