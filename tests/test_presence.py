@@ -356,3 +356,20 @@ def test_sample_catalog_drops_images_and_texts_on_request(tmp_path):
     assert not (tmp_path / "b" / b[no_img.index(True)]["id"]).with_suffix(".png").exists()
     with pytest.raises(ValueError, match="missing_image must be a share in"):
         mod.make_catalog(tmp_path / "c", n=8, n_classes=4, image_size=32, missing_image=1.5)
+
+
+def test_the_fallback_head_example_passes_the_suite():
+    from pathlib import Path
+
+    from fusion.heads import resolve_head
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "fallback_head.py"
+    for name in ("ConcatFallback", "HANetFallback"):
+        head = resolve_head(f"{example}:{name}")
+        assert {r.name: r.detail for r in check_head(head) if not r.passed} == {}
+        torch.manual_seed(0)
+        h = create_head(f"{example}:{name}", text_dim=16, image_dim=12, num_classes=5,
+                        text_layers=2).double().eval()
+        b = random_batch(absent=True)
+        with torch.no_grad():  # item 1 has no photo: scored by the text classifier alone
+            torch.testing.assert_close(h(b)[1], h.fallback_text(b.text_pooled)[1])
