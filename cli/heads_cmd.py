@@ -52,7 +52,9 @@ def check_head(
     json_out: JsonFlag = False,
 ) -> None:
     """Run the head property suite (shape, gradients, batch independence, padding and region
-    permutation invariance, attention normalisation) and say which property fails, by how much.
+    permutation invariance, attention normalisation, an absent text or image's stored values
+    never used, the other modality still used when one is absent) and say which property
+    fails, by how much.
 
     Example: fusion check-head examples/custom_head.py:GMUHead --set dim=16
     """
