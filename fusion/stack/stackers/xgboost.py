@@ -78,7 +78,8 @@ class XGBoostStacker(Stacker):
         ``xgboost.Booster.predict``), in local class indices."""
         import xgboost as xgb
 
-        return self.booster.predict(xgb.DMatrix(X), iteration_range=(0, self.best_iteration), **kw)
+        dm = xgb.DMatrix(X, nthread=int(self.params.get("n_jobs") or available_cpus()))
+        return self.booster.predict(dm, iteration_range=(0, self.best_iteration), **kw)
 
     def proba_local(self, X):
         return self.predict(X)
