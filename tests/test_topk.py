@@ -7,10 +7,12 @@ import json
 
 import numpy as np
 import pytest
+from sklearn.metrics import f1_score
 from typer.testing import CliRunner
 
 from cli.fusion_app import app
 from fusion.leaderboard import compare
+from fusion.metrics import per_class_f1
 from fusion.probs import TopK, layout_for, mean_topk, to_topk
 from fusion.report import complementarity, frequency_f1
 from fusion.rundir import load_run, write_run
@@ -155,3 +157,11 @@ def test_train_writes_topk_with_the_same_argmax_metrics_as_dense(small_store, tm
     np.testing.assert_allclose(topk.probs("oof").dense().sum(1), 1.0, atol=1e-3)
     assert [s["accuracy"] for s in topk.metrics["seeds"]] == \
         [s["accuracy"] for s in dense.metrics["seeds"]]
+
+
+def test_per_class_f1_from_counts_equals_sklearn_at_many_classes():
+    rng = np.random.default_rng(0)
+    y, pred = rng.integers(0, 300, 2000), rng.integers(0, 300, 2000)
+    pred[:1200] = y[:1200]
+    want = f1_score(y, pred, labels=range(310), average=None, zero_division=0)
+    np.testing.assert_allclose(per_class_f1(y, pred, 310), want)
