@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _storage
+from ._claim import claim_group
+from ._gallery_write import cast_rows, gallery_block, gallery_layout
 from .errors import (
     EmbedStoreError,
     FeatureChangedError,
@@ -27,7 +29,7 @@ from .format import (
     feature_array_specs,
     feature_arrays,
     feature_meta,
-    group_document,
+    is_gallery,
     parse_feature_attrs,
     token_chunk_size,
     token_layout,
@@ -41,7 +43,6 @@ if TYPE_CHECKING:  # annotations only: the writer is handed a Store, it never im
 
 __all__ = ["FeatureWriter"]
 
-_F16_MAX = float(np.finfo(np.float16).max)
 
 
 class FeatureWriter:
@@ -70,6 +71,11 @@ class FeatureWriter:
                                      "read the layout of")
             self._lengths = self._io(lambda: np.asarray(self.group["lengths"][:], np.int64),
                                      "read the layout of")
+        elif is_gallery(self.meta):  # images ragged per item, laid out like tokens (§2.6)
+            self._offsets = self._io(lambda: np.asarray(self.group["image_offsets"][:],
+                                                        np.int64), "read the layout of")
+            self._lengths = self._io(lambda: np.asarray(self.group["n_images"][:], np.int64),
+                                     "read the layout of")
 
     def _open_group(self) -> None:
         self.group = self._io(lambda: self.store.location.open_group(self.path, mode="r+"),
@@ -97,13 +103,15 @@ class FeatureWriter:
                grid: Sequence[int] | None = None, prefix_tokens: int = 0,
                pooled_dim: int | None = None, block_rows: int = DEFAULT_BLOCK_ROWS,
                dtype: str = "float16", attrs: dict | None = None,
-               overwrite: bool = False) -> FeatureWriter:
+               overwrite: bool = False,
+               n_images: Sequence[int] | np.ndarray | None = None) -> FeatureWriter:
         """Create the feature set's group and arrays (all rows not done).
 
         The group's ``zarr.json``, with the full attributes, is written first and exclusively:
         of two writers creating the same set, one wins and the other gets
         :class:`FeatureExistsError`. Replacing an existing set (``overwrite``) builds it under
-        ``features/.<name>.new`` and swaps it in at :meth:`finalize`.
+        ``features/.<name>.new`` and swaps it in at :meth:`finalize`. ``n_images`` (image
+        sets): images per item; given, the set is a gallery (docs/format.md §2.6).
         """
         n = store.n_items
         if modality not in MODALITIES:
@@ -135,12 +143,20 @@ class FeatureWriter:
                 raise InvalidInputError(f"an image feature set needs n_regions >= 1, got "
                                         f"{n_regions}")
             layout = dict(n_regions=n_regions, prefix_tokens=prefix_tokens, grid=grid)
+            if n_images is not None:
+                layout.update(gallery_layout(n, n_images, n_regions, dim, block_rows, dtype,
+                                              data))
+                total = int(layout.pop("total"))
         # CLIP-style encoders project the pooled vector: pooled_dim may differ from dim
         meta = feature_meta(name=name, modality=modality, dim=dim, pooled_dim=pooled_dim or dim,
                             n_items=n, block_rows=block_rows, dtype=dtype,
                             generation=uuid.uuid4().hex, attrs=attrs, **layout)
         if total == 0 and modality == "text":  # no valid token at all: write the one chunk
             data["tokens"] = np.zeros((1, len(layers), dim), dtype=dtype)
+        if total == 0 and layout.get("gallery"):  # no image at all: the one chunk of each
+            data.update(regions=np.zeros((1, n_regions, dim), dtype=dtype),
+                        image_pooled=np.zeros((1, pooled_dim or dim), np.float32),
+                        image_errors=np.array([""], dtype=object).astype(str))
         path = f"features/{name}"
         pending = f"features/.{name}.new"
         if name in store.feature_names():
@@ -151,7 +167,7 @@ class FeatureWriter:
                     f"an interrupted --overwrite of feature set {name!r} is pending in "
                     f"{store.url!r}; pass --resume to finish it or --overwrite to start again")
             path = pending
-        _claim_group(store, name, path, meta, replace=path == pending)
+        claim_group(store, name, path, meta, replace=path == pending)
 
         def make_arrays() -> None:
             grp = store.location.open_group(path, mode="r+")
@@ -218,10 +234,12 @@ class FeatureWriter:
     def lengths(self, start: int, stop: int) -> np.ndarray:
         return self._lengths[start:stop]
 
-    def write_block(self, b: int, *, pooled: np.ndarray, tokens: Sequence[np.ndarray] |
+    def write_block(self, b: int, *, pooled: np.ndarray | None = None, tokens: Sequence[np.ndarray] |
                     np.ndarray | None = None, regions: np.ndarray | None = None,
                     errors: Sequence[str] | None = None,
-                    presence: Sequence[int] | np.ndarray | None = None) -> None:
+                    presence: Sequence[int] | np.ndarray | None = None,
+                    image_pooled: np.ndarray | None = None,
+                    image_errors: Sequence[str] | None = None) -> None:
         """Write block ``b``'s data, then its errors and presence, then mark its rows done.
 
         ``tokens``: per-row arrays (n_i, L, D) or the rows' tokens concatenated (sum n_i, L, D);
@@ -229,16 +247,27 @@ class FeatureWriter:
         ""; ``presence``: per-row 1 / 0 / 2 (docs/format.md §2.5), derived from ``errors`` and
         the token counts when not given. Before the done flags, the writer checks that the set
         was not replaced meanwhile.
+
+        A gallery set (docs/format.md §2.6) takes the block's images instead, concatenated in
+        item order: ``regions`` (images, R, D), ``image_pooled`` (images, P) and
+        ``image_errors``; the items' ``pooled``, ``errors`` and ``presence`` follow from them.
         """
         start, stop = self.block_range(b)
         n = stop - start
+        writes: list[tuple[str, slice, np.ndarray]] = []
+        if is_gallery(self.meta):
+            pooled, errors, presence = gallery_block(self.meta, self._offsets, self._lengths,
+                                                     (b, start, stop), regions, image_pooled,
+                                                     image_errors, writes)
+            regions = None
+        if pooled is None:
+            raise InvalidInputError(f"block {b}: pooled vectors are required")
         pooled = np.asarray(pooled, dtype=np.float32)
         pdim = int(self.meta.get("pooled_dim", self.meta["dim"]))
         if pooled.shape != (n, pdim):
             raise InvalidInputError(f"block {b}: pooled must be {(n, pdim)}, got "
                                     f"{pooled.shape}")
         dtype = np.dtype(self.meta["dtype"])
-        writes: list[tuple[str, slice, np.ndarray]] = []
         if self.modality == "text":
             if tokens is None:
                 raise InvalidInputError(f"block {b}: a text feature set needs tokens")
@@ -258,13 +287,13 @@ class FeatureWriter:
                 raise InvalidInputError(f"block {b}: tokens must be {want}, got {tokens.shape}")
             t0 = int(self._offsets[start])
             if expected:
-                writes.append(("tokens", slice(t0, t0 + expected), _cast(tokens, dtype)))
-        else:
+                writes.append(("tokens", slice(t0, t0 + expected), cast_rows(tokens, dtype)))
+        elif not is_gallery(self.meta):
             want = (n, self.meta["n_regions"], self.meta["dim"])
             if regions is None or regions.shape != want:
                 got = None if regions is None else regions.shape
                 raise InvalidInputError(f"block {b}: regions must be {want}, got {got}")
-            writes.append(("regions", slice(start, stop), _cast(regions, dtype)))
+            writes.append(("regions", slice(start, stop), cast_rows(regions, dtype)))
         writes.append(("pooled", slice(start, stop), pooled))
         errs = np.array(["" if e is None else str(e) for e in (errors or [""] * n)], dtype=object)
         if len(errs) != n:
@@ -340,39 +369,3 @@ class FeatureWriter:
         if exc_type is None:
             self.finalize()
 
-
-def _claim_group(store: Store, name: str, path: str, meta: dict, *, replace: bool) -> None:
-    """Write the group's ``zarr.json`` exclusively, then clear anything else under ``path``.
-
-    ``replace`` (an overwrite's ``.<name>.new``): a pending replacement left by an interrupted
-    or concurrent ``--overwrite`` is deleted first. Two *concurrent* overwrites of one set are
-    not supported (the later one deletes the earlier one's pending data; the earlier one then
-    stops at its next block with :class:`FeatureChangedError`).
-    """
-    url, so = store.url, store.storage_options
-    doc = group_document(meta)
-    try:
-        if replace:
-            _storage.remove_prefix(url, so, path)
-        _storage.test_pause("claim")
-        _storage.put_exclusive(url, so, f"{path}/zarr.json", doc)
-    except FileExistsError:
-        raise FeatureExistsError(
-            f"feature set {name!r} in {url!r} is being created by another writer (its group "
-            "appeared between our check and our create); wait for it and use --resume to join "
-            "it, or pick another name") from None
-    except EmbedStoreError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        if not _storage.is_io_error(e):
-            raise
-        raise StoreIOError(f"cannot create feature set {name!r} in {url!r}: "
-                           f"{_storage.describe(e)}; check permissions and free space") from None
-    _storage.remove_prefix(url, so, path, keep=("zarr.json",))  # leftovers of a dead writer
-
-
-def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    x = np.asarray(x)
-    if dtype == np.float16:
-        x = np.clip(x, -_F16_MAX, _F16_MAX)  # hidden states past fp16 range would become inf
-    return x.astype(dtype, copy=False)

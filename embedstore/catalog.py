@@ -16,7 +16,11 @@ import numpy as np
 
 from .errors import CatalogError
 
-__all__ = ["Catalog", "join_text", "read_catalog", "strip_html"]
+__all__ = ["IMAGE_SEP", "Catalog", "join_text", "read_catalog", "strip_html"]
+
+# A CSV/TSV image cell holding several paths separates them with this (docs/extract.md);
+# JSONL and Parquet cells hold a list instead. A path containing it cannot be given in a CSV.
+IMAGE_SEP = "|"
 
 _TAG = re.compile(r"<[^>]*>")
 _WS = re.compile(r"\s+")
@@ -45,13 +49,24 @@ class Catalog:
     path: str
     ids: list[str]
     texts: list[str] | None  # joined, HTML-stripped
-    images: list[str | None] | None  # absolute paths or URLs; None = missing value
+    # absolute paths or URLs; None = missing value; a list = several images (a gallery)
+    images: list[str | None | list[str]] | None
     labels: list[Any] | None
     fingerprint: str
     groups: list[str] | None = None  # --group-col: items of one group share a fold
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def gallery(self) -> bool:
+        """Some item lists more than one image (extraction then writes a gallery set)."""
+        return any(isinstance(v, list) and len(v) > 1 for v in self.images or [])
+
+    def image_paths(self, i: int) -> list[str]:
+        """Item ``i``'s image paths (0, 1 or several), in catalog order."""
+        v = (self.images or [None] * len(self.ids))[i]
+        return [] if v is None else list(v) if isinstance(v, list) else [v]
 
     def take(self, rows: Sequence[int]) -> Catalog:
         """The catalog of items ``rows`` (in that order): every per-item list is subset."""
@@ -126,15 +141,7 @@ def read_catalog(path: str | os.PathLike, *, id_col: str = "id",
     images = None
     if need_image and image_col:
         base = Path(path).parent if "://" not in path else None
-        images = []
-        for v in df[image_col].tolist():
-            if v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == "":
-                images.append(None)
-            elif "://" in str(v) or base is None or os.path.isabs(str(v)):
-                images.append(str(v) if base is not None or "://" in str(v)
-                              else path.rsplit("/", 1)[0] + "/" + str(v))
-            else:
-                images.append(str((base / str(v)).resolve()))
+        images = [_image_cell(v, base, path) for v in df[image_col].tolist()]
     labels = None
     if label_col:
         labels = df[label_col].tolist()
@@ -166,3 +173,31 @@ def _groups(df, group_col: str, ids: list[str], path: str) -> list[str]:
                            f"rows (first: {bad[:3]}); fill them (an item with no copies can use "
                            "its own id) or omit --group-col")
     return [str(v.item() if isinstance(v, np.generic) else v) for v in values]
+
+
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == ""
+
+
+def _resolve(v: str, base: Path | None, path: str) -> str:
+    """One image value as an absolute path or URL (relative paths: from the catalog's folder)."""
+    if "://" in v or base is None or os.path.isabs(v):
+        return v if base is not None or "://" in v else path.rsplit("/", 1)[0] + "/" + v
+    return str((base / v).resolve())
+
+
+def _image_cell(v: Any, base: Path | None, path: str) -> str | None | list[str]:
+    """A cell of the image column: None (no image), one path, or a list of several paths (a
+    JSONL/Parquet list, or a CSV value split on :data:`IMAGE_SEP`). Empty entries are dropped;
+    a list of one path is that path, so a one-image catalog reads exactly as before."""
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    if isinstance(v, (list, tuple)):
+        parts = [str(x).strip() for x in v if not _is_missing(x)]
+    elif _is_missing(v):
+        return None
+    else:
+        parts = [p.strip() for p in str(v).split(IMAGE_SEP)] if IMAGE_SEP in str(v) else [str(v)]
+        parts = [p for p in parts if p]
+    paths = [_resolve(p, base, path) for p in parts]
+    return None if not paths else paths[0] if len(paths) == 1 else paths

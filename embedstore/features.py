@@ -28,7 +28,15 @@ from .errors import (
     InvalidInputError,
     StoreCorruptError,
 )
-from .format import ABSENT, FAILED, PRESENT, derive_presence, main_array, parse_feature_attrs
+from .format import (
+    ABSENT,
+    FAILED,
+    PRESENT,
+    derive_presence,
+    is_gallery,
+    main_array,
+    parse_feature_attrs,
+)
 from .overwrite import finish_interrupted_swaps, finish_swap
 from .zarrio import read_error
 
@@ -70,6 +78,12 @@ class FeatureSet:
     grid = property(lambda self: self.meta.get("grid"))
     encoder = property(lambda self: dict(self.meta["encoder"]))
     generation = property(lambda self: self.meta.get("generation"))
+    # several images per item (docs/format.md §2.6): regions are ragged per item, like tokens
+    gallery = property(lambda self: is_gallery(self.meta))
+
+    @property
+    def _ragged(self) -> bool:
+        return self.modality == "text" or self.gallery
 
     @property
     def all_chunks(self) -> bool:
@@ -169,10 +183,28 @@ class FeatureSet:
         ``--max-error-rate`` counts. Absent rows (no image path, empty text) are not failures."""
         return int((self.presence() == FAILED).sum())
 
+    def _layout_reads(self) -> list[tuple[str, Any]]:
+        """The ragged layout's arrays: text offsets/lengths, a gallery's image_offsets/n_images
+        (kept under the same names in RAM: a gallery's "lengths" are its images per item)."""
+        if self.modality == "text":
+            return [("offsets", slice(None)), ("lengths", slice(None))]
+        return [("image_offsets", slice(None)), ("n_images", slice(None))]
+
     def _layout(self) -> None:
         if "offsets" not in self._small or "lengths" not in self._small:
-            self._small["offsets"], self._small["lengths"] = self._read(
-                [("offsets", slice(None)), ("lengths", slice(None))])
+            self._small["offsets"], self._small["lengths"] = self._read(self._layout_reads())
+
+    def n_images(self) -> np.ndarray:
+        """(N,) images stored per item: a gallery's ``n_images``; 1 for a one-image set."""
+        if not self.gallery:
+            return np.ones(self.n_items, dtype=np.int64)
+        return self.lengths()
+
+    def image_ok(self) -> np.ndarray:
+        """(M,) bool per image row of a gallery: the image was read (``image_errors`` empty)."""
+        if "image_ok" not in self._small:
+            self._small["image_ok"] = self._small_arr("image_errors") == ""
+        return self._small["image_ok"]
 
     def lengths(self) -> np.ndarray:
         self._layout()
@@ -211,11 +243,11 @@ class FeatureSet:
         if max_ram is not None and self.payload_nbytes > max_ram:
             return False
         reads: list[tuple[str, Any]] = [(self._main, slice(None)), ("pooled", slice(None))]
-        if self.modality == "text":  # the layout too: everything a row lookup needs, at once
-            reads += [("offsets", slice(None)), ("lengths", slice(None))]
+        if self._ragged:  # the layout too: everything a row lookup needs, at once
+            reads += self._layout_reads()
         got = self._read(reads)
         self._ram[self._main], self._ram["pooled"] = got[0], got[1]
-        if self.modality == "text":
+        if self._ragged:
             self._small["offsets"], self._small["lengths"] = got[2], got[3]
         return True
 
@@ -253,16 +285,18 @@ class FeatureSet:
             out["pooled"] = self._ram["pooled"][start:stop]
         else:
             reads.append(("pooled", slice(start, stop)))
-        if self.modality == "text":
+        if self._ragged:  # text tokens, or a gallery's images (regions, rows per image)
             off, ln = self.offsets(), self.lengths()
             t0 = int(off[start])
             t1 = int(off[stop - 1] + ln[stop - 1]) if stop > start else t0
             if self.in_ram:
-                out["tokens"] = self._ram["tokens"][t0:t1]
+                out[self._main] = self._ram[self._main][t0:t1]
             else:
-                reads.append(("tokens", slice(t0, t1)))
+                reads.append((self._main, slice(t0, t1)))
             out["offsets"] = off[start:stop] - t0
             out["lengths"] = ln[start:stop]
+            if self.gallery:
+                out["image_ok"] = self.image_ok()[t0:t1]
         elif self.in_ram:
             out["regions"] = self._ram["regions"][start:stop]
         else:
@@ -278,9 +312,10 @@ class FeatureSet:
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_items):
             raise InvalidInputError(f"row index out of range [0, {self.n_items}) for feature set "
                                     f"{self.name!r}")
+        ragged = key == "tokens" or (key == "regions" and self.gallery)
         if self.in_ram or (key == "pooled" and "pooled" in self._ram):
-            if key == "tokens":
-                off, ln, t = self.offsets(), self.lengths(), self._ram["tokens"]
+            if ragged:
+                off, ln, t = self.offsets(), self.lengths(), self._ram[key]
                 return [t[off[r] : off[r] + ln[r]] for r in rows]
             return self._ram[key][rows]
         blocks = rows // self.block_rows
@@ -290,12 +325,12 @@ class FeatureSet:
             start = int(b) * self.block_rows
             for j in np.flatnonzero(blocks == b):
                 r = int(rows[j]) - start
-                if key == "tokens":
+                if ragged:
                     o, n = data["offsets"][r], data["lengths"][r]
-                    out[j] = data["tokens"][o : o + n]
+                    out[j] = data[key][o : o + n]
                 else:
                     out[j] = data[key][r]
-        if key == "tokens":
+        if ragged:
             return out
         if not out:
             return np.zeros((0,) + self._row_shape(key), dtype=np.float32)
@@ -314,7 +349,8 @@ class FeatureSet:
         return self._gather("tokens", np.asarray(rows))
 
     def regions(self, i: int) -> np.ndarray:
-        """Regions of item ``i``: (R, D), prefix tokens first."""
+        """Regions of item ``i``: (R, D), prefix tokens first; a gallery's: (n_i, R, D), its
+        images in catalog order (:meth:`regions_rows` gives a list of those)."""
         return self._gather("regions", np.array([i]))[0]
 
     def regions_rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -21,6 +21,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .errors import StoreFormatError
+from .gallery import (  # §2.6, re-exported
+    GALLERY_ARRAYS,
+    gallery_array_specs,
+    gallery_item_rows,
+    is_gallery,
+)
 from .presence import (  # the presence rules (§2.5), kept beside this module for its size
     ABSENT,
     ABSENT_IMAGE,
@@ -32,41 +38,13 @@ from .presence import (  # the presence rules (§2.5), kept beside this module f
 )
 
 __all__ = [
-    "FORMAT_VERSION",
-    "READ_FORMAT",
-    "SEGMENTS_GROUP",
-    "segment_path",
-    "ATTRS_KEY",
-    "MODALITIES",
-    "TEXT_ARRAYS",
-    "IMAGE_ARRAYS",
-    "ROOT_ARRAYS",
-    "ArraySpec",
-    "main_array",
-    "feature_arrays",
-    "utc_now",
-    "group_document",
-    "creating_marker",
-    "root_meta",
-    "feature_meta",
-    "dataset_arrays",
-    "feature_array_specs",
-    "parse_root_attrs",
-    "parse_feature_attrs",
-    "token_layout",
-    "token_chunk_size",
-    "region_chunk_rows",
-    "fingerprint_ids",
-    "fingerprint_folds",
-    "expected_chunks",
-    "DEFAULT_BLOCK_ROWS",
-    "PRESENT",
-    "ABSENT",
-    "FAILED",
-    "ABSENT_TEXT",
-    "ABSENT_IMAGE",
-    "derive_presence",
-    "check_presence",
+    "FORMAT_VERSION", "READ_FORMAT", "SEGMENTS_GROUP", "segment_path", "ATTRS_KEY", "MODALITIES",
+    "TEXT_ARRAYS", "IMAGE_ARRAYS", "ROOT_ARRAYS", "ArraySpec", "main_array", "feature_arrays",
+    "utc_now", "group_document", "creating_marker", "root_meta", "feature_meta", "dataset_arrays",
+    "feature_array_specs", "parse_root_attrs", "parse_feature_attrs", "token_layout",
+    "token_chunk_size", "region_chunk_rows", "fingerprint_ids", "fingerprint_folds",
+    "expected_chunks", "DEFAULT_BLOCK_ROWS", "PRESENT", "ABSENT", "FAILED", "ABSENT_TEXT",
+    "ABSENT_IMAGE", "derive_presence", "check_presence", "GALLERY_ARRAYS", "is_gallery", "gallery_item_rows",
 ]
 
 FORMAT_VERSION = 1  # what a new store is written as; its first append makes it format 2
@@ -167,7 +145,8 @@ def feature_meta(*, name: str, modality: str, dim: int, pooled_dim: int, n_items
                  block_rows: int, dtype: str, generation: str, attrs: dict | None = None,
                  layers: list[int] | None = None, token_chunk: int | None = None,
                  n_tokens: int | None = None, n_regions: int | None = None,
-                 prefix_tokens: int = 0, grid: list[int] | None = None) -> dict:
+                 prefix_tokens: int = 0, grid: list[int] | None = None,
+                 gallery: bool = False) -> dict:
     """The attributes of a new feature set (status ``writing``). Provenance ``attrs`` are
     merged in, but never over a schema field; their ``encoder`` object is the provenance."""
     meta: dict[str, Any] = {
@@ -190,6 +169,8 @@ def feature_meta(*, name: str, modality: str, dim: int, pooled_dim: int, n_items
     else:
         meta.update(n_regions=int(n_regions or 0), prefix_tokens=int(prefix_tokens),
                     grid=list(grid) if grid is not None else None)
+        if gallery:  # several images per item (§2.6); absent = one image per item
+            meta.update(gallery=True, n_images_total=int(n_tokens or 0))
     for k, v in (attrs or {}).items():
         if k not in meta:
             meta[k] = v
@@ -199,7 +180,7 @@ def feature_meta(*, name: str, modality: str, dim: int, pooled_dim: int, n_items
 
 def feature_array_specs(meta: dict, total_tokens: int = 0) -> dict[str, ArraySpec]:
     """Every array of the feature set ``meta`` describes (``total_tokens``: the ragged
-    layout's length, text only), in :func:`feature_arrays` order."""
+    layout's length: tokens, or a gallery's image rows), in :func:`feature_arrays` order."""
     n, dim, block = int(meta["n_items"]), int(meta["dim"]), int(meta["block_rows"])
     pdim, dtype = int(meta.get("pooled_dim", dim)), meta["dtype"]
     rows = (min(block, n),)
@@ -214,6 +195,9 @@ def feature_array_specs(meta: dict, total_tokens: int = 0) -> dict[str, ArraySpe
         n_reg = int(meta["n_regions"])
         rc = region_chunk_rows(n_reg, dim, block, np.dtype(dtype).itemsize)
         out["regions"] = ArraySpec((n, n_reg, dim), dtype, (rc, n_reg, dim), 0)
+        if is_gallery(meta):
+            out.update({k: ArraySpec(*v) for k, v in gallery_array_specs(meta, total_tokens,
+                                                                         rc).items()})
     out["pooled"] = ArraySpec((n, pdim), "float32", (min(block, n), pdim), 0)
     out["done"] = ArraySpec((n,), "bool", rows, False)
     out["errors"] = ArraySpec((n,), str, rows, "")

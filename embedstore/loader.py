@@ -29,6 +29,7 @@ import torch
 
 from .errors import InvalidInputError
 from .format import PRESENT
+from .gallery import gallery_batch
 from .readahead import DEFAULT_READ_THREADS, BlockReader
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class BatchLoader:
     Yields dicts whose keys are :class:`fusion.Batch` field names (torch tensors; ``ids`` a
     tuple; ``image_prefix`` an int). ``text_present`` / ``image_present`` (B,) bool are given
     for a feature set that has absent or failed rows (its ``presence``), else left out.
+    A gallery image set (several images per item) gives ``image_regions`` over all images of
+    an item with ``image_mask`` (:func:`embedstore.gallery.gallery_batch`).
     """
 
     def __init__(self, store: Store, rows: Sequence[int] | np.ndarray, *,
@@ -201,7 +204,10 @@ class BatchLoader:
             out["image_prefix"] = fs.prefix_tokens
             if "image_pooled" in self.fields:
                 out["image_pooled"] = torch.from_numpy(self._pooled(fs, rows, win))
-            if "image_regions" in self.fields:
+            if "image_regions" in self.fields and fs.gallery:
+                out.update(gallery_batch(self._images(fs, rows, win), fs.n_regions, fs.dim,
+                                         fs.prefix_tokens))
+            elif "image_regions" in self.fields:
                 if fs.in_ram:
                     reg = fs.regions_rows(rows).astype(np.float32)
                 else:  # one pass per row: the block's fp16 row cast straight into the batch
@@ -216,12 +222,28 @@ class BatchLoader:
         b = int(r) // fs.block_rows
         data, j = blocks[b], int(r) - b * fs.block_rows
         row = {"pooled": data["pooled"][j]}
-        if "regions" in data:
+        if "regions" in data and "lengths" in data:  # a gallery: its images are read apart
+            pass
+        elif "regions" in data:
             row["regions"] = data["regions"][j]
         else:
             o, n = data["offsets"][j], data["lengths"][j]
             row["tokens"] = data["tokens"][o : o + n]
         return row
+
+    def _images(self, fs: FeatureSet, rows: np.ndarray, win: dict) -> list[tuple[Any, Any]]:
+        """A gallery's rows: per row its images (n_i, R, D) and which were read (n_i,)."""
+        if fs.in_ram:
+            off, n, ok = fs.offsets(), fs.lengths(), fs.image_ok()
+            return list(zip(fs.regions_rows(rows), [ok[off[r] : off[r] + n[r]] for r in rows],
+                            strict=True))
+        out = []
+        for r in rows:
+            b = int(r) // fs.block_rows
+            data, j = win[fs.name][b], int(r) - b * fs.block_rows
+            o, n = data["offsets"][j], data["lengths"][j]
+            out.append((data["regions"][o : o + n], data["image_ok"][o : o + n]))
+        return out
 
     def _pooled(self, fs: FeatureSet, rows: np.ndarray, win: dict) -> np.ndarray:
         if fs.pooled_in_ram:

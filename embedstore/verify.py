@@ -15,9 +15,11 @@ import numpy as np
 from . import _storage
 from .errors import EmbedStoreError
 from .format import (
+    GALLERY_ARRAYS,
     check_presence,
     expected_chunks,
     feature_arrays,
+    is_gallery,
     main_array,
     parse_feature_attrs,
 )
@@ -186,15 +188,20 @@ def _verify_feature(store, name: str, rep: VerifyReport, fast: bool) -> dict[str
         return {"ok": False}
     n = store.n_items
     before = len(rep.problems)
-    text = meta["modality"] == "text"
+    gallery = is_gallery(meta)  # images ragged per item (§2.6): checked like text tokens
+    text = meta["modality"] == "text" or gallery
     main = main_array(meta["modality"])
-    required = list(feature_arrays(meta["modality"]))
+    required = list(feature_arrays(meta["modality"])) + list(GALLERY_ARRAYS if gallery else ())
     arrays = {}
     for a in required:
         try:
             arrays[a] = grp[a]
         except KeyError:
             rep.problems.append(f"{where}/{a}: array missing")
+    real = {"offsets": "image_offsets", "lengths": "n_images"} if gallery else {}
+    for alias, a in real.items():  # a gallery's layout under the token names, checked alike
+        if a in arrays:
+            arrays[alias] = arrays.pop(a)
     try:  # optional: sets written before presence existed derive it (docs/format.md §2.5)
         arrays["presence"] = grp["presence"]
     except KeyError:
@@ -222,8 +229,9 @@ def _verify_feature(store, name: str, rep: VerifyReport, fast: bool) -> dict[str
             arr = arrays[a]
             if strict:
                 want = expected_chunks(-(-arr.shape[0] // arr.chunks[0]), arr.chunks[0])
-                lost[a] = _missing(store, f"{where}/{a}", arr, want, rep)
-            small[a] = _read_all(arr, f"{where}/{a}", rep, skip=lost.get(a, frozenset()))
+                lost[a] = _missing(store, f"{where}/{real.get(a, a)}", arr, want, rep)
+            small[a] = _read_all(arr, f"{where}/{real.get(a, a)}", rep,
+                                 skip=lost.get(a, frozenset()))
     n_done = None
     done = small.get("done")
     if done is not None:
@@ -257,13 +265,14 @@ def _verify_feature(store, name: str, rep: VerifyReport, fast: bool) -> dict[str
         want = (n, meta["n_regions"], meta["dim"])
         if arrays[main].shape != want:
             rep.problems.append(f"{where}/regions: shape {arrays[main].shape}, expected {want}")
-    for a in (main, "pooled", "errors"):
+    per_image = ("regions", "image_pooled", "image_errors") if gallery else ()
+    for a in (main, "pooled", "errors", *per_image[1:]):
         if a not in arrays:
             continue
         arr = arrays[a]
         if strict:
             n_chunks = -(-arr.shape[0] // arr.chunks[0])
-            if a == "tokens":
+            if a == "tokens" or a in per_image:
                 if off is None or ln is None:
                     want = np.arange(0)  # the layout is unreadable: reported above
                 else:
@@ -272,7 +281,7 @@ def _verify_feature(store, name: str, rep: VerifyReport, fast: bool) -> dict[str
                 want = expected_chunks(n_chunks, arr.chunks[0])
             lost[a] = _missing(store, f"{where}/{a}", arr, want, rep)
         if not fast:
-            for _ in _chunks(arr, f"{where}/{a}", rep, check_finite=a != "errors",
+            for _ in _chunks(arr, f"{where}/{a}", rep, check_finite=not a.endswith("errors"),
                              skip=lost.get(a, frozenset())):
                 pass
     return {"ok": len(rep.problems) == before, "status": meta["status"], "n_done": n_done,

@@ -21,8 +21,12 @@ class Batch:
     §2.5): False for an item whose text was empty or whose image was missing or unreadable
     (its stored values are zeros and must not be read as content), or a modality dropped by
     ``--modality-dropout``. ``None`` means every row has it. Use :meth:`present` to read them.
-    (Galleries, several images per item, will add a region mask over all images of an item;
-    ``image_present`` stays one flag per item.)
+
+    Galleries (several images per item, docs/format.md §2.6): ``image_regions`` holds every
+    image of an item, (B, G*R, Di) with every image's prefix tokens first (``image_prefix`` =
+    G * prefix), and ``image_mask`` (B, G*R) is True on the regions of images that exist and
+    were read; ``image_pooled`` is the mean over the item's readable images. ``image_mask`` is
+    None for one-image stores (every region valid). ``image_present`` stays one flag per item.
     """
 
     text_tokens: torch.Tensor | None = None  # (B, T, L, Dt) float, T padded per batch
@@ -31,6 +35,7 @@ class Batch:
     image_regions: torch.Tensor | None = None  # (B, R, Di), prefix tokens first
     image_prefix: int = 0  # number of CLS/register tokens at the front of image_regions
     image_pooled: torch.Tensor | None = None  # (B, Di)
+    image_mask: torch.Tensor | None = None  # (B, R) bool (galleries: G*R), None = all valid
     labels: torch.Tensor | None = None  # (B,) int64
     ids: tuple[Any, ...] | None = None  # item ids, for bookkeeping only
     rows: torch.Tensor | None = None  # (B,) int64 store row indices

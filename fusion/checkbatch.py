@@ -9,15 +9,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from embedstore.gallery import gallery_batch
 from fusion.batch import Batch
 from fusion.heads.base import BATCH_FIELDS
 
-__all__ = ["LENGTHS", "NO_IMAGE", "PATCHES", "keep_only", "pad_more", "permute_patches",
-           "random_batch", "redraw"]
+__all__ = ["GALLERY", "LENGTHS", "NO_IMAGE", "PATCHES", "gallery_of", "keep_only", "pad_more",
+           "permute_patches", "random_batch", "redraw"]
 
 LENGTHS = (7, 3, 0, 5)  # text lengths of the check batch: full, short, empty, medium
 PATCHES = 6  # image patch tokens after the prefix
 NO_IMAGE = 1  # the check batch's item without an image (its text is there)
+# images per item of the gallery variant (the item without image keeps none); the last image
+# of item 3 is a failed one (masked, random values)
+GALLERY = (4, 0, 2, 3)
 
 
 
@@ -106,3 +110,36 @@ def redraw(batch: Batch, rows: Tensor, modality: str, g: torch.Generator) -> Bat
 
 def keep_only(batch: Batch, fields: frozenset[str]) -> Batch:
     return replace(batch, **{f: None for f in BATCH_FIELDS - fields})
+
+
+def gallery_of(batch: Batch, seed: int, *, reverse: bool = False, noise: bool = False) -> Batch:
+    """The batch as a gallery batch (several images per item, docs/format.md §2.6): item i
+    gets :data:`GALLERY` [i] random images, the first its image in ``batch``; the last image
+    of item 3 failed. ``reverse``: every item's images listed in reverse order; ``noise``:
+    the regions of padding and failed images redrawn (a head must not read them)."""
+    regions = batch.image_regions
+    assert regions is not None
+    b, r, d = regions.shape
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(b):
+        k = GALLERY[i % len(GALLERY)]
+        imgs = torch.randn(k, r, d, generator=g, dtype=torch.float64)
+        if k:
+            imgs[0] = regions[i].double()
+        ok = torch.ones(k, dtype=torch.bool)
+        if i == 3 and k:
+            ok[-1] = False
+        if reverse:
+            imgs, ok = imgs.flip(0), ok.flip(0)
+        items.append((imgs.numpy(), ok.numpy()))
+    out = gallery_batch(items, r, d, batch.image_prefix)
+    reg, mask = out["image_regions"].to(regions.dtype), out["image_mask"]
+    if noise:
+        fill = torch.randn(reg.shape, generator=g, dtype=torch.float64).to(reg.dtype)
+        reg = torch.where(mask[..., None], reg, fill)
+    present = torch.tensor([GALLERY[i % len(GALLERY)] > 0 for i in range(b)])
+    if batch.image_present is not None:
+        present = present & batch.image_present.bool()
+    return replace(batch, image_regions=reg, image_mask=mask, image_prefix=out["image_prefix"],
+                   image_present=present)

@@ -17,7 +17,14 @@ import torch
 from torch import Tensor
 
 from fusion.batch import Batch
-from fusion.checkbatch import keep_only, pad_more, permute_patches, random_batch, redraw
+from fusion.checkbatch import (
+    gallery_of,
+    keep_only,
+    pad_more,
+    permute_patches,
+    random_batch,
+    redraw,
+)
 from fusion.heads.base import BATCH_FIELDS, MODALITIES, FusionHead
 from fusion.heads.registry import create_head
 
@@ -67,8 +74,8 @@ def check_head(
     """Run the property suite on ``head`` (a name/spec, class, factory, or built head; a built
     head is copied and its own dims are used) and return one :class:`CheckResult` per property:
     contract, output, needs, gradients, batch_independence, padding, region_permutation,
-    attention, absent_values, missing_text, missing_image (the last two only for heads of both
-    modalities). ``options`` go to :func:`~fusion.heads.create_head` (ignored for a built head).
+    image_order (galleries), attention, absent_values, missing_text, missing_image (the last
+    two only for heads of both modalities). ``options`` go to :func:`~fusion.heads.create_head` (ignored for a built head).
     Nothing raises: a check that crashes fails with the exception as its detail."""
     tol = atol if atol is not None else (1e-8 if dtype == torch.float64 else 1e-4)
     dims = {
@@ -109,6 +116,7 @@ class _Suite:
             ("batch_independence", self.batch_independence),
             ("padding", self.padding),
             ("region_permutation", self.region_permutation),
+            ("image_order", self.image_order),
             ("attention", self.attention),
             ("absent_values", self.absent_values),
             ("missing_text", lambda: self.one_modality_left("text")),
@@ -239,6 +247,17 @@ class _Suite:
             f"regions after the {self.batch.image_prefix} prefix token(s) shuffled",
             _max_diff(self.logits(permuted), self.logits(self.batch)),
         )
+
+    def image_order(self) -> tuple[bool, str, float]:
+        """Galleries: an item's images are a set (their order and padding do not count)."""
+        if "image_regions" not in self.head.needs:
+            return True, "not applicable: the head does not read image regions", 0.0
+        seed = int(torch.randint(0, 2**31, (1,), generator=self.g))
+        base = self.logits(gallery_of(self.batch, seed))
+        dev = max(_max_diff(self.logits(gallery_of(self.batch, seed, reverse=True)), base),
+                  _max_diff(self.logits(gallery_of(self.batch, seed, noise=True)), base))
+        return self._within("gallery of 4/0/2/3 images: each item's images reversed, padding "
+                            "and failed images redrawn", dev)
 
     def absent_values(self) -> tuple[bool, str, float]:
         """An absent modality's stored values do not change the output."""

@@ -62,6 +62,7 @@ def test_head_passes_property_suite(name, image_prefix):
         "batch_independence",
         "padding",
         "region_permutation",
+        "image_order",
         "attention",
         "absent_values",
         "missing_text",
@@ -744,4 +745,5 @@ def test_the_custom_head_example_passes_the_suite():
     example = Path(__file__).resolve().parents[1] / "examples" / "custom_head.py"
     results = check_head(f"{example}:GMUHead", options={"dim": 8})
     assert failed(results) == {}
-    assert {r.name for r in results if "not applicable" in r.detail} == {"region_permutation"}
+    assert {r.name for r in results if "not applicable" in r.detail} == {"region_permutation",
+                                                                          "image_order"}

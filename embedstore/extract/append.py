@@ -84,6 +84,11 @@ def _checks(store: Store, catalog: str, no_folds: bool, only: Sequence[str] | No
                                 "finish it (`embedstore extract ... --resume`) before appending")
     if not only:  # a set a previous `--only` append left partial is filled for the new rows
         sets = [fs for fs in sets if fs.status in ("complete", "partial")]
+    gallery = [n for n in names if store.features[n].meta.get("gallery")]
+    if gallery:  # segments of ragged images are not read yet (docs/format.md §2.6)
+        raise InvalidInputError(f"feature set {gallery[0]!r} of {store.url!r} is a gallery "
+                                "(several images per item), which cannot be appended to yet; "
+                                "extract the old and new items together into a new store")
     confs = [_set_config(fs) for fs in sets]
     rec = confs[0]
     text = next((c for c in confs if c.text), None)

@@ -39,6 +39,7 @@ class ExtractConfig:
     overwrite: bool = False
     max_error_rate: float = 0.01
     block_rows: int = DEFAULT_BLOCK_ROWS
+    gallery: bool = False  # write an image set as a gallery (§2.6) even if no item has 2+ images
     storage_options: dict | None = None
 
     @classmethod

@@ -27,7 +27,7 @@ from ..errors import InvalidInputError
 from ..format import ABSENT_TEXT
 from .batches import ImageBatches, TextBatches, f16, length_buckets, to_host
 
-__all__ = ["ImageJob", "TextJob", "make_job"]
+__all__ = ["GalleryJob", "ImageJob", "TextJob", "make_job"]
 
 _COUNT_CHUNK = 4096  # texts per call of the token-count pre-pass
 
@@ -190,5 +190,80 @@ class ImageJob(_Job):
                                 errors=buf["errors"])
 
 
-def make_job(modality: str, cat: Catalog, enc, batch_size: int) -> _Job:
-    return (TextJob if modality == "text" else ImageJob)(cat, enc, batch_size)
+class GalleryJob(ImageJob):
+    """Several images per item (docs/format.md §2.6): batches are of *images* (the catalog's
+    image lists flattened in item order), scattered into the block's image slots; the writer
+    derives each item's pooled vector, error and presence from its images."""
+
+    def __init__(self, cat: Catalog, enc, batch_size: int):
+        super().__init__(cat, enc, batch_size)
+        paths = [cat.image_paths(i) for i in range(len(cat))]
+        self.counts = np.array([len(p) for p in paths], dtype=np.int64)
+        self.first = np.concatenate([[0], np.cumsum(self.counts)])  # item -> its first image
+        self.flat = [p for ps in paths for p in ps]
+
+    def create_kwargs(self, attrs: dict) -> dict[str, Any]:
+        return {**super().create_kwargs(attrs), "n_images": self.counts}
+
+    def bind(self, writer, name: str) -> None:
+        super().bind(writer, name)
+        if not writer.meta.get("gallery") or not np.array_equal(
+                writer.lengths(0, writer.n_items), self.counts):
+            raise InvalidInputError(f"--resume: the images per item of {name!r} differ from the "
+                                    "stored gallery layout (catalog changed); use --overwrite")
+
+    def plan(self, blocks: list[int]) -> list[tuple[int, np.ndarray]]:
+        out = []
+        for b in blocks:
+            s, e = self.writer.block_range(b)
+            lo, hi = int(self.first[s]), int(self.first[e])
+            out += [(b, np.arange(j, min(j + self.batch_size, hi)))
+                    for j in range(lo, hi, self.batch_size)]
+        return out
+
+    def dataset(self, plan: list[tuple[int, np.ndarray]]) -> torch.utils.data.Dataset:
+        return ImageBatches([r for _, r in plan], self.flat, self.enc.load_image,
+                            tuple(self.enc.input_shape))
+
+    def _buf(self, b: int) -> dict[str, Any]:
+        if b not in self.bufs:
+            s, e = self.writer.block_range(b)
+            k = int(self.first[e] - self.first[s])
+            self.bufs[b] = {"regions": np.zeros((k, self.n_regions, self.dim), np.float16),
+                            "pooled": np.zeros((k, self.pooled_dim), np.float32),
+                            "errors": [""] * k}
+        return self.bufs[b]
+
+    def encode(self, b: int, rows: np.ndarray, item: Any) -> Callable[[], None]:
+        _, ok, pix, errs = item  # indices into the flat image list
+        host = event = None
+        if len(ok):
+            out = self.enc.encode(pix)
+            host, event = to_host({"regions": f16(out["regions"]),
+                                   "pooled": out["pooled"].float()})
+
+        def scatter() -> None:
+            base = int(self.first[self.writer.block_range(b)[0]])
+            buf = self._buf(b)
+            if host is not None:
+                if event is not None:
+                    event.synchronize()
+                buf["regions"][ok - base] = host["regions"].numpy()  # (B_ok, R, D)
+                buf["pooled"][ok - base] = host["pooled"].numpy()  # (B_ok, Dp)
+            for j, msg in errs.items():
+                buf["errors"][j - base] = msg
+
+        return scatter
+
+    def write(self, b: int) -> None:
+        buf = self._buf(b)
+        self.bufs.pop(b)
+        self.writer.write_block(b, regions=buf["regions"], image_pooled=buf["pooled"],
+                                image_errors=buf["errors"])
+
+
+def make_job(modality: str, cat: Catalog, enc, batch_size: int, gallery: bool = False) -> _Job:
+    """The job of one modality; ``gallery``: several images per item (§2.6)."""
+    if modality == "text":
+        return TextJob(cat, enc, batch_size)
+    return (GalleryJob if gallery else ImageJob)(cat, enc, batch_size)

@@ -142,7 +142,9 @@ def _extract_one(store: Store, cat: Catalog, modality: str, name: str, enc,
                  config: ExtractConfig, ranks: Ranks, progress: Progress) -> FeatureResult:
     """Encode this rank's share of the blocks still to do of one feature set."""
     t_start = time.perf_counter()
-    job = make_job(modality, cat, enc, config.batch_size)
+    gallery = modality == "image" and (config.gallery or cat.gallery or _is_gallery(
+        store, name, config))
+    job = make_job(modality, cat, enc, config.batch_size, gallery=gallery)
     create_kwargs = {**job.create_kwargs(_provenance(enc, config, cat, str(enc.device))),
                      "block_rows": config.block_rows}
     writer, blocks = _open_writer(store, name, enc, config, ranks, create_kwargs)
@@ -201,6 +203,12 @@ def _extract_one(store: Store, cat: Catalog, modality: str, name: str, enc,
                          n_encoded=n_rows, **_outcome(fs),
                          wall_seconds=wall, encode_seconds=encode_s,
                          bytes_written=store.location.nbytes(f"features/{name}"))
+
+
+def _is_gallery(store: Store, name: str, config: ExtractConfig) -> bool:
+    """A --resume of a gallery set stays a gallery (whatever this catalog's items hold)."""
+    return bool(config.resume and not config.overwrite and name in store.features
+                and store.features[name].meta.get("gallery"))
 
 
 def _outcome(fs) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from fusion.heads.layers import (
     image_patches,
     masked_softmax,
     neck,
+    patch_mask,
     present_mask,
     require,
 )
@@ -137,6 +138,9 @@ class CoAttentionHead(FusionHead):
         image = image_patches(batch, self.label)  # (B, N, Di)
         affinity = torch.tanh(text @ self.w_b @ image.transpose(1, 2))  # (B, S, N)
         affinity = affinity * mask.unsqueeze(-1).to(affinity.dtype)
+        pm = patch_mask(batch)  # galleries: only the regions of real, readable images
+        if pm is not None:
+            affinity = affinity * pm[:, None, :].to(affinity.dtype)
         i_ok = batch.present("image")
         if i_ok is not None:  # no image: no affinity, the text attention reads the text alone
             affinity = affinity * i_ok.to(affinity.dtype)[:, None, None]
@@ -144,13 +148,13 @@ class CoAttentionHead(FusionHead):
         iv = self.w_v(image)  # (B, N, k)
         h_i = torch.tanh(iv + affinity.transpose(1, 2) @ tq)  # (B, N, k)
         h_t = torch.tanh(tq + affinity @ iv)  # (B, S, k)
-        a_i = torch.softmax(self.score_i(self.h_drop(h_i)).squeeze(-1), dim=-1)  # (B, N)
+        a_i = masked_softmax(self.score_i(self.h_drop(h_i)).squeeze(-1), pm)  # (B, N)
         a_t = masked_softmax(self.score_t(self.h_drop(h_t)).squeeze(-1), mask)  # (B, S)
         image_vec = torch.einsum("bn,bnd->bd", a_i, image)  # (B, Di)
         text_vec = torch.einsum("bs,bsh->bh", a_t, text)  # (B, h)
         text_vec = self.text_missing(text_vec, batch.present("text"))
         image_vec = self.image_missing(image_vec, i_ok)
         self.expose("text", a_t, mask)
-        self.expose("image", a_i, torch.ones_like(a_i, dtype=torch.bool))
+        self.expose("image", a_i, torch.ones_like(a_i, dtype=torch.bool) if pm is None else pm)
         self.internals["affinity"] = affinity.detach()
         return torch.cat([text_vec, image_vec], dim=-1)  # (B, h + Di)

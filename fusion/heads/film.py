@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from fusion.batch import Batch
 from fusion.heads.base import FusionHead, check_choice, check_dropout, check_int, check_layer
-from fusion.heads.layers import Missing, Pool, image_patches, neck
+from fusion.heads.layers import Missing, Pool, image_patches, masked_mean, neck, patch_mask
 from fusion.heads.registry import register_head
 
 __all__ = ["FiLMBlock", "FiLMHead"]
@@ -92,4 +92,9 @@ class FiLMHead(FusionHead):
             x = block(x, params[:, k, 0], params[:, k, 1])
         self.internals["gamma"] = (1 + params[:, :, 0]).detach()  # (B, blocks, d)
         self.internals["beta"] = params[:, :, 1].detach()
-        return x.mean(dim=1) if self.reduce == "mean" else x.amax(dim=1)  # (B, d)
+        pm = patch_mask(batch)  # galleries: only the regions of real, readable images
+        if self.reduce == "mean":
+            return masked_mean(x, pm)  # (B, d)
+        if pm is not None:
+            x = x.masked_fill(~pm[..., None], torch.finfo(x.dtype).min)
+        return x.amax(dim=1)  # (B, d)

@@ -13,6 +13,7 @@ from fusion.heads.base import FusionHead, check_choice, check_dropout, check_int
 from fusion.heads.layers import (
     MaskedAttention,
     image_patches,
+    patch_mask,
     present_mask,
     require,
     text_layer,
@@ -76,7 +77,7 @@ class GatedCrossAttentionHead(FusionHead):
 
     def global_image(self, batch: Batch) -> Tensor:
         """v_0 (B, Di): CLS when the regions have a prefix, else the pooled image vector."""
-        if batch.image_prefix > 0:
+        if batch.image_prefix > 0 and batch.image_mask is None:
             return require(batch, "image_regions", self.label)[:, 0]
         return require(batch, "image_pooled", self.label)
 
@@ -100,6 +101,9 @@ class GatedCrossAttentionHead(FusionHead):
         self_out, self_w = self.self_attn(h, h, key_mask=mask, query_mask=mask)  # (B, T, d)
         i_ok = batch.present("image")  # no image: no key to attend to, the cross term is 0
         keys = None if i_ok is None else i_ok.to(v.device)[:, None].expand(v.shape[:2])
+        pm = patch_mask(batch)  # galleries: only the regions of real, readable images
+        if pm is not None:
+            keys = pm if keys is None else keys & pm
         cross_out, cross_w = self.cross_attn(h, v, key_mask=keys, query_mask=mask)  # (B, T, d)
         gate = torch.sigmoid(
             self.gate_text(h) + self.gate_image(self.global_image(batch))[:, None]

@@ -24,6 +24,7 @@ __all__ = [
     "present_mask",
     "ScalarMix",
     "image_patches",
+    "patch_mask",
     "masked_mean",
     "masked_softmax",
     "neck",
@@ -137,6 +138,17 @@ def image_patches(batch: Batch, head: str) -> Tensor:
     return regions[:, batch.image_prefix :]
 
 
+def patch_mask(batch: Batch) -> Tensor | None:
+    """(B, P) bool over :func:`image_patches`: False on a gallery's padding images and failed
+    images (``batch.image_mask``); None for one-image batches (every patch valid). A row with
+    no valid patch at all (an item without a readable image, which the heads already treat
+    as absent through ``image_present``) is all True, so it is read as before: zeros."""
+    if batch.image_mask is None:
+        return None
+    mask = batch.image_mask[:, batch.image_prefix :].bool()
+    return mask | ~mask.any(dim=1, keepdim=True)
+
+
 class AttentionPool(nn.Module):
     """Keyless attention pooling (Long et al. 2018): e_k = w^T tanh(W a_k + b), softmax, sum.
 
@@ -186,7 +198,9 @@ class Pool(nn.Module):
             x, mask = text_layer(batch, self.layer, self.head)
         else:
             x = image_patches(batch, self.head)
-            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            mask = patch_mask(batch)  # galleries: padding and failed images masked out
+            if mask is None:
+                mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         mask = present_mask(batch, self.modality, mask)
         if self.attn is None:
             return masked_mean(x, mask), None

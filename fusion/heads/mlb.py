@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from fusion.batch import Batch
 from fusion.heads.base import FusionHead, check_dropout, check_int, check_layer
-from fusion.heads.layers import Missing, Pool, image_patches, neck
+from fusion.heads.layers import Missing, Pool, image_patches, masked_softmax, neck, patch_mask
 from fusion.heads.registry import register_head
 
 __all__ = ["MLBHead"]
@@ -75,8 +75,11 @@ class MLBHead(FusionHead):
         joint = torch.tanh(self.attn_image(self.drop(regions))) * torch.tanh(
             self.attn_text(self.drop(q))
         )[:, None]  # (B, N, a)
-        a = torch.softmax(self.attn_score(joint), dim=1).transpose(1, 2)  # (B, G, N)
-        self.expose("image", a, torch.ones_like(a, dtype=torch.bool))
+        pm = patch_mask(batch)  # galleries: only the regions of real, readable images
+        a = masked_softmax(self.attn_score(joint), None if pm is None else pm[..., None],
+                           dim=1).transpose(1, 2)  # (B, G, N)
+        self.expose("image", a, torch.ones_like(a, dtype=torch.bool) if pm is None
+                    else pm[:, None].expand_as(a))
         glimpses = torch.einsum("bgn,bnd->bgd", a, regions).flatten(1)  # (B, G*Di)
         return torch.tanh(self.fuse_image(self.drop(glimpses))) * torch.tanh(
             self.fuse_text(self.drop(q))

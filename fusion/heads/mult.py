@@ -17,6 +17,7 @@ from fusion.heads.layers import (
     image_patches,
     masked_mean,
     neck,
+    patch_mask,
     present_mask,
     text_layer,
 )
@@ -107,15 +108,18 @@ class MulTHead(FusionHead):
         x_i = self.image_proj(image_patches(batch, self.label))  # (B, N, d)
         i_ok = batch.present("image")
         keys_i = None if i_ok is None else i_ok.to(x_i.device)[:, None].expand(x_i.shape[:2])
+        pm = patch_mask(batch)  # galleries: only the regions of real, readable images
+        if pm is not None:
+            keys_i = pm if keys_i is None else keys_i & pm
         z_t, z_i = x_t, x_i
         for k, (to_text, to_image) in enumerate(zip(self.to_text, self.to_image, strict=True)):
             z_t, w_t = to_text(z_t, x_i, key_mask=keys_i, query_mask=mask)
-            z_i, w_i = to_image(z_i, x_t, key_mask=mask, query_mask=None)
+            z_i, w_i = to_image(z_i, x_t, key_mask=mask, query_mask=pm)
             self.expose(f"text_to_image{k}", w_t, mask[:, None, :, None] if keys_i is None
                         else mask[:, None, :, None] & keys_i[:, None, None, :])
             self.expose(f"image_to_text{k}", w_i, mask[:, None, None, :])
         text_vec = masked_mean(self.norm_t(z_t), mask)  # (B, d)
-        image_vec = self.norm_i(z_i).mean(dim=1)  # (B, d)
+        image_vec = masked_mean(self.norm_i(z_i), pm)  # (B, d)
         text_vec = self.text_missing(text_vec, batch.present("text"))
         image_vec = self.image_missing(image_vec, i_ok)
         return torch.cat([text_vec, image_vec], dim=-1)  # (B, 2d)
