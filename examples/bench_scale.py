@@ -81,12 +81,13 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     stage, work = job["stage"], Path(job["work"])
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
-    if stage == "stack":
+    if stage.startswith("stack"):  # "stack" (the default, auto) or "stack-<stacker>"
         from fusion.stack import stack
 
         srcs = sorted(p for p in (work / "runs").iterdir() if p.is_dir())
-        run = stack(srcs, out=work / f"stack-t{job['gbdt_threads']}",
-                    threads=job["gbdt_threads"])
+        kw = {"stacker": stage.split("-", 1)[1]} if "-" in stage else {}
+        run = stack(srcs, out=work / f"{stage}-t{job['gbdt_threads']}",
+                    threads=job["gbdt_threads"], **kw)
         out.update(stacker=run.config["stacker"], accuracy=run.metrics["accuracy"],
                    best_source_accuracy=max(json.loads((p / "metrics.json").read_text())
                                             ["accuracy"] for p in srcs),
@@ -138,7 +139,8 @@ def run_grid(items: list[int], classes: list[int], stages: list[str], limit: flo
             work = work_root / f"n{n}-k{k}"
             work.mkdir(parents=True, exist_ok=True)
             base = {"items": n, "classes": k, "work": str(work), "threads": 1}
-            if "stack" in stages:
+            stack_stages = [s for s in stages if s.startswith("stack")]
+            if stack_stages:
                 t = time.perf_counter()
                 if k <= DENSE_MAX_CLASSES:  # dense runs, as bench_stack.py makes them
                     make_synthetic_runs(work / "runs", n_items=n, n_classes=k, n_runs=5,
@@ -147,9 +149,10 @@ def run_grid(items: list[int], classes: list[int], stages: list[str], limit: flo
                     make_many_class_runs(work / "runs", n_items=n, n_classes=k, n_runs=5,
                                          seed=0)
                 print(f"# runs n={n} k={k}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
-                for g in (1, 2):
-                    rows.append(measure({**base, "stage": "stack", "gbdt_threads": g}, limit))
-                    print(json.dumps(rows[-1]), flush=True)
+                for s in stack_stages:
+                    for g in (1, 2):
+                        rows.append(measure({**base, "stage": s, "gbdt_threads": g}, limit))
+                        print(json.dumps(rows[-1]), flush=True)
                 shutil.rmtree(work / "runs", ignore_errors=True)
             train_stages = [s for s in stages if s.startswith("train-")]
             if train_stages or "predict" in stages:
@@ -181,7 +184,7 @@ def plot(rows: list[dict[str, Any]], png: Path) -> Path:
                 pts = sorted((r[x], r["seconds"]) for r in keyed if r["stage"] == stage
                              and r.get("gbdt_threads") == g and r[other] == o)
                 if len(pts) >= 2:
-                    label = f"{stage}{f' t{g}' if g else ''} {other[0].upper()}={o}"
+                    label = f"{stage}{f' t{g}' if g else ''} {'K' if other == 'classes' else 'N'}={o}"
                     ax.plot(*zip(*pts, strict=True), marker="o", label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
