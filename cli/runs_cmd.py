@@ -145,6 +145,10 @@ def report(
             console.print(f"{split} by availability: " + ", ".join(
                 f"{k.replace('_', ' ')} macro-F1 {_fmt(block[k]['macro_f1'])} (n={block[k]['n']})"
                 for k in ("both", "text_only", "image_only") if block[k]["n"]), markup=False)
+            if block.get("by_images"):  # galleries: items by number of readable images
+                console.print(f"{split} by number of images: " + ", ".join(
+                    f"{k} macro-F1 {_fmt(v['macro_f1'])} (n={v['n']})"
+                    for k, v in block["by_images"].items() if v["n"]), markup=False)
     for split, c in (res.get("complementarity") or {}).items():
         t = Table(f"{split} (n={c['n']})", "items", "share", title="text vs image")
         for key in ("both_right", "only_text_right", "only_image_right", "both_wrong"):

@@ -21,7 +21,7 @@ import torch
 from .presence import ABSENT, ABSENT_IMAGE, FAILED, PRESENT
 
 __all__ = ["GALLERY_ARRAYS", "gallery_array_specs", "gallery_batch", "gallery_item_rows",
-           "is_gallery"]
+           "is_gallery", "mean_readable", "pad_gallery"]
 
 # arrays a gallery set has beyond a one-image set's (regions, pooled, done, errors, presence)
 GALLERY_ARRAYS = ("image_offsets", "n_images", "image_pooled", "image_errors")
@@ -72,26 +72,55 @@ def gallery_item_rows(image_pooled: np.ndarray, image_errors: Any, n_images: np.
 
 def gallery_batch(items: Sequence[tuple[np.ndarray, np.ndarray]], n_regions: int, dim: int,
                   prefix: int) -> dict[str, Any]:
-    """The padded, masked image fields of a batch of gallery items.
+    """The padded, masked image fields of a batch of gallery items (:func:`pad_gallery` on
+    numpy inputs). ``items``: per item its images (n_i, R, D) and which were read (n_i,)."""
+    counts = [len(x) for x, _ in items]
+    regions = (np.concatenate([np.asarray(x, np.float32).reshape(-1, n_regions, dim)
+                               for x, _ in items]) if sum(counts) else
+               np.zeros((0, n_regions, dim), np.float32))
+    ok = np.concatenate([np.asarray(o, bool).reshape(-1) for _, o in items] + [np.zeros(0, bool)])
+    reg, mask = pad_gallery(torch.from_numpy(regions), counts, torch.from_numpy(ok), prefix)
+    return {"image_regions": reg, "image_mask": mask,
+            "image_prefix": max([1] + counts) * prefix}
 
-    ``items``: per item its images (n_i, R, D) and which were read (n_i,) bool. With G the
-    most images of an item in the batch (at least 1), ``image_regions`` is (B, G*R, D): every
-    image's ``prefix`` tokens first (image 0's, image 1's, ...), then every image's grid in
-    the same order, so ``image_prefix`` = G * prefix and heads that skip the prefix read all
-    grids. ``image_mask`` (B, G*R) is True on the regions of images that exist and were read
-    (padding images and failed ones are False). Items are sets of images: a head that
-    attends with this mask and no position encoding is invariant to the images' order.
+
+def pad_gallery(regions: torch.Tensor, counts: Sequence[int], ok: torch.Tensor,
+                prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of every item, padded per item: the one layout of the cached and live
+    paths (differentiable in ``regions``).
+
+    ``regions`` (M, R, D): the images of a batch's items, concatenated in item order,
+    ``counts[i]`` of item i; ``ok`` (M,) bool: read. With G the most images of an item (at
+    least 1), returns ``image_regions`` (B, G*R, D): every image's ``prefix`` tokens first
+    (image 0's, image 1's, ...), then every image's grid in the same order, so
+    ``image_prefix`` = G * prefix and heads that skip the prefix read all grids; and
+    ``image_mask`` (B, G*R), True on the regions of images that exist and were read (padding
+    and failed images False). Items are sets of images: a head that attends with this mask
+    and no position encoding is invariant to the images' order.
     """
-    g = max([1] + [len(x) for x, _ in items])
-    grid = n_regions - prefix
-    reg = np.zeros((len(items), g * n_regions, dim), np.float32)
-    mask = np.zeros((len(items), g * n_regions), bool)
-    for j, (imgs, ok) in enumerate(items):
-        for k in range(len(imgs)):
-            pre, body = slice(k * prefix, (k + 1) * prefix), slice(g * prefix + k * grid,
-                                                                    g * prefix + (k + 1) * grid)
-            reg[j, pre], reg[j, body] = imgs[k][:prefix], imgs[k][prefix:]
-            mask[j, pre] = mask[j, body] = bool(ok[k])
-    return {"image_regions": torch.from_numpy(reg),  # (B, G*R, D)
-            "image_mask": torch.from_numpy(mask),  # (B, G*R) bool
-            "image_prefix": g * prefix}
+    b, g = len(counts), max([1] + list(counts))
+    m, r, d = regions.shape
+    dev = regions.device
+    cnt = torch.as_tensor(list(counts), dtype=torch.long, device=dev)
+    item = torch.repeat_interleave(torch.arange(b, device=dev), cnt)  # (M,)
+    pos = torch.arange(m, device=dev) - (torch.cumsum(cnt, 0) - cnt)[item]  # (M,)
+    slots = regions.new_zeros((b, g, r, d)).index_put((item, pos), regions)  # (B, G, R, D)
+    good = torch.zeros((b, g), dtype=torch.bool, device=dev)
+    good[item, pos] = ok.to(dev).bool()
+    reg = torch.cat([slots[:, :, :prefix].reshape(b, g * prefix, d),
+                     slots[:, :, prefix:].reshape(b, g * (r - prefix), d)], dim=1)
+    good = good[:, :, None].expand(b, g, r)
+    mask = torch.cat([good[:, :, :prefix].reshape(b, -1), good[:, :, prefix:].reshape(b, -1)], 1)
+    return reg, mask  # (B, G*R, D), (B, G*R)
+
+
+def mean_readable(pooled: torch.Tensor, counts: Sequence[int], ok: torch.Tensor) -> torch.Tensor:
+    """(B, P) per item: the mean of its readable images' pooled vectors (M, P), zeros if none
+    (the stored ``pooled`` of a gallery item, :func:`gallery_item_rows`)."""
+    b, dev = len(counts), pooled.device
+    cnt = torch.as_tensor(list(counts), dtype=torch.long, device=dev)
+    item = torch.repeat_interleave(torch.arange(b, device=dev), cnt)
+    w = ok.to(dev, pooled.dtype)[:, None]
+    total = pooled.new_zeros((b, pooled.shape[1])).index_add(0, item, pooled * w)
+    n = w.new_zeros((b, 1)).index_add(0, item, w)
+    return total / n.clamp(min=1.0)

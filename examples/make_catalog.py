@@ -68,7 +68,8 @@ photo still show the drawn class). The label noise comes from its own seed strea
 mode's files are byte-identical to those written before the mode existed.
 
 Run ``python examples/make_catalog.py --out DIR [--n 2000] [--seed 0] [--classes 24]
-[--image-size 128] [--long-tail] [--harder] [--missing-image P] [--empty-text P]``.
+[--image-size 128] [--long-tail] [--harder] [--missing-image P] [--empty-text P]
+[--images-per-item A-B]``.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from embedstore.catalog import IMAGE_SEP
 
 __all__ = [
     "FAMILIES",
@@ -390,6 +393,7 @@ def make_catalog(
     labelled: bool = True,
     missing_image: float = 0.0,
     empty_text: float = 0.0,
+    images_per_item: tuple[int, int] = (1, 1),
 ) -> Path:
     """Write ``n`` items (csv + PNGs) under ``out_dir`` and return the path of catalog.csv.
 
@@ -407,6 +411,12 @@ own seed stream; files of an
     their own seed streams) written with an empty image value (no photo; its PNG is not
     written) / an empty title and description. Both 0 by default: the files are then
     byte-identical to those written before these options existed.
+
+    ``images_per_item`` ``(a, b)``: each item gets a seeded uniform number of images in
+    ``a..b`` (a gallery, joined by ``|`` in the csv; docs/extract.md). The first is the item's
+    usual image; each other one is another view of the same product (same variant and colour,
+    its own position, scale, scene), weak as often as the item's modes make an image weak.
+    ``(1, 1)`` (default) writes the files of before.
     """
     _check_int("n_classes", n_classes, 2, MAX_CLASSES)
     _check_int("n", n, n_classes, 10_000_000)
@@ -436,6 +446,10 @@ own seed stream; files of an
             raise ValueError(f"{name} must be a share in [0, 1], got {share!r}")
     no_image = np.random.default_rng(np.random.SeedSequence([seed, 3])).random(n) < missing_image
     no_text = np.random.default_rng(np.random.SeedSequence([seed, 4])).random(n) < empty_text
+    lo, hi = images_per_item
+    if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi <= 16):
+        raise ValueError(f"images per item must be A-B with 1 <= A <= B <= 16, got {lo}-{hi}")
+    views = np.random.default_rng(np.random.SeedSequence([seed, 5])).integers(lo, hi + 1, n)
     modes = MODE_PROBS_HARDER if harder else MODE_PROBS
     rows = []
     for i in range(n):
@@ -448,6 +462,12 @@ own seed stream; files of an
             rel = ""  # no photo: an empty value in the image column
         else:
             img.save(out / rel, format="PNG", compress_level=6)
+            rels = [rel]
+            for g, view in enumerate(_more_views(seed, i, y, int(views[i]) - 1, image_size,
+                                                 modes), start=1):
+                rels.append(f"images/{item_id}_{g}.png")
+                view.save(out / rels[-1], format="PNG", compress_level=6)
+            rel = IMAGE_SEP.join(rels)
         if no_text[i]:
             title = desc = ""
         rows.append((item_id, title, desc, rel, labels[int(written[i])]))
@@ -481,6 +501,20 @@ def _choice(rng: np.random.Generator, probs: dict[str, float]) -> str:
 
 
 # ----------------------------------------------------------------------------------- item
+
+
+def _more_views(seed: int, i: int, y: int, k: int, size: int, modes: dict[str, float]):
+    """``k`` more photos of item ``i`` (class ``y``), from their own seed stream (so the item's
+    first image and text are those of a one-image catalog): the same variant, in a colour of
+    its family's palette, each view weak with the modes' image-weak share."""
+    if k <= 0:
+        return []
+    f, v = divmod(y, VARIANTS_PER_FAMILY)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 6, i]))
+    colour = _pick(rng, PALETTES[(f // 2) % len(PALETTES)])[1]
+    p_weak = modes["image_weak"] + modes["both_weak"]
+    return [_image(rng, f, v, _choice(rng, IMAGE_WEAK_KINDS) if rng.random() < p_weak
+                   else "lifestyle", colour, size) for _ in range(k)]
 
 
 def _make_item(rng: np.random.Generator, y: int, n_classes: int, size: int,
@@ -755,13 +789,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of items with no photo (empty image value; default 0)")
     p.add_argument("--empty-text", type=float, default=0.0, metavar="P",
                    help="share of items with an empty title and description (default 0)")
+    p.add_argument("--images-per-item", default="1-1", metavar="A-B",
+                   help="photos per item, seeded uniform in A..B (e.g. 1-4: a gallery, '|' in "
+                   "the csv; default 1)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
+        lo, _, hi = args.images_per_item.partition("-")
+        if not (lo.strip().isdigit() and (hi or lo).strip().isdigit()):
+            raise ValueError(f"--images-per-item must be A-B (e.g. 1-4), got "
+                             f"{args.images_per_item!r}")
         path = make_catalog(args.out, args.n, args.seed, args.classes, args.image_size,
                             long_tail=args.long_tail, harder=args.harder,
                             first_id=args.first_id, labelled=not args.no_labels,
-                            missing_image=args.missing_image, empty_text=args.empty_text)
+                            missing_image=args.missing_image, empty_text=args.empty_text,
+                            images_per_item=(int(lo), int(hi or lo)))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -204,14 +204,20 @@ def availability(s: Setup) -> tuple[np.ndarray, np.ndarray]:
     """(text_ok, image_ok): (N,) bool per store row, what each item has (presence 1). A
     modality the run does not read is taken from the store's only feature set of that modality
     (a text-only run is still broken down by which items have a photo); with none or several
-    such sets every item counts as having it."""
+    such sets every item counts as having it. For a gallery image set (several images per
+    item) ``image_ok`` is (N,) int64 instead: each item's number of readable images (0 = none),
+    which :func:`fusion.metrics.by_availability` also breaks down by."""
     out = []
     for mod, fs in (("text", s.tfs), ("image", s.ifs)):
         if fs is None:
             cands = [n for n in s.store.features if s.store.features[n].modality == mod]
             fs = s.store.features[cands[0]] if len(cands) == 1 else None
-        out.append(np.ones(s.store.n_items, bool) if fs is None
-                   else fs.presence() == PRESENT)
+        ok = np.ones(s.store.n_items, bool) if fs is None else fs.presence() == PRESENT
+        if fs is not None and getattr(fs, "gallery", False):
+            c = np.concatenate([[0], np.cumsum(fs.image_ok(), dtype=np.int64)])
+            off, n = fs.offsets()[:-1], fs.n_images()
+            ok = (c[off + n] - c[off]) * ok  # read images of the item's own rows (no gaps)
+        out.append(ok)
     return out[0], out[1]
 
 

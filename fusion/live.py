@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from embedstore.format import PRESENT
+from embedstore.gallery import mean_readable, pad_gallery
 from embedstore.loader import resolve_layers
 from embedstore.provenance import encoder_from_feature, weights_mismatch
 
@@ -40,6 +41,10 @@ class RawBatch:
     images: torch.Tensor | None  # (B, 3, H, W); zeros where image_present is False
     text_present: torch.Tensor | None = None  # (B,) bool, None = every row has its text
     image_present: torch.Tensor | None = None  # (B,) bool, None = every row has its image
+    # galleries (several images per item): ``images`` is (M, 3, H, W), every item's images in
+    # item order, ``image_counts[i]`` of item i, ``image_ok`` (M,) False for a failed image
+    image_counts: torch.Tensor | None = None  # (B,) int64
+    image_ok: torch.Tensor | None = None  # (M,) bool
 
     @property
     def size(self) -> int:
@@ -54,8 +59,11 @@ class LiveModel(nn.Module):
 
     def __init__(self, head: nn.Module, text_enc=None, image_enc=None,
                  layer_pos: list[int] | None = None,
-                 present: dict[str, np.ndarray | None] | None = None):
+                 present: dict[str, np.ndarray | None] | None = None,
+                 gallery: tuple[np.ndarray, np.ndarray] | None = None):
         super().__init__()
+        # a gallery store's (image offsets [N+1], image read [M]): a failed image stays masked
+        self.gallery = gallery
         # store row -> has the modality (the cache's presence, docs/format.md §2.5), so a row
         # absent or failed at extraction is absent here too; None = every row has it
         self.present = dict(present or {})
@@ -77,11 +85,29 @@ class LiveModel(nn.Module):
             if self.layer_pos is not None:
                 tok = tok[:, :, self.layer_pos]
             kw.update(text_tokens=tok, text_mask=out["mask"], text_pooled=out["pooled"].float())
-        if ie is not None:
+        if ie is not None and raw.image_counts is not None:
+            kw.update(self._gallery(ie, raw))
+        elif ie is not None:
             out = ie.encode(raw.images)
             kw.update(image_regions=out["regions"].float(), image_pooled=out["pooled"].float(),
                       image_prefix=ie.prefix_tokens)
         return Batch(**kw)
+
+    @staticmethod
+    def _gallery(ie, raw: RawBatch) -> dict[str, Any]:
+        """Every image of every item encoded in one call, then the cache's padded, masked
+        layout (:func:`embedstore.gallery.pad_gallery`) and pooled mean over read images."""
+        counts = raw.image_counts.tolist()
+        if sum(counts):
+            out = ie.encode(raw.images)
+            regions, pooled = out["regions"].float(), out["pooled"].float()
+        else:  # no item of the batch has an image
+            regions = torch.zeros((0, ie.n_regions, ie.dim), device=ie.device)
+            pooled = torch.zeros((0, ie.pooled_dim), device=ie.device)
+        reg, mask = pad_gallery(regions, counts, raw.image_ok, ie.prefix_tokens)
+        return {"image_regions": reg, "image_mask": mask,
+                "image_pooled": mean_readable(pooled, counts, raw.image_ok),
+                "image_prefix": max([1] + counts) * ie.prefix_tokens}
 
     def forward(self, raw: RawBatch) -> torch.Tensor:
         self._last = self.features(raw)
@@ -200,7 +226,9 @@ def build_live_model(setup: Setup, cfg: FinetuneConfig, head: nn.Module) -> Live
         if fs is not None:
             ok = fs.presence() == PRESENT
             present[mod] = None if ok.all() else ok
-    return LiveModel(head, encs.get("text"), encs.get("image"), pos, present)
+    ifs = setup.ifs
+    gallery = (ifs.offsets(), ifs.image_ok()) if ifs is not None and ifs.gallery else None
+    return LiveModel(head, encs.get("text"), encs.get("image"), pos, present, gallery)
 
 
 class RawRows(torch.utils.data.Dataset):
@@ -210,8 +238,9 @@ class RawRows(torch.utils.data.Dataset):
     placeholder (so the batch stacks) and ``False``: the batch marks it absent, and heads never
     read its features (never zero pixels taken for a photo; the cached path does the same)."""
 
-    def __init__(self, texts, images, load_image, shape):
+    def __init__(self, texts, images, load_image, shape, gallery: bool = False):
         self.texts, self.images, self.load, self.shape = texts, images, load_image, shape
+        self.gallery = gallery  # several images per item: (k, 3, H, W) and k flags per row
 
     def __len__(self) -> int:
         return 1 << 62
@@ -219,6 +248,13 @@ class RawRows(torch.utils.data.Dataset):
     def __getitem__(self, r: int):
         text = self.texts[r] if self.texts is not None else None
         img, ok = None, False
+        if self.images is not None and self.gallery:
+            v = self.images[r]
+            paths = [] if v is None else v if isinstance(v, list) else [v]
+            loaded = [self._load(p) for p in paths]
+            imgs = [torch.zeros(self.shape) if x is None else x for x in loaded]
+            return (r, text, torch.stack(imgs) if imgs else torch.zeros((0, *self.shape)),
+                    [x is not None for x in loaded])
         if self.images is not None:
             try:
                 img = self.load(self.images[r]) if self.images[r] is not None else None
@@ -229,6 +265,12 @@ class RawRows(torch.utils.data.Dataset):
                 img = torch.zeros(self.shape)
         return r, text, img, ok
 
+    def _load(self, path: str):
+        try:
+            return self.load(path)
+        except Exception:  # noqa: BLE001 - an image that failed at extraction fails here too
+            return None
+
 
 class Collate:
     """Items of :class:`RawRows` -> one :class:`RawBatch` (texts tokenised together).
@@ -237,16 +279,20 @@ class Collate:
     present only if the store has it *and* it loaded now."""
 
     def __init__(self, tokenize, labels: np.ndarray,
-                 present: dict[str, np.ndarray | None] | None = None):
+                 present: dict[str, np.ndarray | None] | None = None,
+                 gallery: tuple[np.ndarray, np.ndarray] | None = None):
         self.tokenize, self.labels = tokenize, labels
         self.present = dict(present or {})
+        self.gallery = gallery  # the store's (image offsets, image read): see LiveModel
 
     def __call__(self, items) -> RawBatch:
         rows = torch.tensor([it[0] for it in items], dtype=torch.long)
         text = self.tokenize([it[1] for it in items]) if self.tokenize is not None else None
         has_image = items[0][2] is not None
-        imgs = torch.stack([it[2] for it in items]) if has_image else None
         r = rows.numpy()
+        if has_image and isinstance(items[0][3], list):  # a gallery: every item's images
+            return self._gallery(items, rows, text)
+        imgs = torch.stack([it[2] for it in items]) if has_image else None
         text_ok = self.present.get("text")
         image_ok = np.array([bool(it[3]) for it in items]) if has_image else None
         if image_ok is not None and self.present.get("image") is not None:
@@ -257,6 +303,29 @@ class Collate:
                         else torch.from_numpy(text_ok[r]),
                         image_present=None if image_ok is None or image_ok.all()
                         else torch.from_numpy(image_ok))
+
+
+    def _gallery(self, items, rows: torch.Tensor, text) -> RawBatch:
+        """Images of all items concatenated; an image is read only if it loaded now *and* at
+        extraction (the store's ``image_errors``), as the cache masks it."""
+        r = rows.numpy()
+        ok = []
+        for row, it in zip(r.tolist(), items, strict=True):
+            now = np.array(it[3], dtype=bool)
+            if self.gallery is not None and len(now):
+                o = int(self.gallery[0][row])
+                now &= self.gallery[1][o : o + len(now)]
+            ok.append(now)
+        counts = torch.tensor([len(x) for x in ok], dtype=torch.long)
+        flat = np.concatenate(ok + [np.zeros(0, bool)])
+        item_ok = np.array([bool(x.any()) for x in ok])
+        text_ok = self.present.get("text")
+        return RawBatch(rows=rows, labels=torch.from_numpy(self.labels[r]), text=text,
+                        images=torch.cat([it[2] for it in items]), image_counts=counts,
+                        image_ok=torch.from_numpy(flat),
+                        text_present=None if text_ok is None or self.tokenize is None
+                        else torch.from_numpy(text_ok[r]),
+                        image_present=None if item_ok.all() else torch.from_numpy(item_ok))
 
 
 def bucketed(rows: np.ndarray, lengths: np.ndarray | None, batch_size: int,
@@ -283,8 +352,9 @@ class RawBatches:
                  labels: np.ndarray, batch_size: int, num_workers: int = 0):
         te, ie = model.encoders["text"], model.encoders["image"]
         self.rows = RawRows(texts, images, ie.load_image if ie else None,
-                            tuple(ie.input_shape) if ie else None)
-        self.collate = Collate(te.tokenize if te else None, labels, model.present)
+                            tuple(ie.input_shape) if ie else None, model.gallery is not None)
+        self.collate = Collate(te.tokenize if te else None, labels, model.present,
+                               model.gallery)
         self.lengths, self.batch_size, self.num_workers = lengths, batch_size, num_workers
 
     def __call__(self, rows: np.ndarray, rng: np.random.Generator | None = None

@@ -16,7 +16,8 @@ import numpy as np
 from embedstore.classes import BUCKETS, frequency_buckets
 
 __all__ = ["confusion", "f1_from_counts", "macro_f1", "per_class_f1", "classification_metrics",
-           "f1_by_frequency", "frequency_buckets", "BUCKETS", "AVAILABILITY", "by_availability"]
+           "f1_by_frequency", "frequency_buckets", "BUCKETS", "AVAILABILITY", "IMAGE_COUNTS",
+           "by_availability"]
 
 
 def confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
@@ -100,6 +101,7 @@ def f1_by_frequency(per_class: np.ndarray | list[float], counts: np.ndarray
 
 
 AVAILABILITY = ("both", "text_only", "image_only")
+IMAGE_COUNTS = ("1", "2", "3", "4+")  # galleries: items by number of readable images
 
 
 def by_availability(y: np.ndarray, probs: np.ndarray, text_ok: np.ndarray,
@@ -107,14 +109,24 @@ def by_availability(y: np.ndarray, probs: np.ndarray, text_ok: np.ndarray,
     """:func:`classification_metrics` (accuracy, macro-F1 over all K classes, n) of the items
     with both modalities, with the text only and with the image only (``text_ok`` /
     ``image_ok``: (N,) bool, what each item has in the store; docs/runs.md §2.6). Items with
-    neither are in no group (they still count in the overall metrics)."""
-    t, i = np.asarray(text_ok, bool), np.asarray(image_ok, bool)
+    neither are in no group (they still count in the overall metrics).
+
+    Galleries: ``image_ok`` may be (N,) int, each item's number of readable images (0 = no
+    image); when some item has more than one, ``by_images`` adds the blocks of the items with
+    1, 2, 3 and 4+ images (:data:`IMAGE_COUNTS`)."""
+    counts = np.asarray(image_ok)
+    t, i = np.asarray(text_ok, bool), counts.astype(bool)
     y = np.asarray(y, np.int64)
     groups = {"both": t & i, "text_only": t & ~i, "image_only": ~t & i}
-    out = {}
-    for name in AVAILABILITY:
-        rows = np.flatnonzero(groups[name])
+
+    def block(sel: np.ndarray) -> dict[str, Any]:
+        rows = np.flatnonzero(sel)
         # classification_metrics: macro-F1 over all K columns, as every other score
-        out[name] = (classification_metrics(y[rows], probs[rows]) if len(rows)
-                     else {"accuracy": None, "macro_f1": None, "n": 0})
+        return (classification_metrics(y[rows], probs[rows]) if len(rows)
+                else {"accuracy": None, "macro_f1": None, "n": 0})
+
+    out: dict[str, Any] = {name: block(groups[name]) for name in AVAILABILITY}
+    if counts.dtype.kind in "iu" and (counts > 1).any():
+        out["by_images"] = {k: block(counts == j + 1 if j < 3 else counts >= 4)
+                            for j, k in enumerate(IMAGE_COUNTS)}
     return out

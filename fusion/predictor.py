@@ -15,6 +15,8 @@ cache holds them, so the fold models see what they saw in training and the proba
 `fusion predict` on the same items extracted into a store, up to the encoder's batch padding.
 An image that is missing or cannot be read is absent (``Batch.image_present`` False, zero
 features), and so is an empty text, as presence says in the store (docs/format.md §2.5).
+A bundle trained on a gallery (several images per item, docs/format.md §2.6) takes a list of
+images per item (or one, or none) and builds the cache's padded, masked batch over them.
 
 A stack bundle holds its source runs as bundles under ``sources/``: each batch is encoded once
 per distinct feature configuration (encoders are shared between sources that name the same
@@ -38,6 +40,7 @@ import torch
 from embedstore.catalog import join_text, read_catalog
 from embedstore.errors import ImageLoadError
 from embedstore.extract.batches import f16
+from embedstore.gallery import mean_readable, pad_gallery
 from embedstore.loader import resolve_layers
 from embedstore.provenance import encoder_from_feature, weights_mismatch
 
@@ -159,7 +162,14 @@ class Predictor:
             kw.update(text_tokens=tok, text_mask=out["mask"].bool(),
                       text_pooled=out["pooled"].float(),
                       text_present=None if all(has) else torch.tensor(has))
-        if ie is not None:
+        gallery = bool((self.doc["features"].get("image") or {}).get("meta", {}).get("gallery"))
+        if ie is not None and gallery:
+            kw.update(self._gallery(ie, images))
+        elif ie is not None:
+            if any(isinstance(src, list | tuple) for src in images):
+                raise PredictError("an item lists several images, but this bundle's image "
+                                   "features hold one image per item; give one image per item, "
+                                   "or train on a store extracted from a gallery catalog")
             pix, ok = [], []
             for src in images:
                 try:
@@ -177,6 +187,38 @@ class Predictor:
             kw.update(image_regions=regions, image_pooled=pooled, image_prefix=ie.prefix_tokens,
                       image_present=None if all(ok) else good)
         return Batch(**kw).to(self.device)
+
+    @staticmethod
+    def _gallery(ie, images: Sequence[Any]) -> dict[str, Any]:
+        """Every image of every item encoded once, rounded to the store's fp16, then the
+        cache's padded, masked layout (:func:`embedstore.gallery.pad_gallery`); an image that
+        is missing or cannot be read is masked, an item with none is absent."""
+        pix, ok, counts = [], [], []
+        for srcs in images:
+            srcs = [] if srcs is None else list(srcs) if isinstance(srcs, list | tuple) else [srcs]
+            counts.append(len(srcs))
+            for src in srcs:
+                try:
+                    if isinstance(src, str) and not src.strip():
+                        raise ValueError("no image")
+                    pix.append(ie.load_image(src))
+                    ok.append(True)
+                except (ImageLoadError, TypeError, ValueError):
+                    pix.append(torch.zeros(tuple(ie.input_shape)))
+                    ok.append(False)
+        if pix:
+            out = ie.encode(torch.stack(pix))
+            regions, pooled = f16(out["regions"]).float(), out["pooled"].float()
+        else:
+            regions = torch.zeros((0, ie.n_regions, ie.dim), device=ie.device)
+            pooled = torch.zeros((0, ie.pooled_dim), device=ie.device)
+        good = torch.tensor(ok, dtype=torch.bool, device=regions.device)
+        reg, mask = pad_gallery(regions, counts, good, ie.prefix_tokens)
+        item_ok = mask.any(dim=1)
+        return {"image_regions": reg, "image_mask": mask,
+                "image_pooled": mean_readable(pooled, counts, good),
+                "image_prefix": max([1] + counts) * ie.prefix_tokens,
+                "image_present": None if bool(item_ok.all()) else item_ok}
 
     def predict(self, items: Sequence[Mapping[str, Any]], batch_size: int = 32) -> np.ndarray:
         """(N, K) float32 probabilities for ``items``: dicts with the catalog's text columns

@@ -152,8 +152,8 @@ def report(run: Run | str, *, out_dir: str | os.PathLike | None = None,
            ) -> dict[str, Any]:
     """Metrics, confusion matrix + per-class F1 PNGs, F1 by frequency bucket (head / torso /
     tail, :func:`frequency_f1`, and its PNG), scores by what the items had (both modalities,
-    text only, image only: ``metrics.json["by_availability"]``), complementarity (given a text and an
-    image run) and, for stacks, the per-source contribution summary and chart."""
+    text only, image only, and for galleries by number of images: ``metrics.json
+    ["by_availability"]``), complementarity (given a text and an image run) and, for stacks, the per-source contribution summary and chart."""
     r = as_run(run)
     out = Path(out_dir) if out_dir is not None else r.path
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,8 @@ def report(run: Run | str, *, out_dir: str | os.PathLike | None = None,
         k: r.metrics.get(k) for k in ("accuracy", "macro_f1", "holdout", "train_seconds",
                                       "epoch_seconds")}}
     res["frequency"] = frequency_f1(r)
-    # both / text only / image only (docs/runs.md §2.6); None for runs written before #14
+    # both / text only / image only, by_images for galleries (docs/runs.md §2.6); None for
+    # runs written before #14
     res["availability"] = r.metrics.get("by_availability")
     res["plots"] = [str(_confusion_png(r, out / "confusion.png")),
                     str(_per_class_png(r, out / "per_class_f1.png")),

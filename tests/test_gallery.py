@@ -10,13 +10,17 @@ invariant to the order of an item's images and to padding images.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import embedstore as es
+import fusion
 from embedstore.catalog import IMAGE_SEP, read_catalog
 from embedstore.errors import InvalidInputError
 from embedstore.export import export_hdf5
@@ -24,11 +28,20 @@ from embedstore.extract import ExtractConfig, extract
 from embedstore.extract.append import append
 from embedstore.format import ABSENT, FAILED, IMAGE_ARRAYS, PRESENT
 from embedstore.gallery import gallery_batch
+from embedstore.provenance import catalog_from_feature
 from embedstore.verify import verify_store
 from fusion.batch import Batch
+from fusion.bundle import export_bundle
 from fusion.checks import check_head
+from fusion.config import FinetuneConfig
+from fusion.data import prepare
+from fusion.finetune import finetune
 from fusion.heads import create_head, list_heads, resolve_head
 from fusion.heads.base import options_of
+from fusion.live import Collate, RawRows, build_live_model
+from fusion.metrics import by_availability
+from fusion.predict import predict
+from fusion.predictor import Predictor
 
 from .conftest import fill_text
 
@@ -280,3 +293,97 @@ def test_a_gallery_items_prediction_does_not_depend_on_the_order_of_its_images(t
         with torch.no_grad():
             a, b = model(batches[0]), model(batches[1])
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=f"{head} {opts}")
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def test_live_gallery_batches_equal_the_cached_ones_and_fine_tune(tmp_path):
+    """The live path (fine-tuning) builds the cache's padded, masked gallery batch from the
+    raw catalog: same regions (within fp16 storage), mask, prefix and pooled mean; an image
+    that failed at extraction stays masked. Then a 1-4-image store fine-tunes end to end."""
+    cat = _gallery_catalog(tmp_path, n=20, bad={7: [1]})
+    _extract(cat, tmp_path / "s.zarr", folds=2, holdout=0.25)
+    store = es.open_store(tmp_path / "s.zarr")
+    cfg = FinetuneConfig(batch_size=8, epochs=1, options={"pool": "attention"})
+    s = prepare(store, "image", None, None, cfg)
+    model = build_live_model(s, cfg, fusion.create_head("image", **s.dims, pool="attention"))
+    model.eval()
+    ie = model.encoders["image"]
+    icat = catalog_from_feature(s.ifs, store)
+    rows = np.array([2, 3, 4, 7, 8])  # 3, 4, 0 images; 3 with one failed; 4
+    ds = RawRows(None, icat.images, ie.load_image, ie.input_shape, gallery=True)
+    raw = Collate(None, s.labels, model.present, model.gallery)([ds[int(r)] for r in rows])
+    with torch.no_grad():
+        live = model.features(raw)
+    cached = Batch(**next(iter(store.loader(rows, image=s.ifs.name, batch_size=5))))
+    assert torch.equal(live.image_mask, cached.image_mask)
+    assert live.image_prefix == cached.image_prefix
+    assert torch.equal(live.image_present, cached.image_present)
+    valid = cached.image_mask[..., None]  # a failed image's slot is never read (masked)
+    torch.testing.assert_close(live.image_regions * valid, cached.image_regions * valid,
+                               atol=2e-2, rtol=2e-3)
+    torch.testing.assert_close(live.image_pooled, cached.image_pooled, atol=1e-4, rtol=1e-4)
+    run = finetune(store, "image", out=tmp_path / "ft", epochs=1, batch_size=8,
+                   pool="attention", max_items=8)
+    assert run.config["kind"] == "finetune" and len(run.metrics["folds"]) == 2
+
+
+def test_a_gallery_bundle_predicts_lists_of_images_as_the_store_does(tmp_path):
+    cat = _gallery_catalog(tmp_path, n=20, bad={7: [1]})
+    _extract(cat, tmp_path / "s.zarr", folds=2, holdout=0.25)
+    store = es.open_store(tmp_path / "s.zarr")
+    run = fusion.train(store, "image", out=tmp_path / "run", epochs=1, batch_size=8,
+                       pool="attention", threads=1)
+    p = Predictor.load(export_bundle(run.path, tmp_path / "model"), device="cpu")
+    ids, live = p.predict_catalog(cat, batch_size=6)  # batches unlike the loader's
+    cached = predict(run, store, ids=ids).probs
+    np.testing.assert_allclose(live, cached, atol=1e-4)
+    items = [{"image": catalog_from_feature(store.features[run.config["features"]["image"]
+                                                           ["name"]], store).images[3]}]
+    assert len(items[0]["image"]) == 4
+    shuffled = [{"image": items[0]["image"][::-1]}]
+    np.testing.assert_allclose(p.predict(shuffled), p.predict(items), atol=1e-6)
+    np.testing.assert_allclose(p.predict(items), cached[3:4], atol=1e-4)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_metrics_break_results_down_by_number_of_readable_images(tmp_path):
+    y = np.array([0, 1, 0, 1, 0, 1])
+    probs = np.eye(2)[[0, 1, 1, 1, 0, 0]]
+    out = by_availability(y, probs, np.ones(6, bool), np.array([1, 2, 2, 0, 4, 5]))
+    assert out["text_only"]["n"] == 1 and out["both"]["n"] == 5
+    assert {k: v["n"] for k, v in out["by_images"].items()} == {"1": 1, "2": 2, "3": 0, "4+": 2}
+    assert out["by_images"]["2"]["accuracy"] == 0.5
+    assert "by_images" not in by_availability(y, probs, np.ones(6, bool), np.ones(6, bool))
+    cat = _gallery_catalog(tmp_path, n=20, bad={7: [1], 13: [0, 1, 2, 3]})
+    _extract(cat, tmp_path / "s.zarr", folds=2, holdout=0.25)
+    run = fusion.train(es.open_store(tmp_path / "s.zarr"), "image", out=tmp_path / "run",
+                       epochs=1, batch_size=8, threads=1)
+    av = run.metrics["by_availability"]
+    n_oof = sum(v["n"] for v in av["by_images"].values())
+    assert n_oof == av["both"]["n"] + av["image_only"]["n"]
+    assert av["holdout"]["by_images"]["4+"]["n"] + av["by_images"]["4+"]["n"] == 3  # 3, 8, 18
+
+
+def test_sample_catalog_draws_one_to_four_images_per_item_seeded(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "examples" / "make_catalog.py"
+    spec = importlib.util.spec_from_file_location("make_catalog", script)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["make_catalog"] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    make_catalog = mod.make_catalog
+    one = make_catalog(tmp_path / "one", n=24, image_size=32)
+    many = make_catalog(tmp_path / "many", n=24, image_size=32, images_per_item=(1, 4))
+    again = make_catalog(tmp_path / "again", n=24, image_size=32, images_per_item=(1, 4))
+    a, b = read_catalog(one), read_catalog(many)
+    assert again.read_text() == many.read_text()  # seeded
+    assert a.texts == b.texts and a.labels == b.labels
+    counts = [len(b.image_paths(i)) for i in range(24)]
+    assert set(counts) == {1, 2, 3, 4}
+    for i in range(24):  # the first photo is the one-image catalog's
+        assert open(b.image_paths(i)[0], "rb").read() == open(a.images[i], "rb").read()
+    with pytest.raises(ValueError, match="A-B"):
+        make_catalog(tmp_path / "bad", n=24, images_per_item=(3, 2))
