@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from embedstore import open_store
 from fusion.bundle import export_bundle
+from fusion.config import TOP_K_STORE
 from fusion.predict import DEFAULT_TOP_K, ROW_CHOICES, PredictError, Predictions
 from fusion.predict import predict as run_predict
 from fusion.predictor import Predictor
@@ -87,7 +88,7 @@ def predict(
             s = open_store(store, storage_options=parse_storage_options(storage_option))
             pred = run_predict(run, s, rows=rows, ids=id_list, batch_size=batch_size,
                                device=device, threads=threads, trust_code=trust_code,
-                               progress=tick)
+                               keep=max(top_k, TOP_K_STORE), progress=tick)
     pred.write_csv(out, top_k)
     k = min(top_k, len(pred.classes))
     console.print(f"{len(pred.ids)} items -> {escape(str(out))} (top {k} of "

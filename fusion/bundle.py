@@ -86,7 +86,7 @@ def export_bundle(run: Run | str | os.PathLike, out: str | os.PathLike, *,
 
 #: what applying a stack needs of its run config (fusion.stack.apply)
 _STACK_KEYS = ("kind", "name", "stacker", "features", "params", "seed", "pooled_dims",
-               "pooled_sets", "holdout_scheme", "classes")
+               "pooled_sets", "source_k", "holdout_scheme", "classes")
 
 
 def _write_stack(run: Run, tmp: Path, store: Store) -> dict[str, Any]:

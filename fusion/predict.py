@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from .device import resolve_device, torch_threads
 from .errors import FusionError
 from .heads import create_head
 from .heads.registry import HEADS
+from .probs import BLOCK_ROWS, TOPK, Probs, TopK, layout_for, mean_topk, to_topk, topk_of
 from .rundir import Run, load_run
 from .stack.apply import PER_FOLD, apply_stack, holdout_scheme, load_stack_models, source_path
 
@@ -52,15 +53,20 @@ class PredictError(FusionError, ValueError):
 
 @dataclass
 class Predictions:
-    """Averaged probabilities of a run's fold models for some store rows."""
+    """A run's probabilities for some store rows: dense (N, K) float32 up to
+    ``DENSE_MAX_CLASSES`` classes (the run layout rule), else a :class:`~fusion.probs.TopK` block (the ``keep``
+    largest per row and the remaining mass: never an N x K array at the papers' K)."""
 
     ids: np.ndarray  # (N,) the items' ids
     rows: np.ndarray  # (N,) their store rows
-    probs: np.ndarray  # (N, K) float32, rows sum to 1
+    probs: Probs  # (N, K) float32 rows summing to 1, or TopK
     classes: list[Any]
 
     def top_k(self, k: int = DEFAULT_TOP_K) -> tuple[np.ndarray, np.ndarray]:
-        """(class indices (N, k), probabilities (N, k)), most probable first."""
+        """(class indices (N, k), probabilities (N, k)), most probable first (k at most the
+        number kept by a top-k block)."""
+        if isinstance(self.probs, TopK):
+            return topk_of(self.probs, k)
         k = min(k, self.probs.shape[1])
         idx = np.argsort(-self.probs, axis=1, kind="stable")[:, :k]
         return idx, np.take_along_axis(self.probs, idx, 1)
@@ -207,24 +213,41 @@ def fold_of(path: Path) -> int:
 def predict(run: Run | str | os.PathLike, store: Store | str | os.PathLike,
             rows: str | Sequence[int] | np.ndarray = "all", *, ids: Sequence[str] | None = None,
             batch_size: int = 256, device: str = "auto", threads: int | None = None,
-            trust_code: bool = False,
+            trust_code: bool = False, keep: int | None = None,
             progress: Callable[[int, int], None] | None = None) -> Predictions:
     """The run's probabilities for ``rows`` (or ``ids``) of ``store``: a head run's fold models'
-    mean, or a stack run applied to its source runs' predictions. ``progress(done, total)``
-    is called after each batch (total counts every head run's pass over the rows)."""
+    mean, or a stack run applied to its source runs' predictions. Where a run would store
+    top-k (:func:`fusion.probs.layout_for`: above ``DENSE_MAX_CLASSES`` classes) the result is
+    top-k too (``keep`` per row, default ``TOP_K_STORE``), computed a block of rows at a time
+    so no N x K array is held.
+    ``progress(done, total)`` is called after each batch (total counts every head run's pass
+    over the rows)."""
     run = run if isinstance(run, Run) else load_run(run)
     store = store if isinstance(store, Store) else open_store(store)
     sel = select_rows(store, rows, ids)
+    classes = list(run.config["classes"])
+    lay = layout_for(len(classes), keep)  # the runs' own rule: dense, or top-k above a K
+    large = lay["layout"] == TOPK
     job = _Job(store, sel, batch_size, resolve_device(device), trust_code, progress)
+    stacked = run.config.get("kind") == "stack"
+    job.total = len(sel) * (_count_head_runs(run) if stacked else 1)
+    step = max(1, BLOCK_ROWS // 4) if large else max(1, len(sel))
+    parts = []
     with torch_threads(threads):
-        if run.config.get("kind") == "stack":
-            job.total = len(sel) * _count_head_runs(run)
-            probs = _stack_probs(run, job)
-        else:
-            job.total = len(sel)
-            probs = _mean(_head_fold_probs(run, job))
-    return Predictions(ids=np.asarray(store.ids)[sel], rows=sel, probs=probs,
-                       classes=list(run.config["classes"]))
+        for s in range(0, max(1, len(sel)), step):
+            job.sel = sel[s:s + step]
+            if stacked:
+                p = _stack_probs(run, job)
+                p = to_topk(p, lay["k"]) if large and not isinstance(p, TopK) else p
+            elif large:  # each fold model's top-k, then their mean: how a top-k run is made
+                p = mean_topk([to_topk(f, lay["k"]) for f in _head_fold_probs(run, job)])
+            else:
+                p = _mean(_head_fold_probs(run, job))
+            parts.append(p)
+    probs = (parts[0] if len(parts) == 1 else
+             TopK(*(np.concatenate([getattr(t, f) for t in parts]) for f in ("idx", "p", "rest")),
+                  len(classes)))
+    return Predictions(ids=np.asarray(store.ids)[sel], rows=sel, probs=probs, classes=classes)
 
 
 @dataclass
@@ -239,6 +262,7 @@ class _Job:
     progress: Callable[[int, int], None] | None
     total: int = 0
     done: int = 0
+    models: dict = field(default_factory=dict)  # loaded fold models per run, across row blocks
 
 
 def _mean(fold_probs: np.ndarray) -> np.ndarray:
@@ -301,8 +325,12 @@ def _head_fold_probs(run: Run, job: _Job) -> np.ndarray:
     folds = sorted({fold_of(f) for f in files})
     slot = np.array([folds.index(fold_of(f)) for f in files])
     per_fold = np.bincount(slot, minlength=len(folds)).astype(np.float32)
-    models = load_fold_models(run_head_config(run), files, job.device,
-                              trust_code=job.trust_code, what=f"run {run.path.name!r}")
+    key = str(run.path.resolve())
+    if key not in job.models:
+        job.models[key] = load_fold_models(run_head_config(run), files, job.device,
+                                           trust_code=job.trust_code,
+                                           what=f"run {run.path.name!r}")
+    models = job.models[key]
     needs = frozenset(getattr(models[0], "needs", ()))
     layers = (run.config.get("train") or {}).get("layers")
     out = np.zeros((len(folds), len(job.sel), len(classes)), np.float32)

@@ -48,6 +48,7 @@ from .batch import Batch
 from .bundle import read_bundle
 from .device import resolve_device
 from .predict import PredictError, fold_of, load_fold_models
+from .probs import TopK
 from .stack.apply import apply_stack, load_stack_models
 
 __all__ = ["Predictor"]
@@ -246,7 +247,8 @@ class Predictor:
         out = np.zeros((n, len(self.classes)), np.float32)
         for s in range(0, n, batch_size):
             e = min(n, s + batch_size)
-            out[s:e] = self._batch_probs(texts[s:e], images[s:e], {})[0]
+            probs = self._batch_probs(texts[s:e], images[s:e], {})[0]
+            out[s:e] = probs.dense() if isinstance(probs, TopK) else probs
             if progress:
                 progress(e, n)
         return out

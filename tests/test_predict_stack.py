@@ -112,3 +112,33 @@ def test_stack_refusals_are_one_line(sources, tmp_path):
         p.unlink()
     with pytest.raises(StackError, match="re-run `fusion stack`"):
         predict(st.path, store, rows=[0])
+
+
+def test_many_classes_predict_top_k_and_candidate_stacks_reproduce_their_holdout(
+        sources, tmp_path, monkeypatch):
+    """With the dense/top-k threshold lowered below the store's 6 classes (as at the papers'
+    K): head runs store top-3, `fusion predict` returns top-k blocks computed per block of rows
+    (never N x K), and a candidate stack over them predicts its own holdout."""
+    from fusion.probs import TopK
+
+    store, _, root = sources
+    monkeypatch.setattr("fusion.probs.DENSE_MAX_CLASSES", 4)
+    runs = [fusion.train(store, h, out=tmp_path / h, top_k_store=3, **FIT)
+            for h in ("text", "image")]
+    assert runs[0].layout == "topk"
+    pred = predict(runs[0], store, rows="holdout", keep=3)
+    hold = runs[0].probs("holdout")
+    assert isinstance(pred.probs, TopK) and pred.probs.k == 3
+    assert (pred.probs.argmax(1) == hold.argmax(1)).all()
+    np.testing.assert_allclose(pred.probs.p.astype(float), hold.p.astype(float), atol=2e-3)
+    idx, p = pred.top_k(5)  # at most the kept k
+    assert idx.shape == (len(pred.ids), 3) and (np.diff(p, axis=1) <= 0).all()
+    st = stack([r.path for r in runs], stacker="candidate", threads=1,
+               params={"n_estimators": 30}, out=tmp_path / "cand")
+    assert st.config["source_k"] == 3
+    sp = predict(st, store, rows="holdout")
+    want = st.probs("holdout")
+    assert isinstance(sp.probs, TopK)
+    assert (sp.probs.argmax(1) == want.argmax(1)).all()
+    want = want.dense() if isinstance(want, TopK) else want
+    np.testing.assert_allclose(sp.probs.dense(), want, atol=2e-3)

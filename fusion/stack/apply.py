@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StackError
+from ..probs import Probs, TopK, mean_topk
 from ..rundir import Run
-from .inputs import input_block
+from .inputs import candidate_columns, input_block
 from .stackers import Stacker, stacker_class
 
 __all__ = ["PER_FOLD", "REFIT", "apply_stack", "holdout_scheme", "load_stack_models",
@@ -58,8 +59,14 @@ def load_stack_models(run: Run) -> list[tuple[str, Stacker]]:
             for t in tags]
 
 
-def _columns(model: Stacker, probs: Sequence[np.ndarray], pooled: np.ndarray | None
+def _columns(run: Run, model: Stacker, probs: Sequence[np.ndarray], pooled: np.ndarray | None
              ) -> np.ndarray:
+    if getattr(model, "topk_input", False):  # the candidate stacker: each source's top k
+        k = run.config.get("source_k")
+        if k is None:
+            raise StackError(f"stack run {run.path.name!r} does not record the k of its "
+                             "candidate inputs (written by an older version); re-run it")
+        return candidate_columns(list(probs), int(k))
     blocks = [input_block(p, model.log_probs) for p in probs]
     if pooled is not None:
         blocks.append(np.asarray(pooled, dtype=np.float64))
@@ -69,8 +76,9 @@ def _columns(model: Stacker, probs: Sequence[np.ndarray], pooled: np.ndarray | N
 def apply_stack(run: Run, models: Sequence[tuple[str, Stacker]], *,
                 per_fold: Sequence[np.ndarray] | None = None,
                 mean: Sequence[np.ndarray] | None = None,
-                pooled: np.ndarray | None = None) -> np.ndarray:
-    """(N, K) stack probabilities for N items. ``per_fold[m]`` is source run m's (F, N, K)
+                pooled: np.ndarray | None = None) -> Probs:
+    """(N, K) stack probabilities for N items (a :class:`~fusion.probs.TopK` block for a
+    stacker whose outputs are top-k, the candidate stacker). ``per_fold[m]`` is source run m's (F, N, K)
     fold-model probabilities (scheme ``per_fold``), ``mean[m]`` its (N, K) fold-averaged ones
     (scheme ``refit``), in the order of the stack's ``sources``; ``pooled`` (N, D) the pooled
     vectors of ``config.pooled_sets`` when the stack used ``probs+pooled``."""
@@ -84,14 +92,19 @@ def apply_stack(run: Run, models: Sequence[tuple[str, Stacker]], *,
             raise StackError(f"stack run {run.path.name!r} has {len(models)} fold models but its "
                              f"sources have {sorted(n_folds)} folds; predict with the runs it "
                              "was fitted on")
-        out = sum(m.predict_proba(_columns(m, [p[f] for p in per_fold], pooled))
-                  for f, (_tag, m) in enumerate(models)) / len(models)
+        outs = [m.predict_proba(_columns(run, m, [p[f] for p in per_fold], pooled))
+                for f, (_tag, m) in enumerate(models)]
+        if isinstance(outs[0], TopK):
+            return mean_topk(outs)
+        out = sum(outs) / len(outs)
     else:
         if mean is None or len(mean) != n_src:
             raise StackError(f"stack run {run.path.name!r} needs the probabilities of its "
                              f"{n_src} source runs")
         (_tag, model), = models
-        out = model.predict_proba(_columns(model, mean, pooled))
+        out = model.predict_proba(_columns(run, model, mean, pooled))
+        if isinstance(out, TopK):
+            return out
     out = np.asarray(out, dtype=np.float32)
     return out / np.maximum(out.sum(1, keepdims=True), 1e-12)
 

@@ -153,6 +153,8 @@ def stack(
         "n_pooled": n_pooled,
         "pooled_dims": pooled_dims,
         "pooled_sets": list(pooled_sets) if pooled_sets is not None else None,
+        # the k of each source's top-k classes the candidate stacker reads (`fusion predict`)
+        "source_k": min(inp.source_k, inp.k) if getattr(probe, "topk_input", False) else None,
         "params": {**probe.params, **probe.procedure_params()},
         "user_params": dict(params or {}),
         "seed": seed,
