@@ -161,7 +161,11 @@ def extract(
 
       python examples/make_catalog.py --out new --n 24 --seed 7 --first-id 900000 --no-labels && embedstore extract new/catalog.csv --store cat.zarr --append
 
-      embedstore extract new/catalog.csv --store cat.zarr --append --only minilm-l6 && embedstore extract new/catalog.csv --store cat.zarr --fill effnet-lite0
+      embedstore extract data/catalog.csv --store cat.zarr --fill lite0
+
+    (`--append --only minilm` fills only that set for the new items; `--fill lite0` later
+    writes what the appended segments lack, from any catalog holding their items; nothing to
+    fill is a no-op.)
 
     Exit codes: 0 done; 1 done, but more failed rows than --max-error-rate (data kept); 2 bad
     input, nothing written (one `error:` line). See docs/extract.md.

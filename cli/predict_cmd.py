@@ -58,7 +58,7 @@ def predict(
 
     Example: fusion predict -r runs/text --store cat.zarr --top-k 3 --out top3.csv -q
 
-    Example: fusion predict -r runs/stack-auto --store cat.zarr --rows unlabelled --out stack.csv
+    Example: fusion predict -r runs/stack-lgbm --store cat.zarr --rows holdout --out stack.csv
 
     Example: fusion export runs/hanet --out model && fusion predict --bundle model --catalog data/catalog.csv --out live.csv -q
     """
@@ -112,7 +112,7 @@ def export(
 
     Example: fusion export runs/hanet --out model --overwrite
 
-    Example: fusion export runs/stack-auto --out stack-model && fusion predict --bundle stack-model --catalog new.csv --out preds.csv
+    Example: fusion export runs/stack-lgbm --out stack-model && fusion predict --bundle stack-model --catalog data/catalog.csv --out preds.csv -q
     """
     path = export_bundle(run, out, store=store, overwrite=overwrite)
     console.print(f"bundle -> {escape(str(path))}")
