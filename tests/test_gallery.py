@@ -301,9 +301,10 @@ def test_a_gallery_items_prediction_does_not_depend_on_the_order_of_its_images(t
 def test_live_gallery_batches_equal_the_cached_ones_and_fine_tune(tmp_path):
     """The live path (fine-tuning) builds the cache's padded, masked gallery batch from the
     raw catalog: same regions (within fp16 storage), mask, prefix and pooled mean; an image
-    that failed at extraction stays masked. Then a 1-4-image store fine-tunes end to end."""
+    that failed at extraction stays masked even when it can be read now. Then a 1-4-image store fine-tunes end to end."""
     cat = _gallery_catalog(tmp_path, n=20, bad={7: [1]})
     _extract(cat, tmp_path / "s.zarr", folds=2, holdout=0.25)
+    _png(tmp_path / "img/missing_7_1.png", np.random.default_rng(5))  # readable now, not then
     store = es.open_store(tmp_path / "s.zarr")
     cfg = FinetuneConfig(batch_size=8, epochs=1, options={"pool": "attention"})
     s = prepare(store, "image", None, None, cfg)
@@ -329,12 +330,14 @@ def test_live_gallery_batches_equal_the_cached_ones_and_fine_tune(tmp_path):
     assert run.config["kind"] == "finetune" and len(run.metrics["folds"]) == 2
 
 
-def test_a_gallery_bundle_predicts_lists_of_images_as_the_store_does(tmp_path):
+@pytest.mark.parametrize("pool", ["pooled", "attention"])
+def test_a_gallery_bundle_predicts_lists_of_images_as_the_store_does(tmp_path, pool):
+    """pooled: the mean of the readable images' vectors; attention: the masked regions."""
     cat = _gallery_catalog(tmp_path, n=20, bad={7: [1]})
     _extract(cat, tmp_path / "s.zarr", folds=2, holdout=0.25)
     store = es.open_store(tmp_path / "s.zarr")
     run = fusion.train(store, "image", out=tmp_path / "run", epochs=1, batch_size=8,
-                       pool="attention", threads=1)
+                       pool=pool, threads=1)
     p = Predictor.load(export_bundle(run.path, tmp_path / "model"), device="cpu")
     ids, live = p.predict_catalog(cat, batch_size=6)  # batches unlike the loader's
     cached = predict(run, store, ids=ids).probs
