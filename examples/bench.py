@@ -1359,6 +1359,17 @@ def parse_sections(text: str) -> list[int]:
     return sorted(set(out))
 
 
+SCALE_HEADING = "## Scale:"  # written by `make bench-scale` (examples/bench_scale.py), kept here
+
+
+def kept_scale_section(out: Path) -> str:
+    """The scale section of the report being replaced (from its heading to the end), so a
+    `make bench` run keeps what `make bench-scale` measured."""
+    old = out.read_text(encoding="utf-8") if out.exists() else ""
+    at = old.find("\n" + SCALE_HEADING)
+    return "\n" + old[at + 1:].rstrip() + "\n" if at >= 0 else ""
+
+
 def render(results: dict[int, SectionResult], meta: dict[str, Any]) -> str:
     L = ["# Benchmarks", ""]
     L += [
@@ -1522,7 +1533,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[str, bool
                   f"{sizes.feed_n} rows, stackers {sizes.stack_items} x {sizes.stack_runs} x "
                   f"{sizes.stack_classes}"),
     }
-    text = render(results, meta)
+    text = render(results, meta) + kept_scale_section(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     chart(results, png, f"embedstore + fusion benchmarks, {meta['date']} ({meta['cpu']}, "

@@ -153,3 +153,12 @@ def test_stacker_benchmark_child_reports_ready_then_one_json_line_per_job(tmp_pa
     assert row["stacker"] == "logreg" and row["n_folds"] == 5 and len(row["all_seconds"]) == 2
     assert 0 < row["median_fit_seconds"] <= row["median_seconds"]
     assert row["holdout_macro_f1"] > row["best_source_holdout_macro_f1"]
+
+
+def test_a_bench_run_keeps_the_scale_section_of_the_report_it_replaces(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    assert bench.kept_scale_section(out) == ""  # no report yet
+    out.write_text("# Benchmarks\n\n## 8. GPU\n\nold\n\n## Scale: N x K\n\n| a |\n|---|\n")
+    kept = bench.kept_scale_section(out)
+    assert kept.startswith("\n## Scale: N x K\n") and kept.endswith("|---|\n")
+    assert "old" not in kept
