@@ -127,6 +127,9 @@ def extract(
                               f"data, then exits 1 (default {_D.max_error_rate}).")] = None,
     block_rows: Annotated[int | None, typer.Option(help="Rows per write block (power of two) "
                           f"(default {_D.block_rows}).")] = None,
+    gallery: Annotated[bool | None, typer.Option("--gallery", help="Write the image set as a "
+                       "gallery (several images per item, '|' between paths in a CSV cell) even "
+                       "if every item has one image; automatic when some item has more.")] = None,
     append: Annotated[bool, typer.Option("--append", help="Add the catalog's new items to "
                       "an existing store as a segment, filling every feature set with its "
                       "recorded encoder (no encoder flags needed).")] = False,
@@ -183,7 +186,8 @@ def extract(
         batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
         text_name=text_name, image_name=image_name, folds=folds, seed=seed, holdout=holdout,
         resume=resume, overwrite=overwrite, max_error_rate=max_error_rate,
-        block_rows=block_rows, storage_options=parse_storage_options(storage_option))
+        block_rows=block_rows, gallery=gallery,
+        storage_options=parse_storage_options(storage_option))
     if label_col == "":  # '' = the catalog has no labels
         cfg = dataclasses.replace(cfg, label_col=None)
     if (no_folds or only) and not append:

@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import embedstore as es
 import fusion
+from cli.embedstore_app import app as es_app
 from embedstore.catalog import IMAGE_SEP, read_catalog
 from embedstore.errors import InvalidInputError
 from embedstore.export import export_hdf5
@@ -390,3 +392,12 @@ def test_sample_catalog_draws_one_to_four_images_per_item_seeded(tmp_path):
         assert open(b.image_paths(i)[0], "rb").read() == open(a.images[i], "rb").read()
     with pytest.raises(ValueError, match="A-B"):
         make_catalog(tmp_path / "bad", n=24, images_per_item=(3, 2))
+
+
+def test_cli_gallery_flag_forces_the_gallery_layout(tmp_path):
+    cat = _gallery_catalog(tmp_path, n=6, counts=[1])
+    res = CliRunner().invoke(es_app, ["extract", str(cat), "--store", str(tmp_path / "s.zarr"),
+                                   "--image", IMAGE, "--gallery", "--label-col", ""])
+    assert res.exit_code == 0, res.output
+    fs = es.open_store(tmp_path / "s.zarr").features["test-vit"]
+    assert fs.gallery and fs.n_images().tolist() == [1] * 6
