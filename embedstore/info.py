@@ -63,6 +63,11 @@ def store_info(store) -> dict[str, Any]:
             "timings": m.get("timings"),
             "created": m.get("created"),
         }
+        if fs.gallery:  # several images per item (format.md §2.6): shape counts image rows
+            n_img = fs.n_images()
+            feats[name]["gallery"] = {"images": int(n_img.sum()),
+                                      "failed_images": int((~fs.image_ok()).sum()),
+                                      "max_per_item": int(n_img.max(initial=0))}
     return {
         "url": store.url,
         "format": store.meta["format"],
