@@ -73,7 +73,7 @@ def test_quick_run_reports_every_section_with_finite_ratios(tmp_path):
         assert status in ("pass", "**miss**", "info", "inconclusive"), status
         assert (goal == "—") == (status == "info"), (label, goal, status)
         sections_with_ratios.add(int(num))
-    measured = set(range(1, 8)) | ({8} if torch.cuda.is_available() else set())
+    measured = set(range(1, 8)) | {9} | ({8} if torch.cuda.is_available() else set())
     assert sections_with_ratios == measured
     labels = {r[1] for r in rows}
     for head in ("hanet", "concat", "coattention", "gated-xattn"):
