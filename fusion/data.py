@@ -149,6 +149,8 @@ def prepare(store, head: Any, text: str | None, image: str | None, cfg: TrainCon
     text_layers = len(resolve_layers(tfs.layers, layer_sel)) if tfs is not None else 1
     dims = dict(text_dim=tfs.dim if tfs else 1, image_dim=ifs.dim if ifs else 1,
                 num_classes=len(classes), text_layers=text_layers)
+    if _auto_fallback(head_cls, tfs, ifs, cfg):
+        cfg = cfg.override(fallback=True)  # recorded with the head's options (config.json)
     probe = create_head(head, **dims, **cfg.options)  # validates options before any work
     needs = frozenset(getattr(probe, "needs", ()))
     if cfg.label_smoothing and not _takes(probe.loss, "label_smoothing"):
@@ -166,6 +168,21 @@ def prepare(store, head: Any, text: str | None, image: str | None, cfg: TrainCon
                  needs=needs, layer_sel=layer_sel, device=resolve_device(cfg.device),
                  probe=probe, groups=None if store.groups is None else
                  np.unique(store.groups, return_inverse=True)[1].reshape(-1))
+
+
+def _auto_fallback(head_cls: Any, tfs: Any, ifs: Any, cfg: TrainConfig) -> bool:
+    """``fallback`` of a bimodal head left unset: on when some training item lacks a modality
+    (absent or failed in the store) or ``--modality-dropout`` removes one, so such items are
+    scored by a classifier of the modality they have (docs/heads.md §6)."""
+    if ("fallback" in cfg.options or tfs is None or ifs is None
+            or not getattr(head_cls, "__module__", "").startswith("fusion.heads.")  # built-in
+            or not getattr(head_cls, "fallback_routing", False)
+            or set(getattr(head_cls, "modalities", ())) != {"text", "image"}
+            or any(fs.pooled_dim != fs.dim for fs in (tfs, ifs))):
+        return False
+    if cfg.modality_dropout:
+        return True
+    return any(bool((fs.presence() != PRESENT).any()) for fs in (tfs, ifs))
 
 
 def cached_batches(s: Setup, rows: np.ndarray, *, shuffle: bool = False, seed: int = 0,

@@ -96,6 +96,7 @@ def finetune(store, head: Any = DEFAULT_HEAD, *, text: str | None = None, image:
     cfg = (config or FinetuneConfig()).override(**overrides)
     # -- data: store checks, the raw catalog, the warm-start run
     s = prepare(store, head, text, image, cfg)
+    cfg = s.cfg  # prepare may resolve head options (fallback=auto)
     init = _init_run(s, cfg.init) if cfg.init else None
     cats = {mod: catalog_from_feature(fs, s.store, cfg.catalog)
             for mod, fs in (("text", s.tfs), ("image", s.ifs)) if fs is not None}

@@ -62,6 +62,7 @@ def train(store, head: Any = DEFAULT_HEAD, *, text: str | None = None, image: st
     cfg = (config or TrainConfig()).override(**overrides)
     # -- data: every check before any work
     s = prepare(store, head, text, image, cfg)
+    cfg = s.cfg  # prepare may resolve head options (fallback=auto)
     smoothing = {"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}
     t_run = time.perf_counter()
 

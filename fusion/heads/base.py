@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -54,6 +55,8 @@ class FusionHead(nn.Module):
     name: ClassVar[str] = ""  # set by @register_head
     modalities: ClassVar[tuple[str, ...]] = MODALITIES
     needs: ClassVar[frozenset[str]] = BATCH_FIELDS
+    # False for heads that score a missing modality themselves (late, unimodal): no fallback
+    fallback_routing: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -62,6 +65,7 @@ class FusionHead(nn.Module):
         image_dim: int,
         num_classes: int,
         text_layers: int = 1,
+        fallback: bool = False,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -84,6 +88,15 @@ class FusionHead(nn.Module):
         self.internals: dict[str, Tensor] = {}
         # Set by create_head: {"head": spec, "dims": {...}, "options": {...}} to rebuild it.
         self.config: dict[str, Any] = {}
+        # fallback=True (docs/heads.md §6): one small classifier per modality on its pooled
+        # vector, trained (auxiliary loss) on every item that has that modality; an item
+        # lacking a modality is scored by the classifier of the one it has
+        self.fallback = bool(fallback) and self.fallback_routing and set(
+            self.modalities) == set(MODALITIES)
+        if self.fallback:
+            self.fallback_text = _fallback_classifier(text_dim, num_classes)
+            self.fallback_image = _fallback_classifier(image_dim, num_classes)
+        self._aux: tuple[Tensor, Tensor] | None = None
 
     @property
     def label(self) -> str:
@@ -110,14 +123,43 @@ class FusionHead(nn.Module):
         """Logits (B, K)."""
         self.attention = {}
         self.internals = {}
-        return self.forward_head(self.forward_features(batch))
+        logits = self.forward_head(self.forward_features(batch))
+        return self._fallback_route(batch, logits) if self.fallback else logits
+
+    def _fallback_route(self, batch: Batch, logits: Tensor) -> Tensor:
+        """Rows without their image take the text classifier's logits, rows without their
+        text the image classifier's (a row with neither keeps the fused logits)."""
+        text = self.fallback_text(batch.text_pooled)  # (B, K)
+        image = self.fallback_image(batch.image_pooled)  # (B, K)
+        self._aux = (text, image) if torch.is_grad_enabled() else None
+        t_ok, i_ok = batch.present("text"), batch.present("image")
+        if i_ok is not None:
+            keep = i_ok if t_ok is None else i_ok | ~t_ok
+            logits = torch.where(keep[:, None], logits, text)
+        if t_ok is not None:
+            keep = t_ok if i_ok is None else t_ok | ~i_ok
+            logits = torch.where(keep[:, None], logits, image)
+        return logits
 
     def loss(self, batch: Batch, logits: Tensor, class_weight: Tensor | None = None,
              label_smoothing: float = 0.0) -> Tensor:
-        """Cross-entropy of ``logits`` against ``batch.labels`` (mean over the batch).
-        Training passes ``label_smoothing`` only when it is not 0 (`--label-smoothing`)."""
-        return F.cross_entropy(logits, self._labels(batch), weight=class_weight,
-                               label_smoothing=label_smoothing)
+        """Cross-entropy of ``logits`` against ``batch.labels`` (mean over the batch), plus,
+        with ``fallback``, each fallback classifier's cross-entropy on the rows that have its
+        modality. Training passes ``label_smoothing`` only when it is not 0."""
+        y = self._labels(batch)
+        out = F.cross_entropy(logits, y, weight=class_weight, label_smoothing=label_smoothing)
+        if not self.fallback:
+            return out
+        aux = self._aux or (self.fallback_text(batch.text_pooled),
+                            self.fallback_image(batch.image_pooled))
+        self._aux = None
+        for logit, mod in zip(aux, MODALITIES, strict=True):
+            ok = batch.present(mod)
+            ok = torch.ones_like(y, dtype=torch.bool) if ok is None else ok
+            if ok.any():
+                out = out + F.cross_entropy(logit[ok], y[ok], weight=class_weight,
+                                            label_smoothing=label_smoothing)
+        return out
 
     def on_fit_end(self, val_batches: Callable[[], Iterable[Batch]]) -> dict[str, Any]:
         """Hook called once after training with a fresh iterator factory over validation
@@ -141,6 +183,11 @@ class FusionHead(nn.Module):
             f"text_dim={self.text_dim}, image_dim={self.image_dim}, "
             f"num_classes={self.num_classes}, text_layers={self.text_layers}"
         )
+
+
+def _fallback_classifier(dim: int, k: int) -> nn.Module:
+    return nn.Sequential(nn.Dropout(0.1), nn.Linear(dim, 256), nn.GELU(), nn.Dropout(0.1),
+                         nn.Linear(256, k))
 
 
 def check_choice(head: str, option: str, value: Any, choices: Iterable[Any]) -> None:

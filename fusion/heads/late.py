@@ -36,6 +36,7 @@ class LateHead(FusionHead):
     """
 
     needs = TextHead.needs | ImageHead.needs
+    fallback_routing = False  # scores a missing modality by the present half already
 
     def __init__(
         self,

@@ -205,6 +205,8 @@ def create_head(
     head = obj(**dims, **options)
     if not isinstance(head, FusionHead):
         raise HeadError(f"head factory '{label}' returned {type(head).__name__}, not a FusionHead")
+    if getattr(head, "fallback", False):  # the fallback classifiers read the pooled vectors
+        head.needs = frozenset(head.needs) | {"text_pooled", "image_pooled"}
     resolved = {k: v for k, v in accepted.items() if v is not inspect.Parameter.empty}
     resolved.update(options)
     head.config = {"head": label, "dims": dims, "options": resolved}

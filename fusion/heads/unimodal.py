@@ -22,6 +22,8 @@ __all__ = ["ImageHead", "TextHead"]
 
 
 class _UnimodalHead(FusionHead):
+    fallback_routing = False  # one modality: nothing to fall back to
+
     modality: ClassVar[str]
 
     def _build(self, pool: str, layer: int, hidden: int, dropout: float) -> None:
