@@ -294,7 +294,8 @@ def make_catalog(tmp_path):
 
 def kill_when(cmd: list[str], env: dict[str, str], marker, timeout: float = 180) -> None:
     """Run ``cmd`` and SIGKILL it (a real kill, no cleanup runs) as soon as file ``marker``
-    exists; fails if the process exits first or the marker never appears."""
+    exists (or the callable ``marker`` returns true); fails if the process exits first or the
+    moment never comes."""
     import signal
     import subprocess
     import time
@@ -302,9 +303,10 @@ def kill_when(cmd: list[str], env: dict[str, str], marker, timeout: float = 180)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + timeout
-        while not marker.exists():
+        ready = marker if callable(marker) else marker.exists
+        while not ready():
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, f"{marker} never appeared"
+            assert time.monotonic() < deadline, f"{marker} never happened"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:

@@ -7,11 +7,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import signal
 import sqlite3
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +21,7 @@ from cli.fusion_app import app
 from fusion.space import SEARCHABLE_TRAIN, parse_space
 from fusion.sweep import SweepConfig, sweep
 
-from .conftest import make_complementary_store
+from .conftest import kill_when, make_complementary_store
 from .test_train import _relabelled_copy
 
 runner = CliRunner()
@@ -190,7 +187,6 @@ def test_a_killed_sweep_resumes_with_the_same_command(store, tmp_path):
            "dim=8,16 lr=1e-3:1e-2:log", "--n-trials", "3", "--no-prune", "--epochs", "3",
            "--patience", "3", "--batch-size", "16", "--set", "hidden=8", "--threads", "1",
            "--out", str(out), "-q"]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     db = out / "study.db"
 
     def states() -> list[str]:
@@ -206,17 +202,7 @@ def test_a_killed_sweep_resumes_with_the_same_command(store, tmp_path):
             return []
         return [s for s, n in rows if s != "RUNNING" or n == 2]
 
-    try:
-        deadline = time.monotonic() + 240
-        while states()[:2] != ["COMPLETE", "RUNNING"]:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, f"trial 1 never started: {states()}"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when(cmd, ENV, lambda: states()[:2] == ["COMPLETE", "RUNNING"], timeout=240)
     assert not (out / "best").exists()
     before = _trials(out)
     assert [t.state.name for t in before] == ["COMPLETE", "RUNNING"]
