@@ -146,20 +146,36 @@ class ImageJob(_Job):
         super().bind(writer, name)
         self.n_regions = int(writer.meta["n_regions"])
 
+    def slots(self, b: int) -> tuple[int, int]:
+        """The image rows ``[lo, hi)`` of block ``b`` (one image per item: its item rows)."""
+        return self.writer.block_range(b)
+
+    def paths(self) -> list:
+        """The image of every image row."""
+        return self.cat.images
+
     def plan(self, blocks: list[int]) -> list[tuple[int, np.ndarray]]:
         out = []
         for b in blocks:
-            s, e = self.writer.block_range(b)
-            for j in range(s, e, self.batch_size):
-                out.append((b, np.arange(j, min(j + self.batch_size, e))))
+            lo, hi = self.slots(b)
+            out += [(b, np.arange(j, min(j + self.batch_size, hi)))
+                    for j in range(lo, hi, self.batch_size)]
         return out
 
     def dataset(self, plan: list[tuple[int, np.ndarray]]) -> torch.utils.data.Dataset:
-        return ImageBatches([r for _, r in plan], self.cat.images, self.enc.load_image,
+        return ImageBatches([r for _, r in plan], self.paths(), self.enc.load_image,
                             tuple(self.enc.input_shape))
 
+    def _buf(self, b: int) -> dict[str, Any]:
+        if b not in self.bufs:
+            lo, hi = self.slots(b)
+            self.bufs[b] = {"regions": np.zeros((hi - lo, self.n_regions, self.dim), np.float16),
+                            "pooled": np.zeros((hi - lo, self.pooled_dim), np.float32),
+                            "errors": [""] * (hi - lo)}
+        return self.bufs[b]
+
     def encode(self, b: int, rows: np.ndarray, item: Any) -> Callable[[], None]:
-        _, ok, pix, errs = item
+        _, ok, pix, errs = item  # image rows (see slots)
         host = event = None
         if len(ok):
             out = self.enc.encode(pix)
@@ -167,25 +183,21 @@ class ImageJob(_Job):
                                    "pooled": out["pooled"].float()})
 
         def scatter() -> None:
-            s, e = self.writer.block_range(b)
-            if b not in self.bufs:
-                self.bufs[b] = {
-                    "regions": np.zeros((e - s, self.n_regions, self.dim), np.float16),
-                    "pooled": np.zeros((e - s, self.pooled_dim), np.float32),
-                    "errors": [""] * (e - s)}
-            buf = self.bufs[b]
+            base = self.slots(b)[0]
+            buf = self._buf(b)
             if host is not None:
                 if event is not None:
                     event.synchronize()
-                buf["regions"][ok - s] = host["regions"].numpy()  # (B_ok, R, D)
-                buf["pooled"][ok - s] = host["pooled"].numpy()  # (B_ok, Dp)
-            for r, msg in errs.items():
-                buf["errors"][r - s] = msg
+                buf["regions"][ok - base] = host["regions"].numpy()  # (B_ok, R, D)
+                buf["pooled"][ok - base] = host["pooled"].numpy()  # (B_ok, Dp)
+            for j, msg in errs.items():
+                buf["errors"][j - base] = msg
 
         return scatter
 
     def write(self, b: int) -> None:
-        buf = self.bufs.pop(b)
+        buf = self._buf(b)
+        self.bufs.pop(b)
         self.writer.write_block(b, regions=buf["regions"], pooled=buf["pooled"],
                                 errors=buf["errors"])
 
@@ -212,48 +224,12 @@ class GalleryJob(ImageJob):
             raise InvalidInputError(f"--resume: the images per item of {name!r} differ from the "
                                     "stored gallery layout (catalog changed); use --overwrite")
 
-    def plan(self, blocks: list[int]) -> list[tuple[int, np.ndarray]]:
-        out = []
-        for b in blocks:
-            s, e = self.writer.block_range(b)
-            lo, hi = int(self.first[s]), int(self.first[e])
-            out += [(b, np.arange(j, min(j + self.batch_size, hi)))
-                    for j in range(lo, hi, self.batch_size)]
-        return out
+    def slots(self, b: int) -> tuple[int, int]:
+        s, e = self.writer.block_range(b)
+        return int(self.first[s]), int(self.first[e])
 
-    def dataset(self, plan: list[tuple[int, np.ndarray]]) -> torch.utils.data.Dataset:
-        return ImageBatches([r for _, r in plan], self.flat, self.enc.load_image,
-                            tuple(self.enc.input_shape))
-
-    def _buf(self, b: int) -> dict[str, Any]:
-        if b not in self.bufs:
-            s, e = self.writer.block_range(b)
-            k = int(self.first[e] - self.first[s])
-            self.bufs[b] = {"regions": np.zeros((k, self.n_regions, self.dim), np.float16),
-                            "pooled": np.zeros((k, self.pooled_dim), np.float32),
-                            "errors": [""] * k}
-        return self.bufs[b]
-
-    def encode(self, b: int, rows: np.ndarray, item: Any) -> Callable[[], None]:
-        _, ok, pix, errs = item  # indices into the flat image list
-        host = event = None
-        if len(ok):
-            out = self.enc.encode(pix)
-            host, event = to_host({"regions": f16(out["regions"]),
-                                   "pooled": out["pooled"].float()})
-
-        def scatter() -> None:
-            base = int(self.first[self.writer.block_range(b)[0]])
-            buf = self._buf(b)
-            if host is not None:
-                if event is not None:
-                    event.synchronize()
-                buf["regions"][ok - base] = host["regions"].numpy()  # (B_ok, R, D)
-                buf["pooled"][ok - base] = host["pooled"].numpy()  # (B_ok, Dp)
-            for j, msg in errs.items():
-                buf["errors"][j - base] = msg
-
-        return scatter
+    def paths(self) -> list:
+        return self.flat
 
     def write(self, b: int) -> None:
         buf = self._buf(b)
