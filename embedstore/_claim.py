@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import _storage
-from .errors import EmbedStoreError, FeatureExistsError, StoreIOError
+from .errors import FeatureExistsError
 from .format import group_document
 
 if TYPE_CHECKING:
@@ -24,21 +24,16 @@ def claim_group(store: Store, name: str, path: str, meta: dict, *, replace: bool
     """
     url, so = store.url, store.storage_options
     doc = group_document(meta)
-    try:
-        if replace:
-            _storage.remove_prefix(url, so, path)
-        _storage.test_pause("claim")
-        _storage.put_exclusive(url, so, f"{path}/zarr.json", doc)
-    except FileExistsError:
-        raise FeatureExistsError(
-            f"feature set {name!r} in {url!r} is being created by another writer (its group "
-            "appeared between our check and our create); wait for it and use --resume to join "
-            "it, or pick another name") from None
-    except EmbedStoreError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        if not _storage.is_io_error(e):
-            raise
-        raise StoreIOError(f"cannot create feature set {name!r} in {url!r}: "
-                           f"{_storage.describe(e)}; check permissions and free space") from None
+    with _storage.io_errors(lambda why: f"cannot create feature set {name!r} in {url!r}: "
+                            f"{why}; check permissions and free space"):
+        try:
+            if replace:
+                _storage.remove_prefix(url, so, path)
+            _storage.test_pause("claim")
+            _storage.put_exclusive(url, so, f"{path}/zarr.json", doc)
+        except FileExistsError:
+            raise FeatureExistsError(
+                f"feature set {name!r} in {url!r} is being created by another writer (its "
+                "group appeared between our check and our create); wait for it and use "
+                "--resume to join it, or pick another name") from None
     _storage.remove_prefix(url, so, path, keep=("zarr.json",))  # leftovers of a dead writer

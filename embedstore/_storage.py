@@ -15,6 +15,8 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
@@ -22,7 +24,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import WrapperStore
 
-from .errors import EmbedStoreError, InvalidInputError, StoreCorruptError
+from .errors import EmbedStoreError, InvalidInputError, StoreCorruptError, StoreIOError
 
 __all__ = [
     "PrefixSet",
@@ -324,6 +326,21 @@ def is_io_error(e: BaseException) -> bool:
 def describe(e: BaseException) -> str:
     msg = str(e).replace("\n", " ").strip()
     return f"{type(e).__name__}: {msg[:300]}"
+
+
+@contextmanager
+def io_errors(message: Callable[[str], str]) -> Iterator[None]:
+    """A storage failure (disk full, permission, connection) inside the block becomes one
+    :class:`StoreIOError` whose text is ``message(describe(error))``; our own errors and bad
+    data pass through unchanged."""
+    try:
+        yield
+    except EmbedStoreError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if not is_io_error(e):
+            raise
+        raise StoreIOError(message(describe(e))) from None
 
 
 def test_pause(point: str, arg: Any = None) -> None:

@@ -14,7 +14,6 @@ from . import _storage
 from ._claim import claim_group
 from ._gallery_write import cast_rows, gallery_block, gallery_layout
 from .errors import (
-    EmbedStoreError,
     FeatureChangedError,
     FeatureExistsError,
     FeatureIncompleteError,
@@ -183,16 +182,10 @@ class FeatureWriter:
     def open(cls, store: Store, name: str) -> FeatureWriter:
         """The pending replacement ``features/.<name>.new`` if there is one, else the set."""
         pending = f"features/.{name}.new"
-        try:
+        with _storage.io_errors(lambda why: f"cannot open feature set {name!r} in "
+                                f"{store.url!r}: {why}"):
             if store.location.exists(f"{pending}/zarr.json"):
                 return cls(store, name, pending)
-        except EmbedStoreError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            if not _storage.is_io_error(e):
-                raise
-            raise StoreIOError(f"cannot open feature set {name!r} in {store.url!r}: "
-                               f"{_storage.describe(e)}") from None
         store.feature_group(name)  # raises FeatureNotFoundError with the available names
         return cls(store, name, f"features/{name}")
 

@@ -20,7 +20,7 @@ from sklearn.model_selection import (
 )
 
 from . import _storage
-from .errors import EmbedStoreError, InvalidInputError, StoreExistsError, StoreIOError
+from .errors import InvalidInputError, StoreExistsError, StoreIOError
 from .format import (
     ATTRS_KEY,
     ROOT_ARRAYS,
@@ -300,7 +300,9 @@ def create_store(url: str | os.PathLike, ids: Sequence[Any], labels: Sequence[An
                          groups_fingerprint=fingerprint_ids(group_arr, None))
     _claim_root(url, storage_options, creating_marker(fingerprint, fold_opts), overwrite)
     loc = Location(url, storage_options, read_only=False)
-    try:
+    with _storage.io_errors(lambda why: f"cannot create the store at {url!r}: {why}; fix the "
+                            "storage and run the same command again (an interrupted creation "
+                            "is finished by creating the same dataset)"):
         root = loc.open_group("", mode="r+")
         create_arrays(root, dataset_arrays(n, codes is not None, group_arr is not None),
                       {"ids": ids_arr.astype(str), "labels": codes, "folds": fold_arr,
@@ -315,14 +317,6 @@ def create_store(url: str | os.PathLike, ids: Sequence[Any], labels: Sequence[An
                          fold_opts=fold_opts, stratified=stratified,
                          folds_fingerprint=fingerprint_folds(fold_arr))
         root.attrs[ATTRS_KEY] = meta  # the store exists from here on
-    except EmbedStoreError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        if not _storage.is_io_error(e):
-            raise
-        raise StoreIOError(f"cannot create the store at {url!r}: {_storage.describe(e)}; fix "
-                           "the storage and run the same command again (an interrupted creation "
-                           "is finished by creating the same dataset)") from None
     store = Store(loc, root, mode="r+")
     store.consolidate()
     return store

@@ -58,16 +58,10 @@ def create_arrays(group: zarr.Group, specs: dict, data: dict[str, Any] | None = 
 def io_call(fn: Callable[[], T], what: str) -> T:
     """Run a storage operation; storage failures (disk full, permission denied, connection
     lost) become one :class:`StoreIOError` that says finished rows are kept."""
-    try:
+    with _storage.io_errors(lambda why: f"cannot {what}: {why}; rows finished before are "
+                            "kept: fix the cause (disk space, permissions, network) and re-run "
+                            "with --resume"):
         return fn()
-    except EmbedStoreError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        if not _storage.is_io_error(e):
-            raise
-        raise StoreIOError(
-            f"cannot {what}: {_storage.describe(e)}; rows finished before are kept: fix the "
-            "cause (disk space, permissions, network) and re-run with --resume") from None
 
 
 def read_array(arr, what: str) -> np.ndarray:
