@@ -230,7 +230,7 @@ def predict(run: Run | str | os.PathLike, store: Store | str | os.PathLike,
     large = lay["layout"] == TOPK
     job = _Job(store, sel, batch_size, resolve_device(device), trust_code, progress)
     stacked = run.config.get("kind") == "stack"
-    job.total = len(sel) * (_count_head_runs(run) if stacked else 1)
+    job.total = len(sel) * (_count_head_runs(run, job) if stacked else 1)
     step = max(1, BLOCK_ROWS // 4) if large else max(1, len(sel))
     parts = []
     with torch_threads(threads):
@@ -262,7 +262,7 @@ class _Job:
     progress: Callable[[int, int], None] | None
     total: int = 0
     done: int = 0
-    models: dict = field(default_factory=dict)  # loaded fold models per run, across row blocks
+    models: dict = field(default_factory=dict)  # loaded runs / models, kept across row blocks
 
 
 def _mean(fold_probs: np.ndarray) -> np.ndarray:
@@ -270,22 +270,29 @@ def _mean(fold_probs: np.ndarray) -> np.ndarray:
     return probs / np.maximum(probs.sum(1, keepdims=True), 1e-12)
 
 
-def _sources(run: Run) -> list[Run]:
-    return [load_run(source_path(run, s)) for s in run.config["sources"]]
+def _sources(run: Run, job: _Job) -> list[Run]:
+    """The stack's source runs, loaded once per prediction (kept across row blocks)."""
+    key = ("sources", str(run.path.resolve()))
+    if key not in job.models:
+        job.models[key] = [load_run(source_path(run, s)) for s in run.config["sources"]]
+    return job.models[key]
 
 
-def _count_head_runs(run: Run) -> int:
+def _count_head_runs(run: Run, job: _Job) -> int:
     if run.config.get("kind") != "stack":
         return 1
-    return sum(_count_head_runs(r) for r in _sources(run))
+    return sum(_count_head_runs(r, job) for r in _sources(run, job))
 
 
 def _stack_probs(run: Run, job: _Job) -> np.ndarray:
     """A stack run's probabilities: its sources predicted first, then its saved stackers."""
-    models = load_stack_models(run)
+    key = ("stackers", str(run.path.resolve()))
+    if key not in job.models:
+        job.models[key] = load_stack_models(run)
+    models = job.models[key]
     per_fold: list[np.ndarray] = []
     mean: list[np.ndarray] = []
-    for src in _sources(run):
+    for src in _sources(run, job):
         if list(src.config["classes"]) != list(run.config["classes"]):
             raise PredictError(f"source run {src.path.name!r} of stack {run.path.name!r} has "
                                "other classes than the stack; it was replaced after stacking")
@@ -325,7 +332,7 @@ def _head_fold_probs(run: Run, job: _Job) -> np.ndarray:
     folds = sorted({fold_of(f) for f in files})
     slot = np.array([folds.index(fold_of(f)) for f in files])
     per_fold = np.bincount(slot, minlength=len(folds)).astype(np.float32)
-    key = str(run.path.resolve())
+    key = ("folds", str(run.path.resolve()))
     if key not in job.models:
         job.models[key] = load_fold_models(run_head_config(run), files, job.device,
                                            trust_code=job.trust_code,
