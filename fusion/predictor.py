@@ -86,6 +86,9 @@ class Predictor:
         self.text_cols = tuple(cat_t.get("text_cols") or ("title", "description"))
         self.image_col = cat_i.get("image_col") or "image"
         self.feature_doc = {"text": text, "image": image}
+        # heads with equal features share one encoding of a batch (a stack's sources)
+        self._feature_key = json.dumps([doc.get("features"), layer_pos], sort_keys=True,
+                                       default=str)
 
     def _heads(self) -> Iterator[Predictor]:
         """Every head predictor of this bundle (itself, or its sources', recursively)."""
@@ -256,7 +259,7 @@ class Predictor:
     def _batch(self, texts: Sequence[str], images: Sequence[Any], cache: dict[str, Batch]
                ) -> Batch:
         """This head's features for one batch, encoded once per distinct configuration."""
-        key = json.dumps([self.doc["features"], self.layer_pos], sort_keys=True, default=str)
+        key = self._feature_key
         if key not in cache:
             cache[key] = self._features(texts, images)
         return cache[key]

@@ -129,10 +129,13 @@ class FusionHead(nn.Module):
     def _fallback_route(self, batch: Batch, logits: Tensor) -> Tensor:
         """Rows without their image take the text classifier's logits, rows without their
         text the image classifier's (a row with neither keeps the fused logits)."""
+        t_ok, i_ok = batch.present("text"), batch.present("image")
+        training = torch.is_grad_enabled()
+        if t_ok is None and i_ok is None and not training:
+            return logits  # every row has both: nothing to route, no auxiliary loss
         text = self.fallback_text(batch.text_pooled)  # (B, K)
         image = self.fallback_image(batch.image_pooled)  # (B, K)
-        self._aux = (text, image) if torch.is_grad_enabled() else None
-        t_ok, i_ok = batch.present("text"), batch.present("image")
+        self._aux = (text, image) if training else None
         if i_ok is not None:
             keep = i_ok if t_ok is None else i_ok | ~t_ok
             logits = torch.where(keep[:, None], logits, text)
