@@ -81,13 +81,12 @@ def _timed(fn) -> float:
 
 
 def _paired_medians(ours, baseline, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``ours()`` and ``baseline()``, run alternately (a load that changes
-    during the run hits both sides alike). A callable returning a float reports its own time."""
+    """Medians of ``ours()`` and ``baseline()``, each returning its own seconds, run
+    alternately (a load that changes during the run hits both sides alike)."""
     a, b = [], []
     for _ in range(repeats):
-        for fn, out in ((ours, a), (baseline, b)):
-            t = _timed(lambda f=fn, o=out: o.append(f()))
-            out[-1] = out[-1] if isinstance(out[-1], float) else t
+        a.append(ours())
+        b.append(baseline())
     return statistics.median(a), statistics.median(b)
 
 
@@ -105,8 +104,8 @@ def store_section(work: Path, n: int, repeats: int, head: str) -> dict:
                               fields=frozenset(getattr(m, "needs", ()))):
             m(Batch(**d))
 
-    t_pred, t_fwd = _paired_medians(lambda: predict(run, store, batch_size=256),
-                                    forward_epoch, repeats)
+    t_pred, t_fwd = _paired_medians(lambda: _timed(lambda: predict(run, store, batch_size=256)),
+                                    lambda: _timed(forward_epoch), repeats)
     return {"section": "store", "items": n, "head": head, "fold_models": len(models),
             "predict_s": round(t_pred, 3), "forward_epoch_s": round(t_fwd, 3),
             "ratio_per_model": round(t_pred / (len(models) * t_fwd), 3), "goal": 1.2}
@@ -141,8 +140,9 @@ def bundle_section(work: Path, n: int, repeats: int, batch_size: int = 32) -> di
             te.encode(te.tokenize(c.texts[s:s + batch_size]))
             ie.encode(torch.stack([ie.load_image(x) for x in c.images[s:s + batch_size]]))
 
-    t_bundle, t_bare = _paired_medians(lambda: p.predict_catalog(cat, batch_size=batch_size),
-                                       bare, repeats)
+    t_bundle, t_bare = _paired_medians(
+        lambda: _timed(lambda: p.predict_catalog(cat, batch_size=batch_size)),
+        lambda: _timed(bare), repeats)
     return {"section": "bundle", "items": len(c.ids), "bundle_s": round(t_bundle, 3),
             "bare_encoders_s": round(t_bare, 3), "ratio": round(t_bundle / t_bare, 3),
             "goal": 1.15}

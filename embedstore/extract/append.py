@@ -44,12 +44,12 @@ from .config import ExtractConfig
 from .pipeline import extract
 from .progress import Progress
 
-__all__ = ["append"]
+__all__ = ["append", "set_config"]
 
 NO_FOLD = -2  # folds value of rows trained on by no fold (docs/format.md §2.2)
 
 
-def _set_config(fs, **over: Any) -> ExtractConfig:
+def set_config(fs, **over: Any) -> ExtractConfig:
     """The extraction options feature set ``fs`` was written with, for its part of a segment."""
     rec = dict(fs.meta.get("extract") or {})
     if not rec:
@@ -89,7 +89,7 @@ def _checks(store: Store, catalog: str, no_folds: bool, only: Sequence[str] | No
         raise InvalidInputError(f"feature set {gallery[0]!r} of {store.url!r} is a gallery "
                                 "(several images per item), which cannot be appended to yet; "
                                 "extract the old and new items together into a new store")
-    confs = [_set_config(fs) for fs in sets]
+    confs = [set_config(fs) for fs in sets]
     rec = confs[0]
     text = next((c for c in confs if c.text), None)
     image = next((c for c in confs if c.image), None)
@@ -172,7 +172,7 @@ def append(catalog: str | os.PathLike, store_url: str | os.PathLike, *, resume: 
         except StoreExistsError:  # created by the interrupted run: --resume goes on
             pass
         for fs in sets:
-            cfg = _set_config(fs, resume=True, storage_options=storage_options, **overrides)
+            cfg = set_config(fs, resume=True, storage_options=storage_options, **overrides)
             results += extract(catalog, sub, cfg, progress=progress)
     _commit(url, storage_options, store, seg_id, cat, plan, folds, salt)
     return results

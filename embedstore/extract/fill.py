@@ -20,7 +20,7 @@ from ..errors import InvalidInputError
 from ..format import segment_path
 from ..provenance import ProvenanceError, encoder_from_feature, weights_mismatch
 from ..store import open_store
-from .append import _set_config
+from .append import set_config
 from .pipeline import extract_catalog
 from .progress import Progress
 
@@ -44,7 +44,7 @@ def fill(catalog: str | os.PathLike, store_url: str | os.PathLike, names: Sequen
                 if name not in p.features or p.features[name].status != "complete"]
         if not segs:
             continue
-        cfg = _set_config(fs, resume=True, storage_options=storage_options, **overrides)
+        cfg = set_config(fs, resume=True, storage_options=storage_options, **overrides)
         enc = encoder_from_feature(fs, flag="--fill")
         wm = weights_mismatch(fs, enc)
         if wm:
