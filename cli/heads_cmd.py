@@ -36,7 +36,9 @@ def heads(json_out: JsonFlag = False) -> None:
     if json_out:
         console.print_json(json.dumps(data, default=str))
         return
-    t = Table("head", "modalities", "options (defaults)", "what")
+    t = Table("head", "modalities", "options (defaults)", "what",
+              caption="Every text+image head but late also takes fallback=true|false (default: "
+              "on when the training store has items without a modality; docs/heads.md §6).")
     for h, d in data.items():
         t.add_row(h, "+".join(d["modalities"]),
                   escape(", ".join(f"{k}={v}" for k, v in d["options"].items())),
