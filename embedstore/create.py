@@ -36,7 +36,7 @@ from .version import __version__
 from .zarrio import Location, create_arrays
 
 __all__ = ["hash_folds", "SKLEARN_MAX_GROUPS", "create_store", "group_holdout", "grouped_folds", "majority_class",
-           "make_folds", "round_robin_folds"]
+           "make_folds", "pooled_strata", "round_robin_folds"]
 
 _ROOT_NAMES = (*ROOT_ARRAYS, "features", "zarr.json")
 
@@ -45,8 +45,9 @@ def make_folds(labels: np.ndarray | None, n: int, *, k: int = 5, seed: int = 0,
                holdout: float = 0.2, groups: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
     """Canonical fold per item: 0..k-1, or -1 for the holdout share.
 
-    Stratified (scikit-learn) when labels are given and every class has enough items; otherwise
-    a seeded shuffle. With ``groups`` (a group code per item) every group lands in one fold or
+    Stratified (scikit-learn) when labels are given, best-effort with a long tail (the classes
+    too small for a split share one stratum, :func:`pooled_strata`; ``stratified`` is then
+    False); a seeded shuffle without labels. With ``groups`` (a group code per item) every group lands in one fold or
     wholly in the holdout (:func:`grouped_folds`). Returns ``(folds int8 [N], stratified)``.
     """
     if k < 2:
@@ -65,11 +66,11 @@ def make_folds(labels: np.ndarray | None, n: int, *, k: int = 5, seed: int = 0,
         stratified = bool(len(counts) > 1 and counts.min() >= 2)
     n_hold = int(round(holdout * n))
     if n_hold > 0:
-        strat = labels if stratified else None
+        strata = None if labels is None else pooled_strata(labels, 2)
         try:
             train_idx, _ = train_test_split(idx, test_size=n_hold, random_state=seed,
-                                            stratify=strat)
-        except ValueError:  # too few items per class for a stratified holdout
+                                            stratify=strata)
+        except ValueError:  # fewer held-out items than strata
             train_idx, _ = train_test_split(idx, test_size=n_hold, random_state=seed)
             stratified = False
     else:
@@ -78,18 +79,35 @@ def make_folds(labels: np.ndarray | None, n: int, *, k: int = 5, seed: int = 0,
         raise InvalidInputError(f"{len(train_idx)} trainable items cannot be split into {k} "
                                 "folds; lower --folds or --holdout")
     parts = None
-    if stratified:
+    if labels is not None:
         tr_counts = np.bincount(labels[train_idx])
-        if tr_counts[tr_counts > 0].min() >= k:
+        stratified = stratified and bool(tr_counts[tr_counts > 0].min() >= k)
+        strata = pooled_strata(labels[train_idx], k)
+        if strata is not None:
             splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-            parts = splitter.split(train_idx, labels[train_idx])
-        else:
-            stratified = False
+            parts = splitter.split(train_idx, strata)
     if parts is None:
         parts = KFold(n_splits=k, shuffle=True, random_state=seed).split(train_idx)
     for f, (_, test) in enumerate(parts):
         folds[train_idx[test]] = f
     return folds, stratified
+
+
+def pooled_strata(labels: np.ndarray, need: int) -> np.ndarray | None:
+    """Strata for a best-effort stratified split: each class with at least ``need`` items is its
+    own stratum; the rarer classes share one pooled stratum (folded into the largest class when
+    the pool itself has fewer than ``need`` items). ``None`` when fewer than two strata are left
+    (nothing to stratify). A class too small for every fold to get one of its items is spread
+    like the pool, so a long tail keeps the head classes' folds balanced (issue 15)."""
+    codes, counts = np.unique(labels, return_inverse=True, return_counts=True)[1:]
+    codes = codes.reshape(-1)
+    rare = counts < need
+    if not rare.any():
+        return codes if len(counts) > 1 else None
+    strata = np.where(rare[codes], len(counts), codes)
+    if counts[rare].sum() < need:
+        strata[rare[codes]] = int(np.argmax(counts))
+    return strata if len(np.unique(strata)) > 1 else None
 
 
 def hash_folds(keys: Sequence[str], *, k: int, holdout: float, salt: str) -> np.ndarray:
@@ -113,7 +131,7 @@ def grouped_folds(labels: np.ndarray | None, groups: np.ndarray, *, k: int, seed
     """Folds that never split a group: a group-aware holdout (:func:`group_holdout`), then
     scikit-learn's ``StratifiedGroupKFold`` over the other items, or :func:`round_robin_folds`
     above :data:`SKLEARN_MAX_GROUPS` trainable groups. Stratified when every class has >= k
-    trainable items, else by groups only. Returns ``(folds int8 [N], stratified)``."""
+    trainable items, else best-effort (:func:`pooled_strata`). Returns ``(folds int8 [N], stratified)``."""
     codes = np.unique(groups, return_inverse=True)[1].reshape(-1)
     y = np.zeros(len(codes), np.int64) if labels is None else np.asarray(labels, np.int64)
     folds = np.full(len(codes), -1, dtype=np.int8)
@@ -125,7 +143,9 @@ def grouped_folds(labels: np.ndarray | None, groups: np.ndarray, *, k: int, seed
     counts = np.bincount(y[train_idx])
     counts = counts[counts > 0]
     stratified = bool(labels is not None and len(counts) > 1 and counts.min() >= k)
-    target = y[train_idx] if stratified else np.zeros(len(train_idx), np.int64)
+    target = y[train_idx] if stratified else pooled_strata(y[train_idx], k)
+    if target is None:
+        target = np.zeros(len(train_idx), np.int64)
     if n_groups > SKLEARN_MAX_GROUPS:
         folds[train_idx] = round_robin_folds(target, codes[train_idx], k, seed)
     else:

@@ -20,6 +20,7 @@ import fusion
 from cli.embedstore_app import app as es_app
 from cli.fusion_app import app as fusion_app
 from embedstore import create_store
+from embedstore.create import make_folds
 from embedstore.classes import frequency_buckets
 from fusion.data import RareClassWarning, inner_split
 from fusion.html_report import html_report
@@ -210,3 +211,20 @@ def test_the_cli_prints_the_rare_class_warning_as_one_line(zipf_run, tmp_path):
     lines = [ln for ln in out.stderr.splitlines() if "fewer trainable items" in ln]
     assert len(lines) == 1 and lines[0].startswith("warning: 6 of 20 classes"), out.stderr
     assert "RareClassWarning" not in out.stderr and "warnings.warn" not in out.stderr
+
+
+@pytest.mark.parametrize("holdout", [0.0, 0.2])
+def test_a_long_tail_keeps_the_head_classes_stratified(holdout):
+    """Best-effort stratification: classes with fewer items than folds share one pooled stratum,
+    so a tail of 1-item classes does not turn every class's folds into a plain shuffle."""
+    sizes = np.maximum(1, 3000 // np.arange(1, 1201))  # Zipf: 3000 .. 2, then 500 of size 2-1
+    y = np.random.default_rng(0).permutation(np.repeat(np.arange(len(sizes)), sizes))
+    folds, stratified = make_folds(y, len(y), k=5, seed=0, holdout=holdout)
+    assert not stratified  # not every class could be stratified: the store says so
+    want = np.bincount(folds + 1, minlength=6) / len(y)
+    for c in np.flatnonzero(sizes >= 200):
+        share = np.bincount(folds[y == c] + 1, minlength=6) / sizes[c]
+        assert np.abs(share - want).max() < 0.012, (c, share.round(3), want.round(3))
+    tail = np.flatnonzero(sizes < 5)
+    in_fold = np.isin(y, tail) & (folds >= 0)
+    assert np.bincount(folds[in_fold], minlength=5).min() > 0.15 * in_fold.sum()  # spread evenly
