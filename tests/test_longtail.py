@@ -20,8 +20,8 @@ import fusion
 from cli.embedstore_app import app as es_app
 from cli.fusion_app import app as fusion_app
 from embedstore import create_store
-from embedstore.create import make_folds
 from embedstore.classes import frequency_buckets
+from embedstore.create import make_folds
 from fusion.data import RareClassWarning, inner_split
 from fusion.html_report import html_report
 from fusion.metrics import f1_by_frequency
