@@ -7,7 +7,7 @@ imports the app.
 
 from __future__ import annotations
 
-from . import heads_cmd, predict_cmd, runs_cmd, stack_cmd, sweep_cmd, train_cmd
+from . import heads_cmd, merge_cmd, predict_cmd, runs_cmd, stack_cmd, sweep_cmd, train_cmd
 from ._common import make_app, run_app
 
 __all__ = ["app", "main"]
@@ -34,6 +34,7 @@ app.command("check-head")(heads_cmd.check_head)
 app.command("predict")(predict_cmd.predict)
 app.command("export")(predict_cmd.export)
 app.command("sweep")(sweep_cmd.sweep)
+app.command("merge")(merge_cmd.merge)
 
 
 def main() -> None:

@@ -26,7 +26,8 @@ from .errors import TrainError
 from .heads import create_head, resolve_head, spec_of
 
 __all__ = ["Setup", "prepare", "pick_features", "cached_batches", "class_weights", "inner_split",
-           "rare_classes", "RareClassWarning", "drop_modalities", "availability"]
+           "rare_classes", "RareClassWarning", "drop_modalities", "availability",
+           "store_availability"]
 
 
 @dataclass
@@ -224,12 +225,18 @@ def availability(s: Setup) -> tuple[np.ndarray, np.ndarray]:
     such sets every item counts as having it. For a gallery image set (several images per
     item) ``image_ok`` is (N,) int64 instead: each item's number of readable images (0 = none),
     which :func:`fusion.metrics.by_availability` also breaks down by."""
+    return store_availability(s.store, s.tfs, s.ifs)
+
+
+def store_availability(store: Store, tfs: Any, ifs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`availability` of a store and the text / image feature sets a run reads (None
+    for a modality it does not read)."""
     out = []
-    for mod, fs in (("text", s.tfs), ("image", s.ifs)):
+    for mod, fs in (("text", tfs), ("image", ifs)):
         if fs is None:
-            cands = [n for n in s.store.features if s.store.features[n].modality == mod]
-            fs = s.store.features[cands[0]] if len(cands) == 1 else None
-        ok = np.ones(s.store.n_items, bool) if fs is None else fs.presence() == PRESENT
+            cands = [n for n in store.features if store.features[n].modality == mod]
+            fs = store.features[cands[0]] if len(cands) == 1 else None
+        ok = np.ones(store.n_items, bool) if fs is None else fs.presence() == PRESENT
         if fs is not None and getattr(fs, "gallery", False):
             c = np.concatenate([[0], np.cumsum(fs.image_ok(), dtype=np.int64)])
             off, n = fs.offsets()[:-1], fs.n_images()
