@@ -130,6 +130,9 @@ def extract(
     gallery: Annotated[bool | None, typer.Option("--gallery", help="Write the image set as a "
                        "gallery (several images per item, '|' between paths in a CSV cell) even "
                        "if every item has one image; automatic when some item has more.")] = None,
+    codec: Annotated[str | None, typer.Option(help="Compressor of the cached features: lz4 "
+                     "(fast reads, every training epoch) or zstd (smaller on CNN maps, for "
+                     f"stores shipped over a network) (default {_D.codec}).")] = None,
     append: Annotated[bool, typer.Option("--append", help="Add the catalog's new items to "
                       "an existing store as a segment, filling every feature set with its "
                       "recorded encoder (no encoder flags needed).")] = False,
@@ -186,7 +189,7 @@ def extract(
         batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
         text_name=text_name, image_name=image_name, folds=folds, seed=seed, holdout=holdout,
         resume=resume, overwrite=overwrite, max_error_rate=max_error_rate,
-        block_rows=block_rows, gallery=gallery,
+        block_rows=block_rows, gallery=gallery, codec=codec,
         storage_options=parse_storage_options(storage_option))
     if label_col == "":  # '' = the catalog has no labels
         cfg = dataclasses.replace(cfg, label_col=None)

@@ -23,7 +23,9 @@ from .errors import (
 from .format import (
     ATTRS_KEY,
     DEFAULT_BLOCK_ROWS,
+    DEFAULT_FLOAT_CODEC,
     MODALITIES,
+    check_codec,
     derive_presence,
     feature_array_specs,
     feature_arrays,
@@ -103,14 +105,16 @@ class FeatureWriter:
                pooled_dim: int | None = None, block_rows: int = DEFAULT_BLOCK_ROWS,
                dtype: str = "float16", attrs: dict | None = None,
                overwrite: bool = False,
-               n_images: Sequence[int] | np.ndarray | None = None) -> FeatureWriter:
+               n_images: Sequence[int] | np.ndarray | None = None,
+               codec: str = DEFAULT_FLOAT_CODEC) -> FeatureWriter:
         """Create the feature set's group and arrays (all rows not done).
 
         The group's ``zarr.json``, with the full attributes, is written first and exclusively:
         of two writers creating the same set, one wins and the other gets
         :class:`FeatureExistsError`. Replacing an existing set (``overwrite``) builds it under
         ``features/.<name>.new`` and swaps it in at :meth:`finalize`. ``n_images`` (image
-        sets): images per item; given, the set is a gallery (docs/format.md §2.6).
+        sets): images per item; given, the set is a gallery (docs/format.md §2.6). ``codec``:
+        the compressor of the float arrays (:data:`embedstore.format.FLOAT_CODECS`).
         """
         n = store.n_items
         if modality not in MODALITIES:
@@ -121,6 +125,7 @@ class FeatureWriter:
             raise InvalidInputError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
         if dim < 1:
             raise InvalidInputError(f"dim must be >= 1, got {dim}")
+        check_codec(codec)
         layout: dict[str, Any] = {}
         data: dict[str, np.ndarray] = {}
         total = 0
@@ -170,7 +175,7 @@ class FeatureWriter:
 
         def make_arrays() -> None:
             grp = store.location.open_group(path, mode="r+")
-            create_arrays(grp, feature_array_specs(meta, total), data)
+            create_arrays(grp, feature_array_specs(meta, total, codec), data)
 
         what = f"feature set {name!r} in {store.url!r}"
         io_call(make_arrays, f"create {what}")

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .errors import StoreFormatError
+from .errors import InvalidInputError, StoreFormatError
 from .gallery import (  # §2.6, re-exported
     GALLERY_ARRAYS,
     gallery_array_specs,
@@ -44,8 +44,8 @@ __all__ = [
     "feature_array_specs", "parse_root_attrs", "parse_feature_attrs", "token_layout",
     "token_chunk_size", "region_chunk_rows", "fingerprint_ids", "fingerprint_folds",
     "expected_chunks", "DEFAULT_BLOCK_ROWS", "PRESENT", "ABSENT", "FAILED", "ABSENT_TEXT",
-    "ABSENT_IMAGE", "derive_presence", "check_presence", "GALLERY_ARRAYS", "is_gallery", "gallery_item_rows",
-]
+    "ABSENT_IMAGE", "derive_presence", "check_presence", "GALLERY_ARRAYS", "is_gallery",
+    "gallery_item_rows", "FLOAT_CODECS", "DEFAULT_FLOAT_CODEC", "check_codec"]
 
 FORMAT_VERSION = 1  # what a new store is written as; its first append makes it format 2
 READ_FORMAT = 2  # the newest format this version reads (format 2: segments, docs/format.md)
@@ -60,6 +60,10 @@ _TOKEN_CHUNK_BYTES = 512 * 1024
 _REGION_CHUNK_BYTES = 4 * 1024 * 1024
 _SMALL_CHUNK = 262144  # rows per chunk of the 1-d arrays (labels, folds, offsets, lengths)
 _IDS_CHUNK = 65536
+# Compressor of a feature set's float arrays, all others zstd (docs/format.md §6): "lz4" (Blosc)
+# decodes at memory speed; "zstd" is smaller on sparse CNN maps, slower on every epoch.
+FLOAT_CODECS = ("lz4", "zstd")
+DEFAULT_FLOAT_CODEC = "lz4"
 
 
 # -- names ------------------------------------------------------------------------------------
@@ -88,12 +92,22 @@ def feature_arrays(modality: str) -> tuple[str, ...]:
 
 
 class ArraySpec(NamedTuple):
-    """Shape, dtype, chunk shape and fill value of one array."""
+    """Shape, dtype, chunk shape, fill value, compressor (:data:`FLOAT_CODECS`) of an array."""
 
     shape: tuple[int, ...]
     dtype: Any
     chunks: tuple[int, ...]
     fill_value: Any = None
+    codec: str = "zstd"
+
+
+def check_codec(codec: str) -> str:
+    """``codec`` if it is one of :data:`FLOAT_CODECS`, else one line naming the choices."""
+    if codec not in FLOAT_CODECS:
+        raise InvalidInputError(f"--codec must be one of {', '.join(FLOAT_CODECS)}, got {codec!r}: "
+                               f"{DEFAULT_FLOAT_CODEC} (the default) for fast reads, zstd for "
+                               "smaller stores shipped over a network")
+    return codec
 
 
 def utc_now() -> str:
@@ -178,9 +192,11 @@ def feature_meta(*, name: str, modality: str, dim: int, pooled_dim: int, n_items
     return meta
 
 
-def feature_array_specs(meta: dict, total_tokens: int = 0) -> dict[str, ArraySpec]:
+def feature_array_specs(meta: dict, total_tokens: int = 0,
+                        codec: str = DEFAULT_FLOAT_CODEC) -> dict[str, ArraySpec]:
     """Every array of the feature set ``meta`` describes (``total_tokens``: the ragged
-    layout's length: tokens, or a gallery's image rows), in :func:`feature_arrays` order."""
+    layout's length: tokens, or a gallery's image rows), in :func:`feature_arrays` order; its
+    float arrays compressed with ``codec``, the others with zstd."""
     n, dim, block = int(meta["n_items"]), int(meta["dim"]), int(meta["block_rows"])
     pdim, dtype = int(meta.get("pooled_dim", dim)), meta["dtype"]
     rows = (min(block, n),)
@@ -202,7 +218,9 @@ def feature_array_specs(meta: dict, total_tokens: int = 0) -> dict[str, ArraySpe
     out["done"] = ArraySpec((n,), "bool", rows, False)
     out["errors"] = ArraySpec((n,), str, rows, "")
     out["presence"] = ArraySpec((n,), "uint8", rows, ABSENT)
-    return out
+    check_codec(codec)
+    return {k: v._replace(codec=codec) if np.dtype(v.dtype).kind == "f" else v
+            for k, v in out.items()}
 
 
 # -- validators -------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Zarr-level helpers under the feature-set reader, the writer and :class:`Store`.
 
-* :func:`array_kwargs` / :func:`codecs`: the options of every array (zstd + crc32c, every
-  chunk written);
+* :func:`array_kwargs` / :func:`codecs`: the options of every array (zstd or Blosc-LZ4, then
+  crc32c; every chunk written);
 * :func:`read_array` / :func:`read_error`: whole-array reads whose failures name the array and
   the first bad chunk; :func:`io_call`: storage failures as one :class:`StoreIOError`;
 * :class:`Location`: a store URL opened as a Zarr store, with the operations every layer above
@@ -22,7 +22,7 @@ import zarr.codecs
 
 from . import _storage
 from .errors import EmbedStoreError, StoreCorruptError, StoreFormatError, StoreIOError
-from .format import ATTRS_KEY
+from .format import ATTRS_KEY, check_codec
 
 __all__ = ["Location", "array_kwargs", "codecs", "create_arrays", "io_call", "read_array",
            "read_error"]
@@ -30,25 +30,33 @@ __all__ = ["Location", "array_kwargs", "codecs", "create_arrays", "io_call", "re
 T = TypeVar("T")
 
 
-def codecs() -> list:
-    """Compression + checksum for every array: zstd, then a crc32c of the compressed chunk, so a
-    flipped byte is detected on read."""
-    return [zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec()]
+def codecs(codec: str = "zstd", itemsize: int = 1) -> list:
+    """Compression + checksum of an array (``codec``: one of
+    :data:`embedstore.format.FLOAT_CODECS`): zstd level 1, or Blosc with LZ4 and no shuffle
+    (``itemsize``: the dtype's bytes), then a crc32c of the compressed chunk, so a flipped byte
+    is detected on read. The chain is recorded in each array's metadata: readers need no
+    option to read either."""
+    if check_codec(codec) == "lz4":
+        comp = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle",
+                                      typesize=itemsize, blocksize=0)
+    else:
+        comp = zarr.codecs.ZstdCodec(level=1)
+    return [comp, zarr.codecs.Crc32cCodec()]
 
 
-def array_kwargs() -> dict[str, Any]:
-    """Options of every array: checksummed codecs, and every chunk written even when it holds
+def array_kwargs(codec: str = "zstd", itemsize: int = 1) -> dict[str, Any]:
+    """Options of an array: checksummed codecs, and every chunk written even when it holds
     only fill values, so that a chunk missing from a complete array means lost data."""
-    return {"compressors": codecs(), "config": {"write_empty_chunks": True}}
+    return {"compressors": codecs(codec, itemsize), "config": {"write_empty_chunks": True}}
 
 
 def create_arrays(group: zarr.Group, specs: dict, data: dict[str, Any] | None = None, *,
                   overwrite: bool = False) -> None:
     """Create the arrays ``specs`` (name -> :class:`embedstore.format.ArraySpec`) in ``group``,
     writing ``data[name]`` into those that have some."""
-    kw = array_kwargs()
     for name, spec in specs.items():
         extra = {} if spec.fill_value is None else {"fill_value": spec.fill_value}
+        kw = array_kwargs(spec.codec, np.dtype(spec.dtype).itemsize)
         arr = group.create_array(name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks,
                                  overwrite=overwrite, **extra, **kw)
         if data is not None and name in data:

@@ -57,6 +57,7 @@ def set_config(fs, **over: Any) -> ExtractConfig:
                               "appended to: re-extract it with this version")
     known = {f.name for f in fields(ExtractConfig)}
     opts = {k: (tuple(v) if k == "text_cols" else v) for k, v in rec.items() if k in known}
+    opts.setdefault("codec", "zstd")  # sets extracted before the option were all zstd
     spec = (fs.meta.get("encoder") or {}).get("spec")
     opts.update(text=spec if fs.modality == "text" else None,
                 image=spec if fs.modality == "image" else None,

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import InvalidInputError
-from ..format import DEFAULT_BLOCK_ROWS
+from ..format import DEFAULT_BLOCK_ROWS, DEFAULT_FLOAT_CODEC, check_codec
 
 __all__ = ["ExtractConfig"]
 
@@ -40,6 +40,9 @@ class ExtractConfig:
     max_error_rate: float = 0.01
     block_rows: int = DEFAULT_BLOCK_ROWS
     gallery: bool = False  # write an image set as a gallery (§2.6) even if no item has 2+ images
+    # compressor of the float arrays: "lz4" decodes at memory speed (streaming epochs), "zstd"
+    # is smaller on sparse CNN maps (stores shipped over a network); docs/format.md §6
+    codec: str = DEFAULT_FLOAT_CODEC
     storage_options: dict | None = None
 
     @classmethod
@@ -67,6 +70,7 @@ class ExtractConfig:
             raise InvalidInputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise InvalidInputError(f"--num-workers must be >= 0, got {self.num_workers}")
+        check_codec(self.codec)
         b = self.block_rows
         if b < 1 or b & (b - 1):
             raise InvalidInputError(f"--block-rows must be a power of two, got {b}; e.g. 1024")

@@ -146,7 +146,7 @@ def _extract_one(store: Store, cat: Catalog, modality: str, name: str, enc,
         store, name, config))
     job = make_job(modality, cat, enc, config.batch_size, gallery=gallery)
     create_kwargs = {**job.create_kwargs(_provenance(enc, config, cat, str(enc.device))),
-                     "block_rows": config.block_rows}
+                     "block_rows": config.block_rows, "codec": config.codec}
     writer, blocks = _open_writer(store, name, enc, config, ranks, create_kwargs)
     if blocks is None:
         fs = store.features[name]
