@@ -12,8 +12,8 @@ from typing import Any, Self
 
 from .errors import TrainError
 
-__all__ = ["DEFAULT_HEAD", "DENSE_MAX_CLASSES", "TOP_K_STORE", "TrainConfig", "FinetuneConfig",
-           "config_for", "check_seeds", "parse_seeds"]
+__all__ = ["DEFAULT_HEAD", "DENSE_MAX_CLASSES", "TOP_K_STORE", "BLOCK_BYTES", "TrainConfig",
+           "FinetuneConfig", "config_for", "check_seeds", "parse_seeds"]
 
 DEFAULT_HEAD = "concat"  # the head `fusion train` and `fusion.train` use when none is named
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -21,6 +21,10 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 DENSE_MAX_CLASSES = 256
 # else the TOP_K_STORE largest per row (float16) + their class indices + the remaining mass
 TOP_K_STORE = 20
+# bytes of one (rows, K) float32 block of probabilities predicted or ranked at a time
+# (fusion.probs.block_rows): 8 MiB = 374 rows at K = 5,600, so what predicting adds to a run's
+# memory does not grow with K (ranking a block briefly needs about 3 more of its size)
+BLOCK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ early stopping. Each loop (`fusion.train`, `fusion.finetune`) stays a plain loop
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -13,7 +13,7 @@ import torch
 from .metrics import macro_f1
 
 __all__ = ["make_optimizer", "make_schedule", "steps_per_epoch", "optimizer_step", "predict",
-           "validate", "EarlyStopping"]
+           "predict_blocks", "validate", "EarlyStopping"]
 
 
 def make_optimizer(groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.AdamW:
@@ -61,29 +61,72 @@ def optimizer_step(opt: torch.optim.Optimizer, sched, clip: float, scaler=None) 
     opt.zero_grad(set_to_none=True)
 
 
+def _softmax_rows(model: torch.nn.Module, b: Any, device: torch.device
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """((B, K) float32 probabilities, (B,) store rows) of one batch."""
+    return (torch.softmax(model(b.to(device)).float(), -1).cpu().numpy(),
+            b.rows.cpu().numpy())
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, batches: Iterable[Any], device: torch.device
             ) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities (N, K) float32, store rows (N,)) over ``batches``, in eval mode."""
+    """(probabilities (N, K) float32, store rows (N,)) over ``batches``, in eval mode. This
+    holds the N x K array: for many classes use :func:`predict_blocks`."""
     model.eval()
     probs, rows = [], []
     for b in batches:
-        probs.append(torch.softmax(model(b.to(device)).float(), -1).cpu().numpy())
-        rows.append(b.rows.cpu().numpy())
+        p, r = _softmax_rows(model, b, device)
+        probs.append(p)
+        rows.append(r)
     if not probs:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    return np.concatenate(probs).astype(np.float32), np.concatenate(rows)
+    return np.concatenate(probs), np.concatenate(rows)
 
 
+@torch.no_grad()
+def predict_blocks(model: torch.nn.Module, batches: Iterable[Any], device: torch.device,
+                   block_rows: Callable[[int], int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`predict` in blocks: ``(probabilities (n, K) float32, store rows (n,))`` of at most
+    ``block_rows(K)`` rows each, in the order of ``batches``. One (block_rows, K) buffer is
+    filled batch by batch and reused: a block is valid until the next one is yielded (copy or
+    reduce it first), so memory stays one block whatever N is."""
+    model.eval()
+    buf = rows = None
+    n = 0
+    for b in batches:
+        p, r = _softmax_rows(model, b, device)
+        if buf is None:
+            size = max(1, int(block_rows(p.shape[1])))
+            buf, rows = np.empty((size, p.shape[1]), np.float32), np.empty(size, np.int64)
+        i = 0
+        while i < len(p):  # a batch may straddle two blocks
+            take = min(len(p) - i, len(buf) - n)
+            buf[n:n + take], rows[n:n + take] = p[i:i + take], r[i:i + take]
+            n, i = n + take, i + take
+            if n == len(buf):
+                yield buf, rows
+                n = 0
+    if n:
+        yield buf[:n], rows[:n]
+
+
+@torch.no_grad()
 def validate(model: torch.nn.Module, batches: Iterable[Any], labels: np.ndarray,
              device: torch.device) -> dict[str, float]:
-    """``{"val_macro_f1", "val_accuracy"}`` of ``model`` on ``batches`` (labels by store row)."""
-    probs, rows = predict(model, batches, device)
-    if not len(rows):
+    """``{"val_macro_f1", "val_accuracy"}`` of ``model`` on ``batches`` (labels by store row).
+    Only the argmax of each batch is kept, never the (N, K) probabilities."""
+    model.eval()
+    preds, rows, k = [], [], 0
+    for b in batches:
+        p, r = _softmax_rows(model, b, device)
+        preds.append(p.argmax(1))
+        rows.append(r)
+        k = p.shape[1]
+    if not rows:
         return {"val_macro_f1": 0.0, "val_accuracy": 0.0}
-    pred, y = probs.argmax(1), labels[rows]
-    return {"val_macro_f1": macro_f1(y, pred, probs.shape[1]),
-            "val_accuracy": float((pred == y).mean())}
+    pred, y = np.concatenate(preds), labels[np.concatenate(rows)]
+    return {"val_macro_f1": macro_f1(y, pred, k), "val_accuracy": float((pred == y).mean())}
 
 
 class EarlyStopping:

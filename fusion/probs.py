@@ -21,13 +21,21 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .config import DENSE_MAX_CLASSES, TOP_K_STORE
+from .config import BLOCK_BYTES, DENSE_MAX_CLASSES, TOP_K_STORE
 
 __all__ = ["DENSE", "TOPK", "TopK", "Probs", "layout_for", "to_topk", "topk_of", "mean_topk",
-           "dense_rows", "take", "load_topk", "save_topk", "BLOCK_ROWS"]
+           "dense_rows", "take", "load_topk", "save_topk", "BLOCK_ROWS", "block_rows"]
 
 DENSE, TOPK = "dense", "topk"
-BLOCK_ROWS = 8192  # rows densified or ranked at a time: (8192, 5600) float32 = 183 MB
+BLOCK_ROWS = 8192  # rows densified at a time by dense_rows: (8192, 5600) float32 = 183 MB
+
+
+def block_rows(n_classes: int, budget: int | None = None) -> int:
+    """Rows of a (rows, ``n_classes``) float32 block that fit ``budget`` bytes (default
+    :data:`fusion.config.BLOCK_BYTES`; at least 1 row): how many rows are predicted or ranked at
+    a time, so the block's size does not grow with K."""
+    budget = BLOCK_BYTES if budget is None else budget
+    return max(1, int(budget) // (4 * max(1, int(n_classes))))
 
 
 @dataclass
@@ -148,12 +156,14 @@ def _rank_block(p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx.astype(np.int32), np.take_along_axis(p, idx, 1)
 
 
-def to_topk(dense: np.ndarray, k: int, block: int = BLOCK_ROWS) -> TopK:
-    """A dense (..., N, K) array as a :class:`TopK`, ranked ``block`` rows at a time."""
+def to_topk(dense: np.ndarray, k: int, block: int | None = None) -> TopK:
+    """A dense (..., N, K) array as a :class:`TopK`, ranked ``block`` rows at a time (default
+    :func:`block_rows` of K: ranking needs about 3 more blocks' worth of scratch)."""
     dense = np.asarray(dense)
     lead, kk = dense.shape[:-1], dense.shape[-1]
     flat = dense.reshape(-1, kk)
     k = min(k, kk)
+    block = block_rows(kk) if block is None else block
     out = TopK.empty(len(flat), k, kk)
     for s in range(0, len(flat), block):
         d = np.asarray(flat[s:s + block], np.float32)

@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import save_file
 
 from .data import Setup, availability
-from .loop import EarlyStopping, predict
+from .loop import EarlyStopping, predict, predict_blocks
 from .metrics import by_availability, classification_metrics
-from .probs import BLOCK_ROWS, TOPK, Probs, TopK, layout_for, mean_topk, to_topk
+from .probs import TOPK, Probs, TopK, block_rows, layout_for, mean_topk, to_topk
 from .rundir import Run, RunWriter, write_run
 
 __all__ = ["FoldResults", "run_config", "spread"]
@@ -82,7 +82,7 @@ class FoldResults:
         self.oof_mask = np.zeros(n, bool)
         self.hold_rows = setup.hold_rows
         # probabilities in the run's layout (docs/runs.md section 2.3): top-k runs never hold
-        # an N x K array, each fold's predictions are ranked BLOCK_ROWS rows at a time
+        # an N x K array, each fold's predictions are ranked a block (probs.block_rows) at a time
         layout = layout_for(k, setup.cfg.top_k_store)
         self.acc = (_TopKSums(n, len(self.hold_rows), k, layout["k"])
                     if layout["layout"] == TOPK else _DenseSums(n, len(self.hold_rows), k))
@@ -252,7 +252,8 @@ class _DenseSums:
 
 class _TopKSums:
     """The same sums as :class:`_DenseSums` kept top-k (K > dense_max): each fold's rows are
-    predicted and ranked BLOCK_ROWS at a time; means over folds and seeds are
+    predicted and ranked one block of :func:`fusion.probs.block_rows` rows at a time (one
+    pass over the rows, one reused block buffer); means over folds and seeds are
     :func:`fusion.probs.mean_topk` (exact for every class some model kept)."""
 
     def __init__(self, n: int, n_hold: int, k: int, top_k: int):
@@ -265,10 +266,9 @@ class _TopKSums:
 
     def predict(self, model, batches, rows, device) -> tuple[Probs, np.ndarray]:
         parts, out_rows = [], []
-        for s in range(0, len(rows), BLOCK_ROWS):
-            p, r = predict(model, batches(rows[s:s + BLOCK_ROWS]), device)
-            parts.append(to_topk(p, self.top_k))
-            out_rows.append(r)
+        for p, r in predict_blocks(model, batches(rows), device, block_rows):
+            parts.append(to_topk(p, self.top_k, block=len(p)))
+            out_rows.append(r.copy())  # the block's buffers are reused
         if not parts:
             return TopK.empty(0, self.top_k, self.k), np.zeros(0, np.int64)
         return (TopK(*(np.concatenate([getattr(t, a) for t in parts])
