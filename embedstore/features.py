@@ -275,13 +275,16 @@ class FeatureSet:
     def block_range(self, b: int) -> tuple[int, int]:
         return b * self.block_rows, min((b + 1) * self.block_rows, self.n_items)
 
-    def read_block(self, b: int) -> dict[str, np.ndarray]:
+    def read_block(self, b: int, pooled: bool = True) -> dict[str, np.ndarray]:
         """Whole-chunk read of block ``b``: ``{"rows", "pooled", "tokens"+"offsets"+"lengths"
-        (offsets relative to the block's tokens) | "regions"}``."""
+        (offsets relative to the block's tokens) | "regions"}``; ``pooled=False``: without
+        ``pooled`` (a feed that does not use it reads no chunk of it)."""
         start, stop = self.block_range(b)
         out: dict[str, np.ndarray] = {"rows": np.arange(start, stop)}
         reads: list[tuple[str, Any]] = []
-        if "pooled" in self._ram:
+        if not pooled:
+            pass
+        elif "pooled" in self._ram:
             out["pooled"] = self._ram["pooled"][start:stop]
         else:
             reads.append(("pooled", slice(start, stop)))

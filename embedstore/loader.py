@@ -149,11 +149,13 @@ class BatchLoader:
                 self.present[mod] = None if ok.all() else ok
         budget = max_ram
         self.streaming: list[FeatureSet] = []
+        pooled: dict[str, bool] = {}  # streaming sets: does a batch need their pooled vectors?
         for fs in (self.text, self.image):
             if fs is None:
                 continue
             need_big = (bool({"text_tokens", "text_mask"} & self.fields) if fs is self.text
                         else "image_regions" in self.fields)
+            pooled[fs.name] = f"{fs.modality}_pooled" in self.fields
             if not need_big:
                 fs.load_pooled()  # pooled only: small, always in RAM
                 continue
@@ -163,7 +165,7 @@ class BatchLoader:
             else:
                 self.streaming.append(fs)
         # what max_ram leaves after the sets loaded whole keeps decoded blocks across epochs
-        self.reader = BlockReader(self.streaming, threads=read_threads,
+        self.reader = BlockReader(self.streaming, threads=read_threads, pooled=pooled,
                                   cache_bytes=budget if budget is not None else 0)
 
     def __len__(self) -> int:
@@ -246,7 +248,7 @@ class BatchLoader:
     def _block_row(blocks: dict, fs: FeatureSet, r: int) -> dict[str, Any]:
         b = int(r) // fs.block_rows
         data, j = blocks[b], int(r) - b * fs.block_rows
-        row = {"pooled": data["pooled"][j]}
+        row = {"pooled": data["pooled"][j]} if "pooled" in data else {}
         if "regions" in data and "lengths" in data:  # a gallery: its images are read apart
             pass
         elif "regions" in data:

@@ -37,8 +37,9 @@ class BlockReader:
     """Futures of decoded blocks (``FeatureSet.read_block``) for several feature sets."""
 
     def __init__(self, sets: list[FeatureSet], *, threads: int = DEFAULT_READ_THREADS,
-                 cache_bytes: float = 0):
+                 cache_bytes: float = 0, pooled: dict[str, bool] | None = None):
         self.sets = {fs.name: fs for fs in sets}
+        self.pooled = pooled or {}  # set name -> read its pooled vectors too (default True)
         self.threads = max(1, min(int(threads), os.cpu_count() or 1, 32))
         self.cache_bytes = max(0.0, float(cache_bytes or 0))
         self.cached: dict[tuple[str, int], dict[str, np.ndarray]] = {}
@@ -48,7 +49,7 @@ class BlockReader:
         self._pool: ThreadPoolExecutor | None = None
 
     def _read(self, name: str, b: int) -> dict[str, np.ndarray]:
-        data = self.sets[name].read_block(b)
+        data = self.sets[name].read_block(b, pooled=self.pooled.get(name, True))
         with self._lock:
             self.reads += 1
             size = block_nbytes(data)
