@@ -17,6 +17,7 @@ and head runs already complete are kept, so a killed run resumes; stack rows are
 
     python examples/bench_stack_cases.py --out /tmp/s17                 # everything, ~1 h on 2 cores
     python examples/bench_stack_cases.py --out /tmp/s17 --cases demo --stackers ensemble,auto
+    python examples/bench_stack_cases.py --out /tmp/s17 --stackers auto --seeds 0,1,2
     python examples/bench_stack_cases.py --out /tmp/s17 --table         # the docs table
 
 One thread everywhere (``--threads 1``, ``OMP_WAIT_POLICY=PASSIVE``): the numbers were measured on
@@ -137,8 +138,10 @@ def case_sources(out: Path, case: str) -> tuple[list[Path], list[Path]]:
     return srcs, [p for p in srcs if p.name != NOISE_RUN]
 
 
-def stack_row(out: Path, case: str, label: str, *, threads: int = 1) -> dict[str, Any]:
-    """Stack ``case``'s runs with the stacker of table row ``label`` and measure it."""
+def stack_row(out: Path, case: str, label: str, *, threads: int = 1, seed: int = 0
+              ) -> dict[str, Any]:
+    """Stack ``case``'s runs with the stacker of table row ``label`` (stacker seed ``seed``)
+    and measure it."""
     import numpy as np
 
     from fusion.bootstrap import paired_bootstrap
@@ -149,11 +152,12 @@ def stack_row(out: Path, case: str, label: str, *, threads: int = 1) -> dict[str
     stacker, params = VARIANTS.get(label, (label, {}))
     srcs, eligible = case_sources(out, case)
     runs = [load_run(p) for p in eligible]
-    dest = out / case / "stacks" / label
+    dest = out / case / "stacks" / (label if seed == 0 else f"{label}-seed{seed}")
     if dest.exists():
         shutil.rmtree(dest)
     t0 = time.perf_counter()
-    run = stack(srcs, stacker=stacker, threads=threads, out=dest, params=params or None)
+    run = stack(srcs, stacker=stacker, threads=threads, out=dest, params=params or None,
+                seed=seed)
     wall = time.perf_counter() - t0
     labels = np.asarray(run.config["labels"])
     y = labels[run.holdout_rows]
@@ -163,7 +167,7 @@ def stack_row(out: Path, case: str, label: str, *, threads: int = 1) -> dict[str
     y_oof = labels[run.oof_rows]
     m = run.metrics
     return {
-        "case": case, "stacker": label, "chosen": run.config["stacker"],
+        "case": case, "stacker": label, "seed": seed, "chosen": run.config["stacker"],
         "holdout_scheme": m["holdout_scheme"], "sources": [p.name for p in srcs],
         "oof_macro_f1": round(m["macro_f1"], 4),
         "holdout_macro_f1": round(m["holdout"]["macro_f1"], 4),
@@ -174,20 +178,22 @@ def stack_row(out: Path, case: str, label: str, *, threads: int = 1) -> dict[str
         "vs_best_source": [round(ci.diff, 4), round(ci.lo, 4), round(ci.hi, 4)],
         "tuning": run.config.get("tuning"),
         "selection": (run.config.get("selection") or {}).get("candidates"),
+        "blend_used": ((run.config.get("selection") or {}).get("blend") or {}).get("used"),
     }
 
 
 def load_rows(out: Path) -> list[dict[str, Any]]:
-    """The measured rows (the last one of each (case, stacker)), in table order."""
+    """The measured rows (the last one of each (case, stacker, seed)), in table order."""
     path = out / "rows.jsonl"
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
     if path.exists():
         for line in path.read_text().splitlines():
             r = json.loads(line)
-            rows[(r["case"], r["stacker"])] = r
+            rows[(r["case"], r["stacker"], r.get("seed", 0))] = r
     order = {s: i for i, s in enumerate(STACKERS)}
     return sorted(rows.values(), key=lambda r: (CASES.index(r["case"]),
-                                                order.get(r["stacker"], len(order))))
+                                                order.get(r["stacker"], len(order)),
+                                                r.get("seed", 0)))
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -205,6 +211,8 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         name = r["stacker"]
         if name == "auto":
             name = f"**auto -> {r['chosen']}**"
+        if r.get("seed", 0):
+            name += f" (seed {r['seed']})"
         out.append(f"| {r['case']} | {name} | {r['oof_macro_f1']:.4f} | "
                    f"{r['holdout_macro_f1']:.4f} | {d:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
                    f"{r['fit_seconds']:.1f} |")
@@ -212,16 +220,18 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def run_all(out: Path, cases: Sequence[str], stackers: Sequence[str], *, epochs: int,
-            threads: int, say: Callable[[str], None] = print) -> None:
+            threads: int, seeds: Sequence[int] = (0,), say: Callable[[str], None] = print
+            ) -> None:
     for base in sorted({_base(c) for c in cases}):
         prepare(out, base, say=say)
         train_runs(out, base, epochs=epochs, threads=threads, say=say)
     for case in cases:
         for label in stackers:
-            row = stack_row(out, case, label, threads=threads)
-            say(json.dumps(row))
-            with (out / "rows.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            for seed in seeds:
+                row = stack_row(out, case, label, threads=threads, seed=seed)
+                say(json.dumps(row))
+                with (out / "rows.jsonl").open("a") as f:
+                    f.write(json.dumps(row) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -231,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--stackers", default=",".join(STACKERS))
     ap.add_argument("--epochs", type=int, default=10, help="head training epochs (patience 3)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seeds", default="0", help="comma-separated stacker seeds, e.g. 0,1,2")
     ap.add_argument("--table", action="store_true", help="print the table of OUT/rows.jsonl")
     a = ap.parse_args(argv)
     if a.table:
@@ -238,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before lightgbm / xgboost load
     a.out.mkdir(parents=True, exist_ok=True)
-    run_all(a.out, a.cases.split(","), [s for s in a.stackers.split(",") if s], epochs=a.epochs, threads=a.threads,
+    run_all(a.out, a.cases.split(","), [s for s in a.stackers.split(",") if s], epochs=a.epochs,
+            threads=a.threads, seeds=[int(v) for v in a.seeds.split(",")],
             say=lambda m: print(m, flush=True))
 
 

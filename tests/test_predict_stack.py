@@ -34,7 +34,7 @@ def sources(tmp_path_factory):
     return store, runs, root
 
 
-@pytest.mark.parametrize("stacker", ["ensemble", "logreg", "mlp", "lightgbm",
+@pytest.mark.parametrize("stacker", ["ensemble", "loglinear", "logreg", "mlp", "lightgbm",
                                      "lightgbm-monotone", "xgboost"])
 def test_predicting_the_holdout_reproduces_the_stacks_holdout(sources, stacker):
     store, runs, root = sources

@@ -29,7 +29,8 @@ from .conftest import make_complementary_store
 # contention (measured 5-10x slower under load), so the tests pin one thread. Every other
 # default is the shipped one.
 ONE_THREAD = {"lightgbm": {"n_jobs": 1}, "xgboost": {"n_jobs": 1}, "logreg": None, "mlp": None,
-              "ensemble": None, "lightgbm-monotone": {"n_jobs": 1}, "candidate": {"n_jobs": 1}}
+              "ensemble": None, "lightgbm-monotone": {"n_jobs": 1}, "candidate": {"n_jobs": 1},
+              "loglinear": None}
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +93,9 @@ def _rewrite(
 
 
 # -- registry and params ------------------------------------------------------------------------
-def test_registry_lists_the_seven_stackers():
-    assert list_stackers() == ["candidate", "ensemble", "lightgbm", "lightgbm-monotone", "logreg",
-                               "mlp", "xgboost"]
+def test_registry_lists_the_eight_stackers():
+    assert list_stackers() == ["candidate", "ensemble", "lightgbm", "lightgbm-monotone",
+                               "loglinear", "logreg", "mlp", "xgboost"]
 
 
 def test_unknown_stacker_is_refused_with_the_list(sources, tmp_path):
@@ -231,6 +232,7 @@ SMALL = {
     "lightgbm": {"n_jobs": 1, "n_estimators": 60},
     "xgboost": {"n_jobs": 1, "n_estimators": 60},
     "logreg": None,
+    "loglinear": None,
     "mlp": {"max_epochs": 20},
     "ensemble": None,
     "lightgbm-monotone": {"n_jobs": 1, "n_estimators": 60},
@@ -238,7 +240,7 @@ SMALL = {
 
 
 @pytest.mark.parametrize("name", ["lightgbm", "xgboost", "logreg", "mlp", "ensemble",
-                                  "lightgbm-monotone"])
+                                  "lightgbm-monotone", "loglinear"])
 def test_every_model_is_fit_on_the_rows_cv_indices_records_none_of_its_scored_fold(
     sources, tmp_path, monkeypatch, name
 ):
@@ -285,7 +287,7 @@ def test_every_model_is_fit_on_the_rows_cv_indices_records_none_of_its_scored_fo
 
 
 @pytest.mark.parametrize("name", ["lightgbm", "xgboost", "logreg", "mlp", "ensemble",
-                                  "lightgbm-monotone"])
+                                  "lightgbm-monotone", "loglinear"])
 def test_relabelling_one_fold_changes_no_stack_prediction_of_that_fold(
     stacked, sources, tmp_path, name
 ):
@@ -413,7 +415,7 @@ def test_gbdt_stackers_beat_every_source_run_on_holdout_macro_f1(stacked, name):
 
 
 # -- reproducibility ----------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["lightgbm", "xgboost", "logreg", "mlp"])
+@pytest.mark.parametrize("name", ["lightgbm", "xgboost", "logreg", "mlp", "loglinear"])
 def test_same_seed_gives_identical_oof_bytes(stacked, sources, tmp_path, name):
     again = stack(sources, stacker=name, params=ONE_THREAD[name], seed=0, out=tmp_path / "again")
     first = stacked[name].path

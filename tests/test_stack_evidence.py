@@ -122,7 +122,7 @@ def test_default_stack_with_a_near_chance_source_stays_within_0005_of_the_best_o
     assert run.metrics["holdout"]["macro_f1"] >= best_other - 0.005, (
         run.metrics["holdout"]["macro_f1"], best_other)
     sel = run.config["selection"]
-    assert [c["stacker"] for c in sel["candidates"]] == list(AUTO_CANDIDATES)
+    assert [c["stacker"] for c in sel["candidates"]] == [*AUTO_CANDIDATES, "blend"]
     top = max(c["oof_macro_f1"] for c in sel["candidates"])
     chosen = next(c for c in sel["candidates"] if c["stacker"] == sel["chosen"])
     assert chosen["oof_macro_f1"] >= top - sel["tolerance"]

@@ -32,7 +32,7 @@ from ..metrics import classification_metrics
 from ..probs import Probs, TopK, mean_topk
 from .stackers import Stacker
 
-__all__ = ["CrossFit", "cross_fit", "inner_split"]
+__all__ = ["CrossFit", "cross_fit", "explain", "inner_split"]
 
 
 def inner_split(
@@ -67,6 +67,9 @@ class CrossFit:
     refit_seconds: float  # 0 for per_fold
     train_seconds: float  # all fits, folds and refit
     holdout_scheme: str = "refit"  # "per_fold" or "refit"
+    # per_fold: each fold model's holdout probabilities (their mean is ``hold``); a blend of
+    # stackers (fusion.stack.blend) weighs them fold by fold
+    hold_folds: list[Probs] | None = None
 
 
 def cross_fit(
@@ -96,7 +99,6 @@ def cross_fit(
     probe = new_model()
     k, uses_early_stopping = probe.n_classes, probe.uses_early_stopping
     oof: Probs | None = None  # allocated at the first fold, in the stacker's output layout
-    contrib_oof = np.zeros((len(y), group.shape[1])) if group is not None else None
     cv: dict[str, np.ndarray] = {}
     folds: list[dict[str, Any]] = []
     models: list[tuple[str, Stacker]] = []
@@ -123,8 +125,6 @@ def cross_fit(
             oof = (TopK.empty(len(y), probs.k, k) if isinstance(probs, TopK)
                    else np.zeros((len(y), k)))
         oof[scored] = probs
-        if contrib_oof is not None:
-            contrib_oof[scored] = model.contributions(X[scored], probs.argmax(1)) @ group
         cv[f"fold{f}_fit"] = trainable[fit]
         cv[f"fold{f}_valid"] = trainable[valid]
         cv[f"fold{f}_scored"] = trainable[scored]
@@ -148,8 +148,11 @@ def cross_fit(
         )
 
     if per_fold:
-        return _per_fold_result(oof, hold_parts, contrib_oof, cv, folds, models, X_ho_folds,
-                                group, holdout, train_seconds, uses_early_stopping, say)
+        out = _per_fold_result(oof, hold_parts, cv, folds, models, holdout, train_seconds,
+                               uses_early_stopping, say)
+        if group is not None:
+            out.contrib = explain(out, X, X_ho, fold_of, group, X_ho_folds)
+        return out
     # Refit on every trainable row for the median best round count of the fold models.
     rounds = None
     if uses_early_stopping:
@@ -159,11 +162,6 @@ def cross_fit(
     seconds = time.perf_counter() - t0
     train_seconds += seconds
     hold = final.predict_proba(X_ho) if len(X_ho) else np.zeros((0, k))
-    contrib = None
-    if contrib_oof is not None:
-        contrib_ho = (final.contributions(X_ho, hold.argmax(1)) @ group if len(X_ho)
-                      else np.zeros((0, contrib_oof.shape[1])))
-        contrib = np.vstack([contrib_oof, contrib_ho])
     cv["refit_fit"] = trainable.copy()
     cv["refit_scored"] = holdout.copy()
     models.append(("refit", final))
@@ -171,28 +169,50 @@ def cross_fit(
         f"refit on {len(y)} rows for {rounds or final.best_iteration} rounds, scored "
         f"{len(X_ho)} holdout rows ({seconds:.1f} s)"
     )
-    return CrossFit(oof=oof, hold=hold, contrib=contrib, cv=cv, folds=folds, models=models,
-                    rounds=rounds or final.best_iteration, refit_seconds=seconds,
-                    train_seconds=train_seconds)
+    out = CrossFit(oof=oof, hold=hold, contrib=None, cv=cv, folds=folds, models=models,
+                   rounds=rounds or final.best_iteration, refit_seconds=seconds,
+                   train_seconds=train_seconds)
+    if group is not None:
+        out.contrib = explain(out, X, X_ho, fold_of, group)
+    return out
 
 
-def _per_fold_result(oof, hold_parts, contrib_oof, cv, folds, models, X_ho_folds, group,
-                     holdout, train_seconds, uses_early_stopping, say) -> CrossFit:
+def explain(fit: CrossFit, X: np.ndarray, X_ho: np.ndarray, fold_of: np.ndarray,
+            group: np.ndarray, X_ho_folds: np.ndarray | None = None) -> np.ndarray:
+    """(N_trainable + N_holdout, G) grouped TreeSHAP contributions to the predicted class of
+    every row, from ``fit``'s own models (the inputs of :func:`cross_fit`): each OOF row by the
+    fold model that scored it; the holdout by the refit, or (scheme ``per_fold``) as the mean
+    of the fold models' contributions, each on its own fold's inputs ``X_ho_folds[f]``, for the
+    class the averaged prediction picks (they sum to the fold models' mean margin). Called
+    after the fit, so `auto` explains only the stacker it keeps."""
+    contrib_oof = np.zeros((len(fold_of), group.shape[1]))
+    fold_models = [(int(tag[4:]), m) for tag, m in fit.models if tag.startswith("fold")]
+    for f, model in fold_models:
+        scored = np.flatnonzero(fold_of == f)
+        contrib_oof[scored] = model.contributions(X[scored], fit.oof[scored].argmax(1)) @ group
+    if len(X_ho) == 0:
+        return np.vstack([contrib_oof, np.zeros((0, group.shape[1]))])
+    pred = fit.hold.argmax(1)
+    if fit.holdout_scheme == "per_fold":
+        contrib_ho = sum(m.contributions(X_ho_folds[f], pred) @ group
+                         for f, m in fold_models) / len(fold_models)
+    else:
+        final = dict(fit.models)["refit"]
+        contrib_ho = final.contributions(X_ho, pred) @ group
+    return np.vstack([contrib_oof, contrib_ho])
+
+
+def _per_fold_result(oof, hold_parts, cv, folds, models, holdout, train_seconds,
+                     uses_early_stopping, say) -> CrossFit:
     """Scheme ``per_fold``: the holdout is the mean of the fold models' outputs, each on its own
-    fold's holdout inputs; contributions likewise averaged (for the averaged prediction)."""
+    fold's holdout inputs."""
     hold = (mean_topk(hold_parts) if isinstance(hold_parts[0], TopK)
             else sum(hold_parts) / len(models))
-    contrib = None
-    if contrib_oof is not None:
-        pred = hold.argmax(1)
-        contrib_ho = sum(m.contributions(X_ho_folds[fm["fold"]], pred) @ group
-                         for fm, (_tag, m) in zip(folds, models, strict=True)) / len(models)
-        contrib = np.vstack([contrib_oof, contrib_ho])
     cv["holdout_scored"] = holdout.copy()  # by every fold model, each on its own inputs
     rounds = (max(1, int(round(statistics.median(m["best_iteration"] for m in folds))))
               if uses_early_stopping else int(folds[0]["best_iteration"] or 1))
     say(f"holdout: mean of the {len(models)} fold models, each on its fold's holdout "
         f"probabilities ({len(hold)} rows)")
-    return CrossFit(oof=oof, hold=hold, contrib=contrib, cv=cv, folds=folds, models=models,
+    return CrossFit(oof=oof, hold=hold, contrib=None, cv=cv, folds=folds, models=models,
                     rounds=rounds, refit_seconds=0.0, train_seconds=train_seconds,
-                    holdout_scheme="per_fold")
+                    holdout_scheme="per_fold", hold_folds=hold_parts)

@@ -17,11 +17,13 @@ Defaults of :func:`stack` are stated once, here; the CLI passes only what the us
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +33,30 @@ from ..errors import StackError
 from ..metrics import classification_metrics
 from ..rundir import Run, RunWriter, write_run
 from .attribution import CONTRIBUTIONS_FILE, group_matrix, write_contributions
-from .crossfit import CrossFit, cross_fit
+from .auto import (
+    AUTO,
+    AUTO_CANDIDATES,
+    AUTO_GBDT_MAX_WORK,
+    AUTO_MAX_PER_CLASS_K,
+    AUTO_PARAMS,
+    AUTO_TOLERANCE,
+    DEFAULT_STACKER,
+    auto_candidates,
+    by_k,
+    candidate_rule,
+    selection_record,
+)
+from .blend import BLEND, BLEND_FILE, Member, blend_fit
+from .crossfit import CrossFit, cross_fit, explain
 from .dask import connect
 from .inputs import StackInputs, candidate_matrix, feature_matrix, fingerprint, label, modalities
 from .stackers import Stacker, create_stacker, stacker_class
 
-__all__ = ["AUTO", "AUTO_CANDIDATES", "AUTO_MAX_PER_CLASS_K", "AUTO_TOLERANCE", "DEFAULT_SEED",
-           "DEFAULT_STACKER", "FEATURES", "auto_candidates", "default_out", "stack"]
+__all__ = ["AUTO", "AUTO_CANDIDATES", "AUTO_GBDT_MAX_WORK", "AUTO_MAX_PER_CLASS_K", "AUTO_PARAMS",
+           "AUTO_TOLERANCE",
+           "BLEND", "DEFAULT_SEED", "DEFAULT_STACKER", "FEATURES", "auto_candidates",
+           "default_out", "stack"]
 
-AUTO = "auto"  # choose the stacker by the candidates' out-of-fold macro-F1
-DEFAULT_STACKER = AUTO
-AUTO_CANDIDATES = ("ensemble", "logreg", "mlp", "lightgbm")  # fastest first; ties: the earlier
-AUTO_TOLERANCE = 0.001  # a later candidate must beat the chosen one's OOF macro-F1 by more
-# above this many classes `auto` picks the candidate stacker alone: the per-class stackers grow
-# with K (K trees per round over runs x K columns; LightGBM did not finish 10,000 x 4 runs at
-# K=200 in 600 s), the candidate stacker's cost is O(N x k x runs) (issue 15)
-AUTO_MAX_PER_CLASS_K = 64
-LARGE_K_STACKER = "candidate"
 FEATURES = ("probs", "probs+pooled")  # the first is the default
 DEFAULT_SEED = 0
 
@@ -85,9 +94,10 @@ def stack(
     ``out=None`` writes into a fresh temporary directory. ``threads`` sets each stacker's thread
     parameter (``threads_param``) unless ``params`` sets it.
 
-    ``stacker="auto"`` (the default) cross-fits every stacker of ``AUTO_CANDIDATES`` and keeps
-    the one with the best out-of-fold macro-F1 (no holdout row is used to choose); the choice,
-    every candidate's score and the reason go to ``config["selection"]``.
+    ``stacker="auto"`` (the default) cross-fits the stackers of ``AUTO_CANDIDATES`` (the GBDT
+    only below ``AUTO_GBDT_MAX_WORK``), then a blend of them (:mod:`.blend`), and keeps the one
+    with the best out-of-fold macro-F1 (no holdout row is used to choose); the choice, every
+    candidate's score, the blend's weights and the reasons go to ``config["selection"]``.
     """
     say = progress or (lambda _msg: None)
     stacker = stacker.strip().lower()
@@ -120,27 +130,49 @@ def stack(
     if pooled_dims is not None:
         n_pooled = min(n_pooled, pooled_dims)
     auto = stacker == AUTO
-    candidates = auto_candidates(inp.k) if auto else (stacker,)
+    n_rows = len(inp.trainable)
+    candidates = auto_candidates(inp.k, n_rows, len(inp.runs)) if auto else (stacker,)
     tried: list[dict[str, Any]] = []
-    best: tuple[str, Stacker, CrossFit, list[str]] | None = None
-    best_f1 = -1.0
+    fitted: list[_Fitted] = []
+    y = inp.labels[inp.trainable]
     with connect(dask) if dask is not None else nullcontext() as client:
         for name in candidates:
             if stacker == AUTO:
                 say(f"auto: cross-fitting candidate {name!r}")
-            one = _cross_fit_one(inp, name, params, threads, seed, client, pooled, n_pooled,
-                                 pooled_dims, say)
-            f1 = classification_metrics(inp.labels[inp.trainable], one[1].oof)["macro_f1"]
-            tried.append({"stacker": name, "oof_macro_f1": f1,
-                          "train_seconds": round(one[1].train_seconds, 4)})
-            if best is None or f1 > best_f1 + AUTO_TOLERANCE:
-                best, best_f1 = (name, *one), f1
-    assert best is not None  # candidates is never empty
-    stacker, probe, fit, feature_names = best
-    selection = (_selection(tried, stacker) if len(candidates) > 1 else
-                 _by_k(tried, inp.k) if auto else None)
+            cand_params = {**AUTO_PARAMS.get(name, {}), **(params or {})} if auto else params
+            # auto explains only the stacker it keeps (after the choice): TreeSHAP of every
+            # candidate would cost about as much as their fits
+            one = _cross_fit_one(inp, name, cand_params, threads, seed, client, pooled,
+                                 n_pooled, pooled_dims, say, explain_now=len(candidates) == 1)
+            fitted.append(one)
+            tried.append({"stacker": name, "oof_macro_f1": _f1(y, one.fit.oof),
+                          "train_seconds": round(one.fit.train_seconds, 4),
+                          **({"auto_params": AUTO_PARAMS[name]} if auto and name in AUTO_PARAMS
+                             else {})})
+    blend = None
+    if len(fitted) > 1:  # a blend of the candidates, cross-fitted one level up (.blend)
+        bfit, blend = blend_fit([Member(f.name, f.config_params(), f.fit) for f in fitted], y,
+                                inp.assignment[inp.trainable])
+        tried.append({"stacker": BLEND, "oof_macro_f1": _f1(y, bfit.oof),
+                      "train_seconds": round(blend["seconds"], 4), "used": blend["used"]})
+        fitted.append(_Fitted(BLEND, None, bfit, fitted[0].names, blend=blend))
+    chosen = fitted[0]
+    best_f1 = tried[0]["oof_macro_f1"]
+    for one, t in zip(fitted[1:], tried[1:], strict=True):
+        if t["oof_macro_f1"] > best_f1 + AUTO_TOLERANCE:
+            chosen, best_f1 = one, t["oof_macro_f1"]
+    stacker, fit = chosen.name, chosen.fit
+    if chosen.probe is not None and chosen.probe.explain and fit.contrib is None:
+        fit.contrib = explain(fit, chosen.X, chosen.X_ho, inp.assignment[inp.trainable],
+                              chosen.group, chosen.X_hf)
+    selection = (selection_record(tried, stacker) if len(candidates) > 1 else
+                 by_k(tried, inp.k) if auto else None)
     if selection is not None:
         say(f"auto: chose {stacker!r}: {selection['why']}")
+        if blend is not None:
+            selection["blend"] = blend
+        if len(candidates) > 1:
+            selection["candidate_rule"] = candidate_rule(inp.k, n_rows, len(inp.runs))
     sources = _sources(inp)
     head = f"stack-{stacker}"
     config: dict[str, Any] = {
@@ -149,13 +181,15 @@ def stack(
         "name": out.name,
         "stacker": stacker,
         "features": features,
-        "feature_names": feature_names,
+        "feature_names": chosen.names,
         "n_pooled": n_pooled,
         "pooled_dims": pooled_dims,
         "pooled_sets": list(pooled_sets) if pooled_sets is not None else None,
         # the k of each source's top-k classes the candidate stacker reads (`fusion predict`)
-        "source_k": min(inp.source_k, inp.k) if getattr(probe, "topk_input", False) else None,
-        "params": {**probe.params, **probe.procedure_params()},
+        "source_k": (min(inp.source_k, inp.k) if getattr(chosen.probe, "topk_input", False)
+                     else None),
+        # a blend's members keep their own params in weights/blend.json
+        "params": chosen.config_params() if chosen.probe is not None else {},
         "user_params": dict(params or {}),
         "seed": seed,
         "selection": selection,
@@ -181,21 +215,47 @@ def stack(
         "train_seconds": round(sum(t["train_seconds"] for t in tried), 4),  # all candidates
         "total_seconds": round(time.perf_counter() - t_all, 4),
         "sources": sources,
-        "attribution": _attribution_note(probe, stacker),
+        "attribution": _attribution_note(chosen.probe, stacker),
     }
     run = write_run(out, config=config, metrics=metrics, oof=fit.oof, oof_rows=inp.trainable,
                     holdout=fit.hold, holdout_rows=inp.holdout, ids=inp.ids, labels=inp.labels,
                     folds=inp.assignment, classes=inp.classes,
-                    extra_files=lambda w: _extra_files(w, inp, fit, n_pooled))
+                    extra_files=lambda w: _extra_files(w, inp, fit, n_pooled, blend if
+                                                       stacker == BLEND else None))
     run.extra["cv_indices"] = fit.cv
     return run
 
 
+@dataclass
+class _Fitted:
+    """One cross-fitted stacker (or the blend, ``probe`` None) and the inputs it was fitted on
+    (kept for the TreeSHAP of the one `auto` keeps)."""
+
+    name: str
+    probe: Stacker | None
+    fit: CrossFit
+    names: list[str]
+    X: np.ndarray | None = None
+    X_ho: np.ndarray | None = None
+    X_hf: np.ndarray | None = None
+    group: np.ndarray | None = None
+    blend: dict[str, Any] | None = None
+
+    def config_params(self) -> dict[str, Any]:
+        """The params its run config records (what `Stacker.load` rebuilds it from)."""
+        assert self.probe is not None
+        return {**self.probe.params, **self.probe.procedure_params()}
+
+
+def _f1(y: np.ndarray, probs: Any) -> float:
+    return classification_metrics(y, probs)["macro_f1"]
+
+
 def _cross_fit_one(inp: StackInputs, stacker: str, params: dict[str, Any] | None,
                    threads: int | None, seed: int, client: Any, pooled: np.ndarray | None,
-                   n_pooled: int, pooled_dims: int | None, say: Callable[[str], None]
-                   ) -> tuple[Stacker, CrossFit, list[str]]:
-    """Cross-fit one stacker: ``(probe model, CrossFit, feature names)``."""
+                   n_pooled: int, pooled_dims: int | None, say: Callable[[str], None],
+                   explain_now: bool = True) -> _Fitted:
+    """Cross-fit one stacker; TreeSHAP now (``explain_now``) or later with :func:`explain`."""
     params = dict(params or {})
     key = stacker_class(stacker).threads_param
     if threads is not None and key is not None:
@@ -221,35 +281,9 @@ def _cross_fit_one(inp: StackInputs, stacker: str, params: dict[str, Any] | None
         group = group_matrix(len(inp.runs), inp.k, n_pooled) if probe.explain else None
     fit = cross_fit(new_model, X, inp.labels[inp.trainable], X_ho,
                     inp.assignment[inp.trainable], n_folds=inp.n_folds,
-                    trainable=inp.trainable, holdout=inp.holdout, seed=seed, group=group,
-                    say=say, X_ho_folds=X_hf)
-    return probe, fit, names
-
-
-def auto_candidates(k: int) -> tuple[str, ...]:
-    """What ``auto`` cross-fits at ``k`` classes: :data:`AUTO_CANDIDATES` up to
-    :data:`AUTO_MAX_PER_CLASS_K`, else the candidate stacker alone."""
-    return AUTO_CANDIDATES if k <= AUTO_MAX_PER_CLASS_K else (LARGE_K_STACKER,)
-
-
-def _by_k(tried: list[dict[str, Any]], k: int) -> dict[str, Any]:
-    """config/metrics ``selection`` when ``auto`` picked by the number of classes."""
-    return {"by": "number of classes", "max_per_class_k": AUTO_MAX_PER_CLASS_K,
-            "candidates": tried, "chosen": LARGE_K_STACKER,
-            "why": f"K={k} > {AUTO_MAX_PER_CLASS_K}: the per-class stackers grow with K "
-                   f"(K trees per round over runs x K columns); {LARGE_K_STACKER!r} scores "
-                   "(item, candidate class) rows, O(N x k x runs) whatever K"}
-
-
-def _selection(tried: list[dict[str, Any]], chosen: str) -> dict[str, Any]:
-    """config/metrics ``selection`` of an auto stack: every candidate's score and the reason."""
-    top = max(tried, key=lambda t: t["oof_macro_f1"])
-    mine = next(t for t in tried if t["stacker"] == chosen)
-    why = (f"highest out-of-fold macro-F1 ({mine['oof_macro_f1']:.4f})" if top is mine else
-           f"out-of-fold macro-F1 {mine['oof_macro_f1']:.4f} within {AUTO_TOLERANCE} of "
-           f"{top['stacker']}'s {top['oof_macro_f1']:.4f}; the faster candidate wins ties")
-    return {"by": "out-of-fold macro-F1 of each candidate's cross-fit (holdout unused)",
-            "tolerance": AUTO_TOLERANCE, "candidates": tried, "chosen": chosen, "why": why}
+                    trainable=inp.trainable, holdout=inp.holdout, seed=seed,
+                    group=group if explain_now else None, say=say, X_ho_folds=X_hf)
+    return _Fitted(stacker, probe, fit, names, X, X_ho, X_hf, group)
 
 
 def _scheme_note(fit: CrossFit, inp: StackInputs) -> dict[str, Any]:
@@ -282,7 +316,10 @@ def _sources(inp: StackInputs) -> list[dict[str, Any]]:
     return out
 
 
-def _attribution_note(probe: Stacker, stacker: str) -> dict[str, Any]:
+def _attribution_note(probe: Stacker | None, stacker: str) -> dict[str, Any]:
+    if probe is None:
+        return {"method": None, "reason": "a blend of stackers has no TreeSHAP of its own; "
+                "stack with --stacker lightgbm for contributions"}
     if probe.explain:
         return {"method": "treeshap", "file": CONTRIBUTIONS_FILE,
                 "target": "margin of the predicted class"}
@@ -291,8 +328,10 @@ def _attribution_note(probe: Stacker, stacker: str) -> dict[str, Any]:
     return {"method": None, "reason": reason}
 
 
-def _extra_files(w: RunWriter, inp: StackInputs, fit: CrossFit, n_pooled: int) -> None:
-    """``cv_indices.npz``, ``contributions.csv`` (GBDTs) and ``weights/`` of a stack run."""
+def _extra_files(w: RunWriter, inp: StackInputs, fit: CrossFit, n_pooled: int,
+                 blend: dict[str, Any] | None) -> None:
+    """``cv_indices.npz``, ``contributions.csv`` (GBDTs) and ``weights/`` of a stack run (a
+    blend: its members' models and ``weights/blend.json``)."""
     np.savez(w.file("cv_indices.npz"), **fit.cv)
     if fit.contrib is not None:
         rows = np.concatenate([inp.trainable, inp.holdout])
@@ -311,3 +350,5 @@ def _extra_files(w: RunWriter, inp: StackInputs, fit: CrossFit, n_pooled: int) -
         )
     for tag, model in fit.models:
         model.save(w.file(f"weights/{tag}"))
+    if blend is not None:
+        w.file(f"weights/{BLEND_FILE}").write_text(json.dumps(blend, indent=1) + "\n")

@@ -14,6 +14,7 @@ from .base import (
 from .candidate import CandidateStacker
 from .ensemble import EnsembleStacker
 from .lightgbm import LightGBMStacker
+from .loglinear import LogLinearStacker
 from .logreg import LogRegStacker
 from .mlp import MLPStacker
 from .monotone import MonotoneLightGBMStacker
@@ -30,6 +31,7 @@ __all__ = [
     "CandidateStacker",
     "EnsembleStacker",
     "LightGBMStacker",
+    "LogLinearStacker",
     "LogRegStacker",
     "MLPStacker",
     "MonotoneLightGBMStacker",
