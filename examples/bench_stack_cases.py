@@ -51,7 +51,7 @@ HEADS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 NOISE_RUN = "image-untrained"  # the near-chance run of the noisy case
 CASES = ("demo", "harder", "noisy", "harder-noisy")
-STACKERS = ("ensemble", "logreg", "mlp", "lightgbm", "lightgbm-tuned", "lightgbm-monotone",
+STACKERS = ("ensemble", "loglinear", "logreg", "mlp", "lightgbm", "lightgbm-tuned", "lightgbm-monotone",
             "xgboost", "xgboost-tuned", "auto")
 # a table label -> (stacker, params): the "-tuned" rows choose their regularisation by inner CV
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
