@@ -887,12 +887,14 @@ def _token_lengths(b: Bench, n: int) -> np.ndarray:
     return np.random.default_rng(1).choice(lens, n, replace=True)
 
 
-def _build_feed_store(b: Bench) -> dict[str, Any]:
+def _build_feed_store(b: Bench, codec: str | None = None) -> dict[str, Any]:
+    """The synthetic store of section 4; ``codec``: the float codec (None = the default)."""
     from embedstore import create_store
 
     sz = b.sz
     n, br = sz.feed_n, sz.feed_block_rows
-    url = b.work / "feed.zarr"
+    url = b.work / f"feed-{codec or 'default'}.zarr"
+    ck = {} if codec is None else {"codec": codec}
     shutil.rmtree(url, ignore_errors=True)
     store = create_store(url, [f"r{i:06d}" for i in range(n)], None, folds=5, seed=0)
     rng = np.random.default_rng(0)
@@ -903,14 +905,14 @@ def _build_feed_store(b: Bench) -> dict[str, Any]:
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     regions = rng.standard_normal((n, r_img, di), dtype=np.float32).astype(np.float16)
     w = store.create_feature("txt", modality="text", dim=dt, lengths=lengths, layers=[5, 6],
-                             block_rows=br, attrs={"encoder": {"spec": "bench:random"}})
+                             block_rows=br, attrs={"encoder": {"spec": "bench:random"}}, **ck)
     with w:
         for blk in w.pending_blocks():
             s, e = w.block_range(blk)
             w.write_block(blk, tokens=flat[offsets[s] : offsets[e]],
                           pooled=np.zeros((e - s, dt), np.float32))
     w = store.create_feature("img", modality="image", dim=di, n_regions=r_img, grid=[7, 7],
-                             block_rows=br, attrs={"encoder": {"spec": "bench:random"}})
+                             block_rows=br, attrs={"encoder": {"spec": "bench:random"}}, **ck)
     with w:
         for blk in w.pending_blocks():
             s, e = w.block_range(blk)
@@ -921,6 +923,24 @@ def _build_feed_store(b: Bench) -> dict[str, Any]:
 
 def _np_image_batch(regions: np.ndarray, rows: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(regions[rows].astype(np.float32))  # (B, R, D)
+
+
+def _torch_image_batch(regions: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+    """The same batch with torch's vectorised fp16 cast into a numpy-allocated buffer (what the
+    loader does): shows how much of a ratio is the cast rather than the reading."""
+    out = torch.from_numpy(np.empty((len(rows), *regions.shape[1:]), np.float32))
+    return out.copy_(torch.from_numpy(regions[rows]))
+
+
+def _torch_text_batch(flat, offsets, lengths, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    lens = lengths[rows]
+    t_max = max(1, int(lens.max()))
+    pad = torch.from_numpy(np.zeros((len(rows), t_max, flat.shape[1], flat.shape[2]),
+                                    np.float32))
+    for j, r in enumerate(rows):
+        pad[j, : lens[j]].copy_(torch.from_numpy(flat[offsets[r] : offsets[r + 1]]))
+    mask = torch.arange(t_max)[None, :] < torch.from_numpy(lens)[:, None]
+    return pad, mask
 
 
 def _np_text_batch(flat, offsets, lengths, rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -939,8 +959,9 @@ def section_feed(b: Bench, res: SectionResult) -> None:
     from embedstore import open_store
 
     sz = b.sz
-    b.say("feed: building the synthetic store")
+    b.say("feed: building the synthetic stores (default codec, and zstd)")
     d = _build_feed_store(b)
+    dz = _build_feed_store(b, "zstd")  # the codec of every store before lz4 became the default
     n, bs = sz.feed_n, sz.feed_batch
     reps = sz.feed_epochs
     rng = np.random.default_rng(0)
@@ -949,8 +970,9 @@ def section_feed(b: Bench, res: SectionResult) -> None:
     for mod, field_set, fs_name in (("text", {"text_tokens", "text_mask"}, "txt"),
                                     ("image", {"image_regions"}, "img")):
         store = open_store(d["url"])
-        times: dict[str, list[float]] = {"numpy": [], "ram": [], "stream": [], "cache": [],
-                                         "decode": []}
+        times: dict[str, list[float]] = {"numpy": [], "torch": [], "ram": [], "stream": [],
+                                         "cache": [], "zstd": [], "decode": [],
+                                         "decode_zstd": []}
         kw = {"text" if mod == "text" else "image": fs_name}
         t = time.perf_counter()
         ld_ram = store.loader(np.arange(n), batch_size=bs, shuffle=True, fields=field_set,
@@ -964,26 +986,33 @@ def section_feed(b: Bench, res: SectionResult) -> None:
         ld_cache = fs3.store.loader(np.arange(n), batch_size=bs, shuffle=True, fields=field_set,
                                     max_ram=half, **kw)
         fs4 = open_store(d["url"]).features[fs_name]
-        for ep in range(reps):  # interleaved: numpy, RAM loader, streaming loaders, decode
+        ld_zstd = open_store(dz["url"]).loader(np.arange(n), batch_size=bs, shuffle=True,
+                                               fields=field_set, max_ram=0, **kw)
+        fs5 = open_store(dz["url"]).features[fs_name]
+        for ep in range(reps):  # interleaved: gathers, RAM loader, streaming loaders, decode
             perm = rng.permutation(n)
-            t = time.perf_counter()
-            for j in range(0, n, bs):
-                rows = perm[j : j + bs]
-                if mod == "image":
-                    _np_image_batch(d["regions"], rows)
-                else:
-                    _np_text_batch(d["flat"], d["offsets"], d["lengths"], rows)
-            times["numpy"].append(time.perf_counter() - t)
-            for key, ld in (("ram", ld_ram), ("stream", ld_stream), ("cache", ld_cache)):
+            for key, img_fn, txt_fn in (("numpy", _np_image_batch, _np_text_batch),
+                                        ("torch", _torch_image_batch, _torch_text_batch)):
+                t = time.perf_counter()
+                for j in range(0, n, bs):
+                    rows = perm[j : j + bs]
+                    if mod == "image":
+                        img_fn(d["regions"], rows)
+                    else:
+                        txt_fn(d["flat"], d["offsets"], d["lengths"], rows)
+                times[key].append(time.perf_counter() - t)
+            for key, ld in (("ram", ld_ram), ("stream", ld_stream), ("cache", ld_cache),
+                            ("zstd", ld_zstd)):
                 ld.set_epoch(ep)
                 t = time.perf_counter()
                 for _ in ld:
                     pass
                 times[key].append(time.perf_counter() - t)
-            t = time.perf_counter()  # the blocks alone: Zarr read + zstd decode, one thread
-            for blk in range(fs4.n_blocks):
-                fs4.read_block(blk)
-            times["decode"].append(time.perf_counter() - t)
+            for key, fs in (("decode", fs4), ("decode_zstd", fs5)):
+                t = time.perf_counter()  # the blocks alone: Zarr read + decode, one thread
+                for blk in range(fs.n_blocks):
+                    fs.read_block(blk)
+                times[key].append(time.perf_counter() - t)
         times["cache"] = times["cache"][1:] or times["cache"]  # epochs that reuse the blocks
         # naive: one Zarr read per row, for naive_rows rows, scaled to the epoch
         m = min(sz.naive_rows, n)
@@ -1008,23 +1037,28 @@ def section_feed(b: Bench, res: SectionResult) -> None:
         results[mod] = {**times, "naive": naive, "load": load_s}
     payload = {"text": d["flat"].nbytes, "image": d["regions"].nbytes}
     res.lines += [
-        f"A synthetic store of {n} rows (random fp16 data, so zstd cannot shrink it): text "
+        f"A synthetic store of {n} rows (random fp16 data, which no codec can shrink): text "
         f"tokens with lengths resampled from the sample catalog (MiniLM tokenizer; mean "
         f"{d['lengths'].mean():.0f}, max {d['lengths'].max()}), 2 layers x 384 "
         f"({fmt_bytes(payload['text'])}); image regions 49 x 1280 ({fmt_bytes(payload['image'])}"
-        f"); `block_rows={sz.feed_block_rows}` ({-(-n // sz.feed_block_rows)} blocks). One "
+        f"); `block_rows={sz.feed_block_rows}` ({-(-n // sz.feed_block_rows)} blocks), written "
+        "twice: with the default float codec (Blosc-LZ4, docs/format.md §6) and with "
+        "`codec=\"zstd\"` (every store's codec before). One "
         f"epoch = every row once in random order, in padded float32 batches of {bs} rows. "
-        "In-RAM numpy gather: the arrays in RAM, `regions[rows].astype(float32)` / a padded "
-        "copy of each row's tokens, nothing else. Loader: `store.loader(rows, shuffle=True, "
-        "fields=...)` with its default prefetch thread, in RAM (`max_ram=None`; the one-time "
-        "load is not in the epoch) and streaming (`max_ram=0`: whole blocks read in shuffled "
-        "order by 4 reader threads, the next window read ahead, rows shuffled within a window "
-        "of blocks filling the 1 GiB shuffle buffer, here the whole epoch). Streaming with a "
-        "RAM budget of half the set (`max_ram=payload/2`): the same, and the decoded blocks "
-        "that fit the budget are kept across epochs (the median is over epochs that reuse "
-        "them; the first epoch reads every block). Blocks alone: `read_block` of every block "
-        "on one thread, no batches (Zarr read, crc32c, zstd decode): the floor of a feed that "
-        "decodes the set once per epoch. Naive Zarr: one `array[row]` read per "
+        "In-RAM numpy gather (the baseline): the arrays in RAM, `regions[rows].astype(float32)` "
+        "/ a padded copy of each row's tokens, nothing else. In-RAM torch-cast gather: the same "
+        "rows cast by torch into a numpy-allocated float32 batch, as the loader now does (numpy's "
+        "fp16 -> fp32 cast is scalar, torch's uses F16C; numpy allocates large buffers on huge "
+        "pages): what part of a ratio is the cast rather than the store. Loader: "
+        "`store.loader(rows, shuffle=True, fields=...)` with its default prefetch thread, in RAM "
+        "(`max_ram=None`; the one-time load is not in the epoch) and streaming (`max_ram=0`: "
+        "whole blocks read in shuffled order by 4 reader threads (capped at the CPU count), the "
+        "next window read ahead, rows shuffled within a window of blocks filling the 1 GiB "
+        "shuffle buffer, here the whole epoch). Streaming with a RAM budget of half the set "
+        "(`max_ram=payload/2`): the same, and the decoded blocks that fit the budget are kept "
+        "across epochs (the median is over epochs that reuse them; the first epoch reads every "
+        "block). Blocks alone: `read_block` of every block on one thread, no batches (Zarr "
+        "read, crc32c, decode). Naive Zarr: one `array[row]` read per "
         f"row (timed on {min(sz.naive_rows, n)} rows, scaled to the epoch). Ratio = numpy "
         f"epoch time / the other's epoch time, i.e. its throughput relative to the in-RAM "
         f"gather (median of {reps} epochs, interleaved; \"fastest / fastest\" compares the "
@@ -1036,11 +1070,15 @@ def section_feed(b: Bench, res: SectionResult) -> None:
         r = results[mod]
         base = median(r["numpy"])
         for key, label, goal in (("numpy", "in-RAM numpy gather", None),
+                                 ("torch", "in-RAM torch-cast gather", None),
                                  ("ram", "store loader, in RAM", (">=", 0.5)),
                                  ("stream", "store loader, streaming (max_ram=0)", (">=", 0.8)),
                                  ("cache", "store loader, streaming (max_ram=half the set)",
                                   (">=", 0.8)),
+                                 ("zstd", "store loader, streaming (max_ram=0), zstd store",
+                                  None),
                                  ("decode", "blocks alone: read + decode, 1 thread", None),
+                                 ("decode_zstd", "blocks alone, zstd store", None),
                                  ("naive", "naive per-row Zarr", None)):
             t = median(r[key]) if key != "naive" else r[key]
             shown = spread(r[key]) if key != "naive" else fmt_s(t) + " (scaled)"
@@ -1057,7 +1095,8 @@ def section_feed(b: Bench, res: SectionResult) -> None:
     res.lines += [f"One-time load of the whole feature set into RAM (in-RAM loader "
                   f"construction): text {fmt_s(results['text']['load'])}, image "
                   f"{fmt_s(results['image']['load'])}.", ""]
-    shutil.rmtree(d["url"], ignore_errors=True)
+    for x in (d, dz):
+        shutil.rmtree(x["url"], ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1066,6 +1105,27 @@ def section_feed(b: Bench, res: SectionResult) -> None:
 
 def _dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def _float_bytes(store, name: str) -> tuple[int, int]:
+    """(chunk bytes of the set's float arrays on disk, what they take re-encoded as zstd
+    level 1 + crc32c: the same set extracted with ``--codec zstd``)."""
+    from numcodecs import Zstd
+
+    fs, z = store.features[name], Zstd(level=1)
+    disk = as_zstd = 0
+    for key in ("tokens", "regions", "pooled", "image_pooled"):
+        if key not in fs.group:
+            continue
+        arr = fs.group[key]
+        disk += _dir_bytes(Path(store.url) / "features" / name / key / "c")
+        step = arr.chunks[0]
+        for lo in range(0, arr.shape[0], step):
+            full = np.zeros((step, *arr.shape[1:]), arr.dtype)  # chunks are stored whole
+            part = np.asarray(arr[lo : lo + step])
+            full[: len(part)] = part
+            as_zstd += len(z.encode(full)) + 4
+    return disk, as_zstd
 
 
 def section_storage(b: Bench, res: SectionResult) -> None:
@@ -1084,10 +1144,15 @@ def section_storage(b: Bench, res: SectionResult) -> None:
     t_pad_cfg = n * max_len * n_l * dt * 2 + n * t.pooled_dim * 4
     i_disk = _dir_bytes(root / "features" / i.name)
     i_pay = n * i.n_regions * i.dim * 2 + n * i.pooled_dim * 4
+    zs = {fs.name: _float_bytes(store, fs.name) for fs in (t, i)}
+    t_z = t_disk - zs[t.name][0] + zs[t.name][1]  # the same set with --codec zstd
+    i_z = i_disk - zs[i.name][0] + zs[i.name][1]
     res.lines += [
         f"The main store ({n} items of the sample catalog). On disk: every file under "
-        "`features/<name>/` (data, offsets, pooled, done, errors, metadata; zstd level 1 + "
-        "crc32c). Raw payload: the valid tokens / regions at fp16 plus the pooled vectors at "
+        "`features/<name>/` (data, offsets, pooled, done, errors, metadata; float arrays with "
+        "the default codec, Blosc-LZ4, the others zstd level 1; all with crc32c). With `--codec "
+        "zstd`: the same, the float arrays' chunks re-encoded with zstd level 1 (+ crc32c). "
+        "Raw payload: the valid tokens / regions at fp16 plus the pooled vectors at "
         "fp32 (the stored dtypes), uncompressed. Padded layout: every item's tokens padded to "
         f"the longest item ({int(lengths.max())} tokens) or to `max_length` ({max_len}), "
         f"fp16. Text: {int(lengths.sum())} tokens (mean {lengths.mean():.1f} per item), "
@@ -1097,13 +1162,18 @@ def section_storage(b: Bench, res: SectionResult) -> None:
     r1 = res.ratio("text: bytes on disk / raw fp16 payload", t_disk / t_pay, ("<=", 1.05))
     r2 = res.ratio("text: bytes on disk / padded-to-longest layout", t_disk / t_pad_max)
     r3 = res.ratio("image: bytes on disk / raw fp16 payload", i_disk / i_pay, ("<=", 1.05))
+    r4 = res.ratio("text: bytes on disk, --codec zstd / raw fp16 payload", t_z / t_pay)
+    r5 = res.ratio("image: bytes on disk, --codec zstd / raw fp16 payload", i_z / i_pay)
     rows.append(["text", fmt_bytes(t_disk / n), fmt_bytes(t_pay / n), fmt_ratio(r1.value),
-                 r1.goal_text, r1.status, fmt_bytes(t_pad_max / n), fmt_ratio(r2.value),
+                 r1.goal_text, r1.status, f"{fmt_bytes(t_z / n)} ({fmt_ratio(r4.value)})",
+                 fmt_bytes(t_pad_max / n), fmt_ratio(r2.value),
                  f"{fmt_bytes(t_pad_cfg / n)} ({fmt_ratio(t_disk / t_pad_cfg)})"])
     rows.append(["image", fmt_bytes(i_disk / n), fmt_bytes(i_pay / n), fmt_ratio(r3.value),
-                 r3.goal_text, r3.status, "= payload (fixed size)", "—", "—"])
+                 r3.goal_text, r3.status, f"{fmt_bytes(i_z / n)} ({fmt_ratio(r5.value)})",
+                 "= payload (fixed size)", "—", "—"])
     res.lines += table(["feature set", "on disk / item", "payload / item", "ratio", "goal",
-                        "status", "padded to longest / item", "ratio",
+                        "status", "with --codec zstd / item (ratio)",
+                        "padded to longest / item", "ratio",
                         f"padded to {max_len} / item (ratio)"], rows)
     mr = b.main_results
     if mr:
