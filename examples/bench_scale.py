@@ -11,8 +11,9 @@ Source runs for `fusion stack`: 5 runs of :func:`fusion.testing.make_synthetic_r
 as examples/bench_stack.py) up to 256 classes, of :func:`fusion.testing.make_many_class_runs`
 (top-20) above. Every measurement runs in its own child process (``--child``), so
 its peak RSS (``ru_maxrss``) is its own, with a wall-clock limit (``--limit``; a cell past it is
-reported as not finished). Threads are pinned (OMP/MKL/OpenBLAS/torch) to ``--threads`` (default
-1); the stack also runs with 2 GBDT threads. Writes a JSON list of rows and, with ``--plot``, a
+reported as not finished). Threads are pinned (OMP/MKL/OpenBLAS/torch) to 1; the stack runs with
+each of ``--gbdt-threads`` (default 1 and 2) GBDT threads. Each row has the wall ``seconds``, the
+child's ``cpu_seconds`` and the 1-minute load average before and after (the machine is shared). Writes a JSON list of rows and, with ``--plot``, a
 log-log PNG of time against N and against K. Not part of `make test` or `make bench`.
 """
 
@@ -79,8 +80,8 @@ def _dir_mb(path: Path, pattern: str = "*") -> float:
 def child(job: dict[str, Any]) -> dict[str, Any]:
     """One measurement in this process: returns seconds, peak RSS and what the stage reports."""
     stage, work = job["stage"], Path(job["work"])
-    out: dict[str, Any] = {}
-    t0 = time.perf_counter()
+    out: dict[str, Any] = {"load_before": round(os.getloadavg()[0], 2)}
+    t0, cpu0 = time.perf_counter(), time.process_time()
     if stage.startswith("stack"):  # "stack" (the default, auto) or "stack-<stacker>"
         from fusion.stack import stack
 
@@ -89,6 +90,8 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         run = stack(srcs, out=work / f"{stage}-t{job['gbdt_threads']}",
                     threads=job["gbdt_threads"], **kw)
         out.update(stacker=run.config["stacker"], accuracy=run.metrics["accuracy"],
+                   macro_f1=run.metrics["macro_f1"],
+                   rounds=[f["best_iteration"] for f in run.metrics["folds"]],
                    best_source_accuracy=max(json.loads((p / "metrics.json").read_text())
                                             ["accuracy"] for p in srcs),
                    run_mb=_dir_mb(run.path))
@@ -110,6 +113,10 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
                        device="cpu")
         out.update(rows=len(pred.probs))
     out["seconds"] = time.perf_counter() - t0
+    # CPU seconds of this process (every thread): on the shared machine the wall time above
+    # grows with the other jobs' load, the CPU time much less
+    out["cpu_seconds"] = time.process_time() - cpu0
+    out["load_after"] = round(os.getloadavg()[0], 2)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -129,7 +136,7 @@ def measure(job: dict[str, Any], limit: float) -> dict[str, Any]:
 
 
 def run_grid(items: list[int], classes: list[int], stages: list[str], limit: float,
-             work_root: Path) -> list[dict[str, Any]]:
+             work_root: Path, gbdt_threads: tuple[int, ...] = (1, 2)) -> list[dict[str, Any]]:
     from fusion.config import DENSE_MAX_CLASSES
     from fusion.testing import make_many_class_runs, make_synthetic_runs
 
@@ -150,7 +157,7 @@ def run_grid(items: list[int], classes: list[int], stages: list[str], limit: flo
                                          seed=0)
                 print(f"# runs n={n} k={k}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
                 for s in stack_stages:
-                    for g in (1, 2):
+                    for g in gbdt_threads:
                         rows.append(measure({**base, "stage": s, "gbdt_threads": g}, limit))
                         print(json.dumps(rows[-1]), flush=True)
                 shutil.rmtree(work / "runs", ignore_errors=True)
@@ -205,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", default="27,1000,5600")
     ap.add_argument("--stages", default="stack,train-concat,train-hanet,predict")
     ap.add_argument("--limit", type=float, default=300.0, help="seconds per measurement")
+    ap.add_argument("--gbdt-threads", default="1,2", help="GBDT threads of the stack stages")
     ap.add_argument("--json", type=Path, default=None, help="append the rows to this file")
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None)
@@ -215,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     rows = run_grid([int(x) for x in a.items.split(",")], [int(x) for x in a.classes.split(",")],
-                    a.stages.split(","), a.limit, work)
+                    a.stages.split(","), a.limit, work,
+                    tuple(int(g) for g in a.gbdt_threads.split(",")))
     if a.json is not None:
         old = json.loads(a.json.read_text()) if a.json.exists() else []
         a.json.write_text(json.dumps(old + rows, indent=1) + "\n")

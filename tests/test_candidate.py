@@ -9,6 +9,7 @@ from fusion.errors import StackError
 from fusion.probs import TopK
 from fusion.rundir import load_run
 from fusion.stack import create_stacker, stack, stacker_class, summarize_contributions
+from fusion.stack.candidates import features, item_blocks, split_columns
 from fusion.stack.inputs import StackInputs, candidate_matrix
 from fusion.stack.procedure import AUTO_MAX_PER_CLASS_K
 from fusion.testing import make_many_class_runs
@@ -111,3 +112,115 @@ def test_bad_inputs_are_one_line(many, tmp_path, monkeypatch):
         create_stacker("candidate", n_classes=10, n_sources=2, params={"depth": 0})
     with pytest.raises(StackError, match="max_fit_items=0 must be >= 1"):
         create_stacker("candidate", n_classes=10, n_sources=2, params={"max_fit_items": 0})
+    with pytest.raises(StackError, match="explain_rows=0 must be >= 1"):
+        create_stacker("candidate", n_classes=10, n_sources=2, params={"explain_rows": 0})
+    with pytest.raises(StackError, match="max_fit_rows=0 must be >= 1"):
+        create_stacker("candidate", n_classes=10, n_sources=2, params={"max_fit_rows": 0})
+
+
+def test_fit_keeps_every_positive_row_and_samples_negatives_above_max_fit_rows(many):
+    _, srcs, _ = many
+    inp = StackInputs(srcs)
+    X, _, _, _ = candidate_matrix(inp)
+    y = inp.labels[inp.trainable][:1500]
+    big = create_stacker("candidate", n_classes=inp.k, n_sources=3)
+    item, target, _, n, frac = big._fit_rows(X[:1500], y, np.random.default_rng(0))
+    assert frac == 1.0 and n == len(item) > 10_000  # no cap by default: every row
+    small = create_stacker("candidate", n_classes=inp.k, n_sources=3,
+                           params={"max_fit_rows": 6000})
+    s_item, s_target, s_F, s_n, s_frac = small._fit_rows(X[:1500], y, np.random.default_rng(0))
+    assert s_n == n and s_target.sum() == target.sum() > 1000  # every positive row kept
+    assert abs(len(s_item) - 6000) < 300 and s_F.shape == (len(s_item), small.n_features)
+    share = (len(s_target) - s_target.sum()) / (len(target) - target.sum())
+    assert abs(share - s_frac) < 0.03
+    # the early-stopping rows are sampled at the training rows' rate
+    *_, v_frac = small._fit_rows(X[:300], y[:300], np.random.default_rng(1), s_frac)
+    assert v_frac == s_frac
+
+
+def _reference_rows(X, n_runs, depth, n_classes, class_freq):
+    """The candidate rows by a plain loop over items and classes (the definition)."""
+    width = X.shape[1] // n_runs
+    k = (width - 1) // 2
+    items, classes, feats = [], [], []
+    for i, row in enumerate(X):
+        runs = [(row[j * width:j * width + k].astype(int), row[j * width + k:j * width + 2 * k],
+                 row[j * width + 2 * k]) for j in range(n_runs)]
+        for c in sorted({int(c) for idx, _, _ in runs for c in idx[:depth]}):
+            f, first = [], 0
+            for idx, p, rest in runs:
+                hit = np.flatnonzero(idx == c)
+                pc = float(p[hit[0]]) if len(hit) else float(rest) / (n_classes - k)
+                pc = min(max(pc, 1e-7), 1 - 1e-7)
+                rank = hit[0] + 1 if len(hit) else k + 1
+                first += rank == 1
+                f += [pc, rank, np.log(pc / (1 - pc)), np.log(max(float(p[0]), 1e-7)) - np.log(pc)]
+            items.append(i)
+            classes.append(c)
+            feats.append([*f, first, class_freq[c]])
+    return np.array(items), np.array(classes), np.array(feats)
+
+
+def test_vectorised_candidate_rows_match_the_per_item_definition(many):
+    _, srcs, _ = many
+    inp = StackInputs(srcs)
+    X, _, _, _ = candidate_matrix(inp)
+    X = X[:60]
+    model = create_stacker("candidate", n_classes=inp.k, n_sources=3, params={"depth": 7})
+    model.class_count = np.bincount(inp.labels[inp.trainable], minlength=inp.k)
+    model.n_fit = int(model.class_count.sum())
+    item, cls, F = model.candidates(X)
+    ref_item, ref_cls, ref_F = _reference_rows(X, 3, 7, inp.k, model._class_freq())
+    np.testing.assert_array_equal(item, ref_item)
+    np.testing.assert_array_equal(cls, ref_cls)
+    np.testing.assert_allclose(F, ref_F, rtol=1e-5, atol=1e-6)
+    assert F.dtype == np.float32 and len(np.unique(item)) == 60
+    # a class no run kept (the contributions of an averaged prediction can ask for one)
+    kept = {int(c) for j in range(3) for c in X[0, j * 41:j * 41 + 20]}
+    absent = np.array([next(c for c in range(inp.k) if c not in kept)])
+    one = features(split_columns(X[:1], 3), np.zeros(1, np.int64), absent, inp.k,
+                   model._class_freq())
+    assert one[0, 1] == one[0, 5] == one[0, 9] == 21  # rank k + 1 in every run
+    assert one[0, 0] == pytest.approx(X[0, 40] / (inp.k - 20), rel=1e-6)  # run0's fill
+
+
+def test_blocks_do_not_change_the_prediction(many, monkeypatch):
+    _, srcs, run = many
+    inp = StackInputs(srcs)
+    X, _, _, _ = candidate_matrix(inp)
+    model = stacker_class("candidate").load(run.path / "weights" / "fold0", params={"n_jobs": 1},
+                                            n_sources=3, pooled_dims=None)
+    whole, rows = model.predict_proba(X[:300]), model.candidates(X[:300])
+    monkeypatch.setattr("fusion.stack.candidates.BLOCK_ITEMS", 37)
+    assert len(list(item_blocks(300))) == 9
+    blocked = model.predict_proba(X[:300])
+    np.testing.assert_array_equal(blocked.idx, whole.idx)
+    np.testing.assert_array_equal(blocked.p, whole.p)
+    for a, b in zip(model.candidates(X[:300]), rows, strict=True):  # the fit's rows too
+        np.testing.assert_array_equal(a, b)
+
+
+def test_treeshap_explains_a_seeded_sample_the_same_for_every_model(many, tmp_path):
+    _, srcs, _ = many
+    inp = StackInputs(srcs)
+    X, _, _, _ = candidate_matrix(inp)
+    y = inp.labels[inp.trainable]
+    a, b = (create_stacker("candidate", n_classes=inp.k, n_sources=3, seed=4,
+                           params={"n_jobs": 1, "n_estimators": 10, "explain_rows": 25})
+            .fit(X[s:s + 800], y[s:s + 800]) for s in (0, 800))
+    pred = a.predict_proba(X[:100]).argmax(1)
+    ca, cb = a.contributions(X[:100], pred), b.contributions(X[:100], pred)
+    done = ~np.isnan(ca).all(1)
+    assert done.sum() == 25 and np.array_equal(done, ~np.isnan(cb).all(1))
+    item, cls, raw, _ = a.scores(X[:100])
+    mine = cls == pred[item]
+    np.testing.assert_allclose(ca[done].sum(1), raw[mine][np.argsort(item[mine])][done],
+                               atol=1e-6)
+    # the stack run: each OOF fold and the holdout explain explain_rows items
+    small = stack(srcs, stacker="candidate", params={"n_jobs": 1, "explain_rows": 30},
+                  out=tmp_path / "s")
+    rows = (small.path / "contributions.csv").read_text().splitlines()[1:]
+    n_ho = sum(r.split(",")[1] == "holdout" for r in rows)
+    assert n_ho == 30 and len(rows) == 30 * (inp.n_folds + 1)
+    assert small.config["params"]["explain_rows"] == 30
+    assert set(summarize_contributions(small.path)["mean_abs"]) == {"run0", "run1", "run2"}

@@ -45,11 +45,14 @@ def group_matrix(n_runs: int, k: int, n_pooled: int) -> np.ndarray:
 def write_contributions(path: Path, *, ids: Sequence[str], splits: Sequence[str],
                         folds: Sequence[int], true: Sequence[str], predicted: Sequence[str],
                         groups: Sequence[str], values: np.ndarray) -> None:
-    """``id,split,fold,true,predicted,<group>...`` one row per item (``values`` (N, G))."""
+    """``id,split,fold,true,predicted,<group>...`` one row per explained item (``values``
+    (N, G)); a row of NaN was not explained (the candidate stacker explains a seeded sample of
+    each scored block, ``explain_rows``) and is left out."""
+    explained = np.flatnonzero(~np.isnan(values).all(1)) if len(values) else range(0)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["id", "split", "fold", "true", "predicted", *groups])
-        for i in range(len(ids)):
+        for i in explained:
             w.writerow([ids[i], splits[i], folds[i], true[i], predicted[i],
                         *(f"{v:.9g}" for v in values[i])])
 
