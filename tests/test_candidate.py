@@ -47,6 +47,7 @@ def test_per_run_attributions_sum_to_the_candidate_score(many):
     assert header[5:] == ["run0", "run1", "run2", "shared", "bias"]
     summary = summarize_contributions(run.path)
     assert set(summary["mean_abs"]) == {"run0", "run1", "run2"}
+    assert "at most 1000 items per scored block" in run.metrics["attribution"]["sample"]
     inp = StackInputs(srcs)
     X, _, _, _ = candidate_matrix(inp)
     model = create_stacker("candidate", n_classes=inp.k, n_sources=3,

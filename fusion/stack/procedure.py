@@ -321,8 +321,13 @@ def _attribution_note(probe: Stacker | None, stacker: str) -> dict[str, Any]:
         return {"method": None, "reason": "a blend of stackers has no TreeSHAP of its own; "
                 "stack with --stacker lightgbm for contributions"}
     if probe.explain:
-        return {"method": "treeshap", "file": CONTRIBUTIONS_FILE,
+        note = {"method": "treeshap", "file": CONTRIBUTIONS_FILE,
                 "target": "margin of the predicted class"}
+        cap = getattr(probe, "explain_rows", None)  # the candidate stacker explains a sample
+        if cap is not None:
+            note["sample"] = (f"a seeded sample of at most {cap} items per scored block (the "
+                              "others are not in the file); -p explain_rows=N to change it")
+        return note
     reason = (f"{stacker} has no TreeSHAP; contributions are written only by the lightgbm "
               "and xgboost stackers" if not probe.attribution else "explain=false was set")
     return {"method": None, "reason": reason}
