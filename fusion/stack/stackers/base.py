@@ -180,6 +180,24 @@ class Stacker:
         self.best_iteration: int | None = None  # rounds / epochs used by the fitted model
         self.present = np.arange(n_classes)  # the classes seen in training, ascending
 
+    def require_known_params(self) -> None:
+        """For stackers that take only their own ``defaults`` as ``--params``: one line
+        naming the unknown keys and the known ones."""
+        unknown = set(self.params) - set(self.defaults)
+        if unknown:
+            raise StackError(f"unknown --params for stacker {self.name!r}: {sorted(unknown)}; "
+                             f"known: {sorted(self.defaults)}")
+
+    def run_columns(self, X: np.ndarray) -> np.ndarray:
+        """(N, M, K): the K probability (or log-probability) columns of each of the M source
+        runs at the front of ``X`` (pooled columns after them are left out)."""
+        k = self.n_classes
+        m = self.n_sources or X.shape[1] // k
+        if m < 1 or X.shape[1] < m * k:
+            raise StackError(f"the {self.name} stacker needs {k} probability columns per run; "
+                             f"got {X.shape[1]} columns")
+        return X[:, : m * k].reshape(len(X), m, k)
+
     def procedure_params(self) -> dict[str, Any]:
         return {
             "explain": self.explain,

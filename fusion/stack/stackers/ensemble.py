@@ -56,22 +56,14 @@ class EnsembleStacker(Stacker):
 
     def __init__(self, **kw: Any):
         super().__init__(**kw)
-        unknown = set(self.params) - set(self.defaults)
-        if unknown:
-            raise StackError(f"unknown --params for stacker 'ensemble': {sorted(unknown)}; "
-                             f"known: {sorted(self.defaults)}")
+        self.require_known_params()
         if int(self.params["ensemble_size"]) < 1:
             raise StackError(f"ensemble_size={self.params['ensemble_size']} must be >= 1; "
                              "25 is AutoGluon's default")
 
     def blocks(self, X: np.ndarray) -> np.ndarray:
         """(M, N, C) probabilities of the M runs over the present classes, rows renormalised."""
-        k = self.n_classes
-        m = self.n_sources or X.shape[1] // k
-        if m < 1 or X.shape[1] < m * k:
-            raise StackError(f"the ensemble needs {k} probability columns per run; got "
-                             f"{X.shape[1]} columns")
-        p = X[:, : m * k].reshape(len(X), m, k).transpose(1, 0, 2)
+        p = self.run_columns(X).transpose(1, 0, 2)
         if self.log_probs:
             p = np.exp(p)
         p = p[:, :, self.present]

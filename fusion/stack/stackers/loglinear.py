@@ -42,22 +42,14 @@ class LogLinearStacker(Stacker):
 
     def __init__(self, **kw: Any):
         super().__init__(**kw)
-        unknown = set(self.params) - set(self.defaults)
-        if unknown:
-            raise StackError(f"unknown --params for stacker 'loglinear': {sorted(unknown)}; "
-                             f"known: {sorted(self.defaults)}")
+        self.require_known_params()
         if float(self.params["l2"]) < 0 or int(self.params["max_iter"]) < 1:
             raise StackError(f"loglinear: l2={self.params['l2']} must be >= 0 and max_iter="
                              f"{self.params['max_iter']} >= 1 (defaults 0.01, 300)")
 
     def z(self, X: np.ndarray) -> np.ndarray:
         """(N, R, C) centred log-probabilities of the R runs over the present classes."""
-        k = self.n_classes
-        m = self.n_sources or X.shape[1] // k
-        if m < 1 or X.shape[1] < m * k:
-            raise StackError(f"the loglinear stacker needs {k} probability columns per run; "
-                             f"got {X.shape[1]} columns")
-        blocks = X[:, : m * k].reshape(len(X), m, k)
+        blocks = self.run_columns(X)
         lp = blocks if self.log_probs else np.log(np.clip(blocks, _EPS, None))
         lp = lp[:, :, self.present].astype(np.float64)
         return lp - lp.mean(2, keepdims=True)

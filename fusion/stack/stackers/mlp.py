@@ -52,12 +52,7 @@ class MLPStacker(Stacker):
 
     def __init__(self, **kw: Any):
         super().__init__(**kw)
-        unknown = set(self.params) - set(self.defaults)
-        if unknown:
-            raise StackError(
-                f"unknown --params for stacker 'mlp': {sorted(unknown)}; "
-                f"known: {sorted(self.defaults)}"
-            )
+        self.require_known_params()
 
     def fit_local(self, X, y, X_valid, y_valid, n_classes, rounds) -> None:
         p = self.params
