@@ -27,8 +27,9 @@ from embedstore.errors import EmbedStoreError
 
 from .data import store_availability
 from .errors import RunDirError
-from .metrics import by_availability, classification_metrics
+from .metrics import by_availability
 from .probs import TopK, mean_topk
+from .results import seed_record, spreads
 from .rundir import Run, RunWriter, load_run, write_run
 
 __all__ = ["merge_runs", "IGNORED"]
@@ -147,19 +148,15 @@ def merge_runs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     seeds = [int(s) for s in first.config.get("seeds") or [0]]
     fold_metrics = sorted((m for r in runs for m in r.metrics.get("folds", [])),
                           key=lambda m: (m.get("seed", 0), m.get("fold", 0)))
-    seed_metrics = None
-    if len(seeds) == 1:  # one seed: its scores are the run's (several: not recoverable)
-        m = classification_metrics(labels[oof_rows], oof)
-        h = classification_metrics(labels[hold_rows], hold) if len(hold_rows) else None
-        keep = ("accuracy", "macro_f1", "n")
-        seed_metrics = [{"seed": seeds[0], **{k: m[k] for k in keep},
-                         "holdout": {k: h[k] for k in keep} if h else None}]
+    # one seed: its scores are the run's; several: each part holds only their mean
+    seed_metrics = ([seed_record(seeds[0], labels[oof_rows], oof, labels[hold_rows], hold)]
+                    if len(seeds) == 1 else None)
     epochs = [sum(len(f.get("history", [])) for f in r.metrics.get("folds", [])) for r in runs]
     epoch_s = [float(r.metrics.get("epoch_seconds") or 0.0) for r in runs]
     metrics = {
         "head": first.metrics.get("head"), "kind": first.metrics.get("kind"),
         "folds": fold_metrics, "seeds": seed_metrics,
-        "spread": None if seed_metrics is None else first.metrics.get("spread"),
+        "spread": None if seed_metrics is None else spreads(seed_metrics),
         "train_seconds": float(sum(r.metrics.get("train_seconds") or 0.0 for r in runs)),
         "epoch_seconds": (float(np.average(epoch_s, weights=epochs)) if sum(epochs) else 0.0),
         "n_parameters": first.metrics.get("n_parameters"),
@@ -168,8 +165,6 @@ def merge_runs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,
         "merged_from": [{"path": str(r.path), "folds": r.config["folds"]["trained"],
                          "train_seconds": r.metrics.get("train_seconds")} for r in runs],
     }
-    if len(seeds) == 1:
-        metrics["spread"] = {"macro_f1": None, "accuracy": None, "holdout": None}
     config = {**first.config, "name": name or Path(out).name,
               "train": {**first.config.get("train", {}), "fold": None},
               "folds": {**first.config["folds"], "trained": trained}}

@@ -29,7 +29,7 @@ from .metrics import by_availability, classification_metrics
 from .probs import TOPK, Probs, TopK, block_rows, layout_for, mean_topk, to_topk
 from .rundir import Run, RunWriter, write_run
 
-__all__ = ["FoldResults", "run_config", "spread"]
+__all__ = ["FoldResults", "run_config", "seed_record", "spread", "spreads"]
 
 
 def run_config(s: Setup, *, kind: str, name: str | None, out: str | os.PathLike | None,
@@ -65,6 +65,25 @@ def spread(values: list[float | None]) -> dict[str, float | None]:
     if not len(v):
         return {"mean": None, "std": None}
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+
+def seed_record(seed: int, y: np.ndarray, oof: Probs, y_hold: np.ndarray,
+                hold: Probs) -> dict[str, Any]:
+    """``metrics.seeds[]`` entry: one seed's out-of-fold and holdout scores."""
+    m = classification_metrics(y, oof)
+    h = classification_metrics(y_hold, hold) if len(hold) else None
+    keep = ("accuracy", "macro_f1", "n")
+    return {"seed": seed, **{k: m[k] for k in keep},
+            "holdout": {k: h[k] for k in keep} if h else None}
+
+
+def spreads(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """``metrics.spread``: :func:`spread` of each score over the ``metrics.seeds`` entries."""
+    has_hold = all(x["holdout"] for x in seeds)
+    return {"macro_f1": spread([x["macro_f1"] for x in seeds]),
+            "accuracy": spread([x["accuracy"] for x in seeds]),
+            "holdout": ({key: spread([x["holdout"][key] for x in seeds])
+                         for key in ("macro_f1", "accuracy")} if has_hold else None)}
 
 
 class FoldResults:
@@ -135,11 +154,8 @@ class FoldResults:
         s = self.setup
         rows = np.flatnonzero(self.oof_mask)
         oof, hold = self.acc.end_seed()
-        m = classification_metrics(s.labels[rows], oof[rows])
-        h = classification_metrics(s.labels[self.hold_rows], hold) if len(hold) else None
-        keep = ("accuracy", "macro_f1", "n")
-        self.seed_metrics.append({"seed": seed, **{k: m[k] for k in keep},
-                                  "holdout": {k: h[k] for k in keep} if h else None})
+        self.seed_metrics.append(seed_record(seed, s.labels[rows], oof[rows],
+                                             s.labels[self.hold_rows], hold))
 
     def save_weights(self, name: str, module: torch.nn.Module) -> None:
         """Stage ``weights/{name}.safetensors`` for the run (no-op without ``out``)."""
@@ -173,14 +189,8 @@ class FoldResults:
         # that fold's OOF rows should score (docs/runs.md section 2.7)
         oof, hold, hold_folds = self.acc.final(rows, s.fold_ids)
         sm = self.seed_metrics
-        has_hold = all(x["holdout"] for x in sm)
         metrics = {"head": s.head_spec, "kind": kind, "folds": self.fold_metrics,
-                   "seeds": sm,
-                   "spread": {
-                       "macro_f1": spread([x["macro_f1"] for x in sm]),
-                       "accuracy": spread([x["accuracy"] for x in sm]),
-                       "holdout": ({key: spread([x["holdout"][key] for x in sm])
-                                    for key in ("macro_f1", "accuracy")} if has_hold else None)},
+                   "seeds": sm, "spread": spreads(sm),
                    "train_seconds": train_seconds,
                    "epoch_seconds": float(np.mean(self.epoch_times)) if self.epoch_times else 0.0,
                    "n_parameters": int(sum(p.numel() for p in s.probe.parameters())),

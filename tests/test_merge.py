@@ -49,6 +49,8 @@ def _same_run(got, want, hold_atol=1e-6):
         assert got.metrics[key] == want.metrics[key]
         assert got.metrics["holdout"][key] == pytest.approx(want.metrics["holdout"][key])
     assert got.metrics["by_availability"] == want.metrics["by_availability"]
+    assert got.metrics["seeds"] == want.metrics["seeds"]
+    assert got.metrics["spread"] == want.metrics["spread"]
     assert [(m["fold"], m["best_epoch"]) for m in got.metrics["folds"]] == \
         [(m["fold"], m["best_epoch"]) for m in want.metrics["folds"]]
     gz, wz = np.load(got.path / "rows.npz"), np.load(want.path / "rows.npz")
