@@ -35,7 +35,7 @@ from .device import resolve_device, torch_threads
 from .errors import FusionError
 from .heads import create_head
 from .heads.registry import HEADS
-from .probs import BLOCK_ROWS, TOPK, Probs, TopK, layout_for, mean_topk, to_topk, topk_of
+from .probs import TOPK, Probs, TopK, block_rows, layout_for, mean_topk, to_topk, topk_of
 from .rundir import Run, load_run
 from .stack.apply import PER_FOLD, apply_stack, holdout_scheme, load_stack_models, source_path
 
@@ -231,7 +231,8 @@ def predict(run: Run | str | os.PathLike, store: Store | str | os.PathLike,
     job = _Job(store, sel, batch_size, resolve_device(device), trust_code, progress)
     stacked = run.config.get("kind") == "stack"
     job.total = len(sel) * (_count_head_runs(run, job) if stacked else 1)
-    step = max(1, BLOCK_ROWS // 4) if large else max(1, len(sel))
+    # rows per block: one (rows, K) float32 block per fold model within BLOCK_BYTES
+    step = block_rows(len(classes)) if large else max(1, len(sel))
     parts = []
     with torch_threads(threads):
         for s in range(0, max(1, len(sel)), step):

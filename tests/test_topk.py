@@ -10,15 +10,19 @@ import pytest
 from sklearn.metrics import f1_score
 from typer.testing import CliRunner
 
+import fusion.probs
 from cli.fusion_app import app
 from fusion.leaderboard import compare
 from fusion.metrics import per_class_f1
+from fusion.predict import predict
 from fusion.probs import TopK, layout_for, mean_topk, to_topk
 from fusion.report import complementarity, frequency_f1
 from fusion.rundir import load_run, write_run
 from fusion.stack import stack
 from fusion.testing import make_many_class_runs, make_synthetic_runs
 from fusion.train import train
+
+from .conftest import make_complementary_store
 
 
 def _rewrite(run, out, **kw):
@@ -165,3 +169,20 @@ def test_per_class_f1_from_counts_equals_sklearn_at_many_classes():
     pred[:1200] = y[:1200]
     want = f1_score(y, pred, labels=range(310), average=None, zero_division=0)
     np.testing.assert_allclose(per_class_f1(y, pred, 310), want)
+
+
+def test_predict_in_many_row_blocks_equals_one_block(tmp_path, monkeypatch):
+    """`fusion predict` at many classes works a BLOCK_BYTES block of rows at a time: the blocks
+    join into what one block gives, and into the run's own top-k holdout."""
+    store = make_complementary_store(tmp_path / "s.zarr", n=200)
+    monkeypatch.setattr(fusion.probs, "DENSE_MAX_CLASSES", 4)  # 6 classes: top-k runs
+    run = train(store, "concat", out=tmp_path / "run", epochs=1, folds=2, batch_size=32, dim=8,
+                hidden=8, top_k_store=2)
+    one = predict(run.path, store.url, rows="holdout", keep=2)
+    monkeypatch.setattr(fusion.probs, "BLOCK_BYTES", 4 * 6 * 7)  # 7 rows a block
+    many = predict(run.path, store.url, rows="holdout", keep=2)
+    assert isinstance(many.probs, TopK) and len(many.rows) == 40 > 7
+    assert many.probs.equals(one.probs) and np.array_equal(many.rows, one.rows)
+    np.testing.assert_array_equal(many.probs.idx, run.holdout.idx)
+    np.testing.assert_allclose(many.probs.p.astype(np.float32),
+                               run.holdout.p.astype(np.float32), atol=2e-3)
